@@ -1,0 +1,116 @@
+"""Frozen, validated configuration objects, saved as JSON next to the data they describe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .errors import UsageError
+
+KeyLayer = Literal["ffn_input", "decoder_output"]
+KEY_LAYERS: tuple[str, ...] = ("ffn_input", "decoder_output")
+
+T = TypeVar("T")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+class JsonConfig:
+    """Mixin: dataclass <-> JSON file, ignoring unknown keys with a clear error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UsageError(f"{cls.__name__}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))  # type: ignore[attr-defined,no-any-return]
+
+
+@dataclasses.dataclass(frozen=True)
+class KNNConfig(JsonConfig):
+    """How retrieval is mixed into the model's distribution.
+
+    ``P(y) = lambda_ * p_kNN(y) + (1 - lambda_) * p_MT(y)`` with
+    ``p_kNN(y) ∝ Σ_{i: v_i = y} exp(-d_i / temperature)`` over the ``k`` nearest keys
+    (``d_i`` squared L2 distance).
+    """
+
+    k: int = 8
+    lambda_: float = 0.5
+    temperature: float = 100.0
+    #: Recompute exact squared-L2 distances from the stored fp16 keys (slower, better with PQ).
+    exact_distances: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.k, int) and 1 <= self.k <= 4096, f"k must be an integer in [1, 4096], got {self.k!r}")
+        _check(0.0 <= self.lambda_ <= 1.0, f"lambda must be in [0, 1], got {self.lambda_!r}")
+        _check(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"temperature must be a positive number, got {self.temperature!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig(JsonConfig):
+    """How a datastore is built from a parallel corpus."""
+
+    key_layer: str = "ffn_input"
+    #: Maximum number of (source + target) tokens per teacher-forcing batch (padding included).
+    max_tokens: int = 4096
+    #: Sentences per shard; each shard is tokenised, sorted by length and written as one unit.
+    shard_sentences: int = 20000
+    #: Truncate sentences longer than the model's maximum (counted), or fail on the first one.
+    truncate: bool = True
+    #: Skip pairs with an empty side (counted), or fail on the first one.
+    skip_empty: bool = True
+    #: Maximum tokens per side; ``None`` uses the model's/tokenizer's maximum.
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.key_layer in KEY_LAYERS, f"key_layer must be one of {KEY_LAYERS}, got {self.key_layer!r}")
+        _check(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
+        _check(self.shard_sentences >= 1, f"shard_sentences must be >= 1, got {self.shard_sentences}")
+        _check(
+            self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig(JsonConfig):
+    """A faiss index over a datastore's keys, named by a faiss factory string."""
+
+    factory: str = "auto"
+    #: IVF lists probed per query (IVF indexes only).
+    nprobe: int = 32
+    #: HNSW search breadth (HNSW indexes only).
+    ef_search: int = 128
+    #: Vectors sampled to train the index (IVF/PQ/OPQ).
+    train_size: int = 200_000
+    #: Vectors added per chunk when filling the index from the memory-mapped shards.
+    add_chunk: int = 100_000
+    seed: int = 1234
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")
+        _check(self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
+        _check(self.ef_search >= 1, f"ef_search must be >= 1, got {self.ef_search}")
+        _check(self.train_size >= 1000, f"train_size must be >= 1000, got {self.train_size}")
+        _check(self.add_chunk >= 1, f"add_chunk must be >= 1, got {self.add_chunk}")

@@ -1,0 +1,288 @@
+"""The on-disk datastore: a directory of shards described by ``manifest.json``.
+
+Layout::
+
+    datastore/
+      manifest.json            # what, from which model/tokenizer/layer, dim, dtype, count, shards, corpora
+      shards/00000/keys.npy    # [n, dim] float16 (numpy .npy, written with open_memmap)
+                  values.npy   # [n] int32 target token ids y_t
+                  sentence_ids.npy  # [n] int64 global sentence id of each entry
+                  positions.npy     # [n] int32 target position t (0-based) of each entry
+                  offsets.npy       # [sentences + 1] int64 first entry of each sentence in the shard
+                  sentences.jsonl   # one {"id", "src", "tgt", "corpus", "line"} per sentence
+
+Shards are written under a temporary name and renamed when complete; the manifest is replaced
+atomically after each shard, so an interrupted build keeps every finished shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DatastoreError, IncompatibleError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "knnmt-datastore"
+VERSION = 1
+MANIFEST = "manifest.json"
+KEY_DTYPE = np.float16
+VALUE_DTYPE = np.int32
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to ``path`` so that readers see the old or the new file, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the datastore at ``path``, checked for format and version."""
+    file = path / MANIFEST
+    if not file.is_file():
+        if path.is_dir():
+            raise DatastoreError(f"{path} is not a knnmt datastore: {MANIFEST} is missing")
+        raise DatastoreError(f"datastore {path} does not exist")
+    try:
+        manifest: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatastoreError(f"{file}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise DatastoreError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != VERSION:
+        raise DatastoreError(f"{file}: version {manifest.get('version')} is not supported (expected {VERSION})")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Read-only view of one finished shard (arrays memory-mapped)."""
+
+    path: Path
+    start: int  # global id of its first entry
+    count: int
+    first_sentence: int
+    sentences: int
+
+    def load(self, name: str) -> np.ndarray:
+        return np.load(self.path / name, mmap_mode="r")  # type: ignore[no-any-return]
+
+
+class Datastore:
+    """A finished datastore opened for reading.
+
+    Entries have global ids ``0..count-1`` in shard order; ``values[i]`` is entry ``i``'s token.
+    """
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.dim: int = int(manifest["key"]["dim"])
+        self.count: int = int(manifest["count"])
+        self.shards: list[Shard] = []
+        start = 0
+        for info in manifest["shards"]:
+            self.shards.append(Shard(self.path / "shards" / info["name"], start, int(info["count"]),
+                                     int(info["first_sentence"]), int(info["sentences"])))
+            start += int(info["count"])
+        if start != self.count:
+            raise DatastoreError(f"{self.path / MANIFEST}: shard counts add up to {start}, manifest says {self.count}")
+        self._starts = np.array([s.start for s in self.shards] + [self.count], dtype=np.int64)
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> Datastore:
+        """Open the datastore at ``path``; with ``verify`` check every shard file against the manifest."""
+        p = Path(path)
+        manifest = read_manifest(p)
+        if manifest.get("state") != "complete":
+            raise DatastoreError(
+                f"datastore {p} is incomplete (state {manifest.get('state')!r}): an interrupted build; "
+                "run the same `knnmt build` again to resume it"
+            )
+        store = cls(p, manifest)
+        if verify:
+            store.verify()
+        return store
+
+    def verify(self) -> None:
+        """Check each shard file exists with the shape and dtype the manifest promises."""
+        expected = {
+            "keys.npy": lambda s: ((s.count, self.dim), np.dtype(KEY_DTYPE)),
+            "values.npy": lambda s: ((s.count,), np.dtype(VALUE_DTYPE)),
+            "sentence_ids.npy": lambda s: ((s.count,), np.dtype(np.int64)),
+            "positions.npy": lambda s: ((s.count,), np.dtype(np.int32)),
+            "offsets.npy": lambda s: ((s.sentences + 1,), np.dtype(np.int64)),
+        }
+        for shard in self.shards:
+            for name, want in expected.items():
+                file = shard.path / name
+                if not file.is_file():
+                    raise DatastoreError(f"shard file {file} is missing (the manifest lists shard {shard.path.name})")
+                shape, dtype = want(shard)
+                try:
+                    arr = np.load(file, mmap_mode="r")
+                except ValueError as exc:  # truncated files fail to map
+                    raise DatastoreError(f"shard file {file} is truncated or corrupt: {exc}") from None
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise DatastoreError(
+                        f"shard file {file}: expected shape {shape} {dtype}, found {arr.shape} {arr.dtype}"
+                    )
+
+    # ---- metadata -------------------------------------------------------------------------
+    @property
+    def key_layer(self) -> str:
+        return str(self.manifest["key"]["layer"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the datastore's content (count, shards, model, layer): indexes record it."""
+        import hashlib
+
+        parts = [self.manifest["model"]["fingerprint"], self.key_layer, str(self.count)]
+        parts += [f"{s['name']}:{s['count']}" for s in self.manifest["shards"]]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+
+    def check_compatible(self, model_fingerprint: str, tokenizer_fingerprint: str, dim: int) -> None:
+        """Raise :class:`IncompatibleError` unless this datastore was built with that model and tokenizer."""
+        want = self.manifest
+        if want["model"]["fingerprint"] != model_fingerprint:
+            raise IncompatibleError(
+                f"datastore {self.path} was built with model {want['model']['name']!r} "
+                f"(fingerprint {want['model']['fingerprint']}), but the loaded model's fingerprint is "
+                f"{model_fingerprint}; rebuild the datastore with this model"
+            )
+        if want["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
+            raise IncompatibleError(
+                f"datastore {self.path} was built with another tokenizer (fingerprint "
+                f"{want['tokenizer']['fingerprint']}, loaded {tokenizer_fingerprint})"
+            )
+        if self.dim != dim:
+            raise IncompatibleError(f"datastore {self.path} has {self.dim}-dimensional keys, the model gives {dim}")
+
+    # ---- arrays ---------------------------------------------------------------------------
+    @cached_property
+    def values(self) -> np.ndarray:
+        """All values, ``[count]`` int32, in memory (4 bytes per entry)."""
+        if not self.shards:
+            return np.zeros(0, dtype=VALUE_DTYPE)
+        return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
+
+    def _locate(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._starts, ids, side="right") - 1  # type: ignore[no-any-return]
+
+    def _gather(self, name: str, ids: np.ndarray, width: int | None, dtype: Any) -> np.ndarray:
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        shape = (*np.shape(ids), width) if width else np.shape(ids)
+        out = np.zeros((flat.size, width) if width else flat.size, dtype=dtype)
+        valid = (flat >= 0) & (flat < self.count)
+        which = self._locate(np.where(valid, flat, 0))
+        for s in np.unique(which[valid]):
+            rows = np.nonzero(valid & (which == s))[0]
+            local = flat[rows] - self.shards[s].start
+            order = np.argsort(local)  # sorted reads are kinder to the page cache
+            out[rows[order]] = self.shards[s].load(name)[local[order]]
+        return out.reshape(shape)
+
+    def get_keys(self, ids: np.ndarray) -> np.ndarray:
+        """Keys of entry ids (any shape, ``-1`` gives zeros) as float32 ``[*ids.shape, dim]``."""
+        return self._gather("keys.npy", ids, self.dim, np.float32)
+
+    def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sentence_ids, positions)`` of entry ids (``-1`` ids give ``-1``)."""
+        flat = np.asarray(ids, dtype=np.int64)
+        sent = self._gather("sentence_ids.npy", flat, None, np.int64)
+        pos = self._gather("positions.npy", flat, None, np.int64)
+        missing = (flat < 0) | (flat >= self.count)
+        sent[missing] = -1
+        pos[missing] = -1
+        return sent, pos
+
+    def iter_keys(self, chunk: int = 100_000) -> Any:
+        """Yield ``(start_id, keys)`` with ``keys`` float32 ``[<=chunk, dim]`` over all entries in order."""
+        for shard in self.shards:
+            keys = shard.load("keys.npy")
+            for lo in range(0, shard.count, chunk):
+                yield shard.start + lo, np.asarray(keys[lo: lo + chunk], dtype=np.float32)
+
+    def sample_keys(self, n: int, seed: int = 0) -> np.ndarray:
+        """``min(n, count)`` keys drawn uniformly without replacement, float32 ``[m, dim]``."""
+        rng = np.random.default_rng(seed)
+        ids = np.sort(rng.choice(self.count, size=min(n, self.count), replace=False))
+        return self.get_keys(ids)
+
+    def sentence(self, sentence_id: int) -> dict[str, Any]:
+        """The stored pair ``{"id", "src", "tgt", "corpus", "line"}`` of a global sentence id."""
+        for shard in self.shards:
+            if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
+                with (shard.path / "sentences.jsonl").open(encoding="utf-8") as handle:
+                    for i, line in enumerate(handle):
+                        if i == sentence_id - shard.first_sentence:
+                            return json.loads(line)  # type: ignore[no-any-return]
+        raise KeyError(f"sentence {sentence_id} is not in datastore {self.path}")
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for ``knnmt info``."""
+        m = self.manifest
+        size = sum(f.stat().st_size for s in self.shards for f in s.path.iterdir())
+        return {
+            "path": str(self.path), "state": m["state"], "entries": self.count, "sentences": m["sentences"],
+            "dim": self.dim, "key_dtype": m["key"]["dtype"], "key_layer": self.key_layer,
+            "key_module": m["key"]["module"], "model": m["model"]["name"], "shards": len(self.shards),
+            "bytes_on_disk": size, "corpora": [
+                {k: c[k] for k in ("paths", "sentences", "skipped_empty", "truncated", "state")}
+                for c in m["corpora"]
+            ],
+        }
+
+
+class ShardWriter:
+    """Writes one shard into a temporary directory, then publishes it with a rename."""
+
+    def __init__(self, root: Path, name: str, count: int, dim: int, sentences: int) -> None:
+        self.final = root / "shards" / name
+        self.tmp = root / "shards" / (name + ".tmp")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.count = count
+        self.keys = np.lib.format.open_memmap(self.tmp / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(count, dim))
+        self.values = np.zeros(count, dtype=VALUE_DTYPE)
+        self.sentence_ids = np.zeros(count, dtype=np.int64)
+        self.positions = np.zeros(count, dtype=np.int32)
+        self.offsets = np.zeros(sentences + 1, dtype=np.int64)
+
+    def finish(self, sentence_records: list[dict[str, Any]]) -> None:
+        """Save the arrays and sentences, flush to disk, and rename into place."""
+        self.keys.flush()
+        del self.keys
+        for name, arr in (("values", self.values), ("sentence_ids", self.sentence_ids),
+                          ("positions", self.positions), ("offsets", self.offsets)):
+            np.save(self.tmp / f"{name}.npy", arr)
+        with (self.tmp / "sentences.jsonl").open("w", encoding="utf-8") as handle:
+            for record in sentence_records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for file in self.tmp.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)

@@ -1,0 +1,130 @@
+"""kNN-MT inside ``model.generate``: a query hook plus a ``LogitsProcessor``.
+
+:func:`knn_generation` installs, for the duration of a ``with`` block, a forward pre-hook on
+the key module (see :mod:`knnmt.models`) that keeps the current decoding step's queries, and
+returns a :class:`KNNLogitsProcessor` to pass to ``generate(logits_processor=[...])``. At every
+step the processor searches the neighbours of all live hypotheses in one batched call and
+returns ``log((1 - λ) p_MT + λ p_kNN)``. Nothing is patched; on exit the hook is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+from .config import KNNConfig
+from .errors import KnnmtError
+from .models import key_module
+from .retrieval import interpolate, knn_log_probs
+from .search import Retriever
+from .teacher_forcing import ActivationCapture
+
+
+class StepStats:
+    """Counters of what retrieval did (for benchmarks and logs)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.rows = 0
+        self.searched = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "rows": self.rows, "searched": self.searched}
+
+
+class KNNLogitsProcessor(LogitsProcessor):
+    """Mixes retrieval into the next-token distribution of every live hypothesis.
+
+    Args:
+        capture: the active :class:`ActivationCapture` on the key module.
+        retriever: searches neighbour ids for queries.
+        values: ``[N]`` int32 token id of each datastore entry.
+        config: k, λ, temperature.
+        batch_size: number of source sentences in this ``generate`` call (rows are grouped by
+            source as ``row // (rows / batch_size)``, which matches beams and return sequences).
+        finished_ids: token ids (eos, pad) after which a row is finished and not searched.
+    """
+
+    def __init__(self, capture: ActivationCapture, retriever: Retriever, values: np.ndarray, config: KNNConfig,
+                 batch_size: int, finished_ids: Sequence[int]) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.capture = capture
+        self.retriever = retriever
+        self.values = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        self.config = config
+        self.batch_size = batch_size
+        self.finished_ids = torch.tensor(sorted(set(finished_ids)), dtype=torch.long)
+        self.stats = StepStats()
+
+    def _queries(self, rows: int) -> torch.Tensor:
+        captured = self.capture.last
+        if captured is None:
+            raise KnnmtError("the kNN query hook did not fire: was generate() called inside knn_generation()?")
+        if captured.shape[0] != rows:
+            raise KnnmtError(f"kNN query rows ({captured.shape[0]}) do not match the scores' rows ({rows})")
+        return captured[:, -1, :].float()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``input_ids [R, L]`` and ``scores [R, V]`` (logits or log-probs) -> ``[R, V]`` log-probs."""
+        rows = scores.shape[0]
+        queries = self._queries(rows)
+        self.stats.steps += 1
+        active = torch.ones(rows, dtype=torch.bool)
+        if input_ids.shape[1] > 1:  # a row that emitted eos/pad is finished: nothing to search
+            active = ~torch.isin(input_ids[:, -1].cpu(), self.finished_ids)
+        groups = torch.arange(rows) // max(1, rows // self.batch_size)
+        act_rows = active.nonzero().squeeze(1)
+        self.stats.rows += int(act_rows.numel())
+        if act_rows.numel() == 0:
+            return scores
+        # identical (query, source) pairs - e.g. all beams at the first step - are searched once
+        q = queries.cpu()[act_rows]
+        g = groups[act_rows]
+        keyed = torch.cat([q, g.unsqueeze(1).float()], dim=1)
+        unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+        self.stats.searched += int(unique.shape[0])
+        distances, ids = self.retriever.search(
+            unique[:, :-1].contiguous().numpy(), self.config.k, unique[:, -1].long().numpy()
+        )
+        ids_t = torch.from_numpy(ids)[inverse]
+        dist_t = torch.from_numpy(distances)[inverse]
+        tokens = torch.where(ids_t >= 0, self.values[ids_t.clamp(min=0)], torch.full_like(ids_t, -1))
+        log_knn = knn_log_probs(dist_t, tokens, self.config.temperature)
+        device = scores.device
+        act_dev = act_rows.to(device)
+        log_mt = torch.log_softmax(scores[act_dev].float(), dim=-1)
+        mixed = interpolate(log_mt, tokens.to(device), log_knn.to(device), self.config.lambda_)
+        if act_rows.numel() == rows:
+            return mixed  # type: ignore[return-value]
+        out = scores.float().clone()
+        out[act_dev] = mixed
+        return out  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def knn_generation(model: torch.nn.Module, retriever: Retriever, values: np.ndarray, config: KNNConfig, *,
+                   batch_size: int, finished_ids: Sequence[int], key_layer: str = "ffn_input",
+                   ) -> Iterator[KNNLogitsProcessor]:
+    """Install the query hook on ``model`` and yield the processor for ``generate``.
+
+    Example::
+
+        with knn_generation(model, retriever, ds.values, KNNConfig(k=8), batch_size=len(src),
+                            finished_ids=[tok.eos_token_id, tok.pad_token_id]) as proc:
+            out = model.generate(**inputs, logits_processor=[proc])
+    """
+    with ActivationCapture(key_module(model, key_layer)) as capture:
+        yield KNNLogitsProcessor(capture, retriever, values, config, batch_size, finished_ids)
+
+
+def generation_kwargs(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """Generation keyword arguments with knnmt's defaults applied (caller's ``extra`` wins)."""
+    kwargs: dict[str, Any] = {"num_beams": 1, "do_sample": False}
+    kwargs.update(extra)
+    return kwargs

@@ -1,0 +1,194 @@
+"""faiss indexes over a datastore's keys: choose, train, fill in chunks, save, load, search.
+
+Conventions follow faiss: an index is named by a factory string (``"Flat"``,
+``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``, ``"HNSW32"``), metric is squared L2, and search
+returns ``(D, I)`` float32/int64 arrays of shape ``[n_queries, k]`` with ``I == -1`` where fewer
+than ``k`` neighbours were found. The index is saved with its settings (``index.json``) and the
+fingerprint of the datastore it was built for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import IndexConfig
+from .datastore import Datastore, write_json_atomic
+from .errors import DatastoreError, IncompatibleError, UsageError
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+SETTINGS_FILE = "index.json"
+#: Below this many entries the automatic choice is exact search.
+EXACT_UP_TO = 100_000
+
+
+def auto_factory(count: int, dim: int) -> str:
+    """The default index for ``count`` keys of dimension ``dim``.
+
+    Exact ``Flat`` search up to :data:`EXACT_UP_TO` entries; beyond, IVF with about
+    ``4·sqrt(count)`` lists (a power of two, at least 39 training points per list) and PQ codes of
+    ``dim/8`` bytes (sub-vectors of 8 dimensions; at most 64 bytes).
+    """
+    if count <= EXACT_UP_TO:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(count)))
+    nlist = int(max(64, min(nlist, 65536, 2 ** math.floor(math.log2(count / 39)))))
+    m = min(64, max(1, dim // 8))
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
+    params = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+        try:
+            params.set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass  # the index has no such parameter (e.g. nprobe on Flat)
+
+
+class SearchIndex:
+    """A loaded faiss index plus its settings; ``search`` follows faiss's ``(D, I)`` convention."""
+
+    def __init__(self, index: Any, settings: dict[str, Any], path: Path | None = None) -> None:
+        self.index = index
+        self.settings = settings
+        self.path = path
+
+    @property
+    def factory(self) -> str:
+        return str(self.settings["factory"])
+
+    @property
+    def is_exact(self) -> bool:
+        return self.factory == "Flat"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Override the search parameters saved with the index."""
+        if nprobe is not None:
+            self.settings["nprobe"] = nprobe
+        if ef_search is not None:
+            self.settings["ef_search"] = ef_search
+        _set_search_params(self.index, self.settings["nprobe"], self.settings["ef_search"])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest keys of ``queries`` (float32 ``[n, dim]``): ``(D [n, k] float32, I [n, k] int64)``."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        distances, ids = self.index.search(q, k)
+        return distances, ids
+
+    def save(self, directory: str | Path) -> None:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        index = self.index
+        if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
+        (out / (INDEX_FILE + ".tmp")).replace(out / INDEX_FILE)
+        write_json_atomic(out / SETTINGS_FILE, self.settings)
+        self.path = out
+
+    @classmethod
+    def load(cls, directory: str | Path, datastore: Datastore | None = None, nprobe: int | None = None,
+             ef_search: int | None = None, mmap: bool = False, use_gpu: bool = False) -> SearchIndex:
+        """Load an index directory; with ``datastore``, check it was built for that datastore."""
+        path = Path(directory)
+        settings_file, index_file = path / SETTINGS_FILE, path / INDEX_FILE
+        if not settings_file.is_file() or not index_file.is_file():
+            raise DatastoreError(f"no index at {path} (expected {SETTINGS_FILE} and {INDEX_FILE}); run `knnmt index`")
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        if datastore is not None:
+            if settings.get("datastore_fingerprint") != datastore.fingerprint:
+                raise IncompatibleError(
+                    f"index {path} was built for another datastore (fingerprint "
+                    f"{settings.get('datastore_fingerprint')}, {settings.get('ntotal')} entries); datastore "
+                    f"{datastore.path} has fingerprint {datastore.fingerprint} and {datastore.count} entries. "
+                    "Rebuild it with `knnmt index --force`"
+                )
+            if settings.get("dim") != datastore.dim:
+                raise IncompatibleError(f"index {path} has dimension {settings.get('dim')}, datastore {datastore.dim}")
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(index_file), flags)
+        if datastore is not None and index.ntotal != datastore.count:
+            raise IncompatibleError(f"index {path} holds {index.ntotal} vectors, datastore has {datastore.count}")
+        if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+            index = faiss.index_cpu_to_all_gpus(index)
+        result = cls(index, settings, path)
+        result.set_params(nprobe, ef_search)
+        return result
+
+
+def exact_index(datastore: Datastore) -> SearchIndex:
+    """An in-memory exact (``Flat``) index of all keys, not saved: for small datastores and tests."""
+    index = faiss.IndexFlatL2(datastore.dim)
+    for _, keys in datastore.iter_keys():
+        index.add(keys)
+    settings = {"factory": "Flat", "metric": "L2", "dim": datastore.dim, "ntotal": int(index.ntotal),
+                "nprobe": 1, "ef_search": 1, "datastore_fingerprint": datastore.fingerprint}
+    return SearchIndex(index, settings)
+
+
+def build_index(datastore: Datastore, config: IndexConfig | None = None, out: str | Path | None = None,
+                progress: bool = True, force: bool = False) -> SearchIndex:
+    """Train ``config.factory`` on a sample of keys and fill it from the shards chunk by chunk.
+
+    Memory: the training sample (``train_size × dim`` float32) plus one chunk plus the index itself.
+    Saved to ``out`` (default ``<datastore>/index``) when given or defaulted.
+    """
+    config = config or IndexConfig()
+    target = Path(out) if out is not None else datastore.path / "index"
+    if (target / INDEX_FILE).exists() and not force:
+        raise DatastoreError(f"an index already exists at {target}; pass --force to rebuild it")
+    if datastore.count == 0:
+        raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
+    factory = auto_factory(datastore.count, datastore.dim) if config.factory == "auto" else config.factory
+    try:
+        index = faiss.index_factory(datastore.dim, factory, faiss.METRIC_L2)
+    except RuntimeError as exc:
+        raise UsageError(f"faiss cannot build index {factory!r} for dimension {datastore.dim}: {exc}") from None
+    start = time.perf_counter()
+    if config.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        sample = datastore.sample_keys(config.train_size, seed=config.seed)
+        logger.info("training %s on %d keys", factory, len(sample))
+        index.train(sample)
+        del sample
+    bar = tqdm(total=datastore.count, unit="key", desc=f"index {factory}", disable=not progress, dynamic_ncols=True)
+    for _, keys in datastore.iter_keys(config.add_chunk):
+        index.add(keys)
+        bar.update(len(keys))
+    bar.close()
+    settings = {
+        "factory": factory, "metric": "L2", "dim": datastore.dim, "ntotal": int(index.ntotal),
+        "nprobe": config.nprobe, "ef_search": config.ef_search, "config": config.to_dict(),
+        "datastore_fingerprint": datastore.fingerprint, "build_seconds": round(time.perf_counter() - start, 3),
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+    }
+    result = SearchIndex(index, settings)
+    result.set_params()
+    result.save(target)
+    logger.info("index %s: %d keys in %.1fs", factory, index.ntotal, settings["build_seconds"])
+    return result
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of the exact ``k`` nearest ids that the approximate search also returned."""
+    k = exact_ids.shape[1]
+    hits = sum(len(set(a[a >= 0]) & set(e[e >= 0])) for a, e in zip(approx_ids, exact_ids, strict=True))
+    return hits / (len(exact_ids) * k)

@@ -1,0 +1,174 @@
+"""Teacher forcing: tokenise sentence pairs, batch them by length, and read the kNN keys.
+
+For a pair ``(x, y)`` with target tokens ``y_1..y_T`` (the final ``</s>`` included) the model
+is run once on ``x`` and the decoder inputs ``[start, y_1..y_{T-1}]``; the key of position
+``t`` is the captured representation ``f(x, y<t)`` and its value is ``y_t``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CorpusError
+from .models import key_module
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPair:
+    """A tokenised pair: ``target_ids`` are the values ``y_1..y_T`` (``</s>`` included)."""
+
+    sentence_id: int
+    line: int
+    source: str
+    target: str
+    source_ids: list[int]
+    target_ids: list[int]
+
+
+class ActivationCapture:
+    """Forward pre-hook that keeps the *input* of a module (the kNN key/query).
+
+    Use as a context manager; the hook is removed on exit. ``last`` holds the most recent input,
+    shape ``[rows, seq_len, dim]``, detached.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.last: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.last = args[0].detach()
+
+    def __enter__(self) -> ActivationCapture:
+        self._handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.last = None
+
+
+def _tokenize(tokenizer: Any, texts: list[str], target: bool, max_length: int, truncate: bool,
+              where: list[tuple[int, str]]) -> tuple[list[list[int]], int]:
+    """Token ids of ``texts`` (source or target side), truncating over-long ones if allowed."""
+    kwargs = {"text_target": texts} if target else {"text": texts}
+    ids: list[list[int]] = tokenizer(**kwargs, truncation=False)["input_ids"]
+    too_long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
+    if too_long and not truncate:
+        line, path = where[too_long[0]]
+        side = "target" if target else "source"
+        raise CorpusError(
+            f"{side} sentence has {len(ids[too_long[0]])} tokens, more than the maximum {max_length}; "
+            "allow truncation (drop --no-truncate) or shorten it", path, line,
+        )
+    if too_long:
+        cut_kwargs = {"text_target": [texts[i] for i in too_long]} if target else {
+            "text": [texts[i] for i in too_long]}
+        cut = tokenizer(**cut_kwargs, truncation=True, max_length=max_length)["input_ids"]
+        for i, seq in zip(too_long, cut, strict=True):
+            ids[i] = list(seq)
+    return ids, len(too_long)
+
+
+def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[int, int, str, str]], *, max_length: int,
+                 truncate: bool, path: str, source_prefix: str = "") -> tuple[list[EncodedPair], int]:
+    """Tokenise ``(sentence_id, line, source, target)`` tuples.
+
+    Returns:
+        the encoded pairs and how many sides were truncated.
+    """
+    where = [(line, path) for _, line, _, _ in pairs]
+    sources = [source_prefix + p[2] for p in pairs]
+    src_ids, cut_src = _tokenize(tokenizer, sources, False, max_length, truncate, where)
+    tgt_ids, cut_tgt = _tokenize(tokenizer, [p[3] for p in pairs], True, max_length, truncate, where)
+    encoded = [
+        EncodedPair(sid, line, src, tgt, s, t)
+        for (sid, line, src, tgt), s, t in zip(pairs, src_ids, tgt_ids, strict=True)
+    ]
+    return encoded, cut_src + cut_tgt
+
+
+def length_batches(pairs: Sequence[EncodedPair], max_tokens: int) -> Iterator[list[int]]:
+    """Indices of ``pairs`` grouped into batches sorted by length.
+
+    A batch's padded size ``rows * (max_src_len + max_tgt_len)`` stays within ``max_tokens``
+    (a single longer pair forms a batch of its own).
+    """
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].target_ids), len(pairs[i].source_ids)))
+    batch: list[int] = []
+    longest_src = longest_tgt = 0
+    for i in order:
+        src_len, tgt_len = len(pairs[i].source_ids), len(pairs[i].target_ids)
+        new_src, new_tgt = max(longest_src, src_len), max(longest_tgt, tgt_len)
+        if batch and (len(batch) + 1) * (new_src + new_tgt) > max_tokens:
+            yield batch
+            batch, new_src, new_tgt = [], src_len, tgt_len
+        batch.append(i)
+        longest_src, longest_tgt = new_src, new_tgt
+    if batch:
+        yield batch
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """``[start, y_1..y_{T-1}]`` for padded ``labels`` ``[batch, T]``, the way the model itself shifts."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return prepare(labels=labels)  # type: ignore[no-any-return]
+    start = model.config.decoder_start_token_id  # type: ignore[union-attr]
+    shifted = labels.new_full(labels.shape, model.config.pad_token_id)  # type: ignore[union-attr]
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted
+
+
+class KeyExtractor:
+    """Runs teacher forcing and returns the keys of every target position.
+
+    With ``key_layer="ffn_input"`` only the encoder and decoder run (no ``lm_head``, no loss).
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int, key_layer: str = "ffn_input") -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.key_layer = key_layer
+        self.module = key_module(model, key_layer)
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, batch: Sequence[EncodedPair]) -> list[torch.Tensor]:
+        """Keys per pair: a list of ``[len(target_ids), dim]`` tensors (model dtype, on CPU)."""
+        src, src_mask = _pad([p.source_ids for p in batch], self.pad_token_id)
+        labels, _ = _pad([p.target_ids for p in batch], self.pad_token_id)
+        dec_in = decoder_inputs(self.model, labels)
+        src, src_mask, dec_in = src.to(self.device), src_mask.to(self.device), dec_in.to(self.device)
+        with ActivationCapture(self.module) as capture:
+            if self.key_layer == "ffn_input":
+                encoded = self.model.get_encoder()(input_ids=src, attention_mask=src_mask)  # type: ignore[operator]
+                self.model.get_decoder()(  # type: ignore[operator]
+                    input_ids=dec_in, encoder_hidden_states=encoded[0], encoder_attention_mask=src_mask,
+                    use_cache=False,
+                )
+            else:
+                self.model(input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, use_cache=False)
+            keys = capture.last
+        assert keys is not None, "the key hook did not fire"
+        keys = keys.to("cpu")
+        return [keys[row, : len(p.target_ids)] for row, p in enumerate(batch)]

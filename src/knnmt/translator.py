@@ -1,0 +1,309 @@
+"""The front door: :class:`KNNMT` = model + tokenizer + datastore + index, translating with kNN-MT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import KNNConfig
+from .datastore import Datastore
+from .errors import KnnmtError, UsageError
+from .generation import knn_generation
+from .index import INDEX_FILE, SearchIndex, exact_index
+from .models import key_dim, model_fingerprint, tokenizer_fingerprint
+from .retrieval import knn_log_probs
+from .search import IndexRetriever, Retriever
+from .teacher_forcing import ActivationCapture, decoder_inputs
+
+logger = logging.getLogger(__name__)
+
+KNN_CONFIG_FILE = "knn.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbour:
+    """One retrieved datastore entry."""
+
+    token: str
+    token_id: int
+    distance: float
+    entry_id: int
+    sentence_id: int
+    position: int
+    source: str | None = None
+    target: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenExplanation:
+    """Why a target token was chosen: model vs retrieval probabilities and the neighbours."""
+
+    position: int
+    token: str
+    token_id: int
+    p_mt: float
+    p_knn: float
+    p_final: float
+    top_mt: list[tuple[str, float]]
+    top_knn: list[tuple[str, float]]
+    neighbours: list[Neighbour]
+
+
+@dataclasses.dataclass
+class Translation:
+    """A translation and, when asked for, an explanation of each of its tokens."""
+
+    source: str
+    text: str
+    token_ids: list[int]
+    explanation: list[TokenExplanation] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """Load a Hugging Face seq2seq model (eval mode) and its tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise KnnmtError(f"cannot load model {name_or_path!r}: {exc}") from None
+    model.eval()
+    if device:
+        model.to(device)
+    return model, tokenizer
+
+
+class KNNMT:
+    """kNN-MT translator.
+
+    Example::
+
+        knn = KNNMT.load("path/to/model", "path/to/datastore")
+        print(knn.translate(["Open the file."]))
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, datastore: Datastore, index: SearchIndex | None = None,
+                 config: KNNConfig | None = None, retriever: Retriever | None = None, check: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.datastore = datastore
+        self.key_layer = datastore.key_layer
+        if check:
+            datastore.check_compatible(model_fingerprint(model), tokenizer_fingerprint(tokenizer),
+                                       key_dim(model, self.key_layer))
+        self.index = index if index is not None else exact_index(datastore)
+        self.config = config or KNNConfig()
+        self.retriever = retriever or IndexRetriever(self.index, datastore, self.config.exact_distances)
+        self.source_prefix: str = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
+        self.last_stats: dict[str, int] = {}
+
+    @classmethod
+    def load(cls, model: str | tuple[Any, Any], datastore: str | Path, index: str | Path | None = "auto",
+             config: KNNConfig | None = None, device: str | None = None, nprobe: int | None = None,
+             ef_search: int | None = None) -> KNNMT:
+        """Load model, datastore and index; ``index="auto"`` uses ``<datastore>/index`` if built, else exact
+        search; ``None`` forces exact search. ``config`` defaults to ``<datastore>/knn.json`` (from tuning)
+        or :class:`KNNConfig` defaults."""
+        model_obj, tokenizer = load_model(model, device) if isinstance(model, str) else model
+        store = Datastore.open(datastore)
+        search_index: SearchIndex | None = None
+        if index == "auto":
+            default = store.path / "index"
+            if (default / INDEX_FILE).is_file():
+                search_index = SearchIndex.load(default, store, nprobe=nprobe, ef_search=ef_search)
+        elif index is not None:
+            search_index = SearchIndex.load(index, store, nprobe=nprobe, ef_search=ef_search)
+        if config is None:
+            saved = store.path / KNN_CONFIG_FILE
+            config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+        return cls(model_obj, tokenizer, store, search_index, config)
+
+    # ---- translation ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device  # type: ignore[no-any-return]
+
+    def _finished_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id, self.tokenizer.pad_token_id]
+        return [int(i) for i in ids if i is not None]
+
+    def _generate(self, sources: Sequence[str], knn: KNNConfig | None, gen: dict[str, Any]) -> list[list[int]]:
+        inputs = self.tokenizer([self.source_prefix + s for s in sources], return_tensors="pt", padding=True,
+                                truncation=True).to(self.device)
+        with torch.inference_mode():
+            if knn is None:
+                out = self.model.generate(**inputs, **gen)
+            else:
+                retriever = self.retriever
+                if knn.exact_distances != self.config.exact_distances and isinstance(retriever, IndexRetriever):
+                    retriever = IndexRetriever(self.index, self.datastore, knn.exact_distances)
+                with knn_generation(self.model, retriever, self.datastore.values, knn, batch_size=len(sources),
+                                    finished_ids=self._finished_ids(), key_layer=self.key_layer) as proc:
+                    out = self.model.generate(**inputs, logits_processor=[proc], **gen)
+                for key, value in proc.stats.as_dict().items():
+                    self.last_stats[key] = self.last_stats.get(key, 0) + value
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        return [row.tolist() for row in sequences.cpu()]
+
+    def translate_iterable(self, sources: Iterable[str], *, knn: KNNConfig | bool | None = True,
+                           batch_size: int = 32, **generate_kwargs: Any) -> Iterator[Translation]:
+        """Translate lazily, ``batch_size`` sentences per ``generate`` call, in input order.
+
+        Args:
+            knn: ``True`` for this translator's config, a :class:`KNNConfig`, or ``False``/``None`` for the
+                plain model.
+            generate_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ``do_sample``...).
+        """
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        knn_config = self.config if knn is True else (knn or None)
+        gen = dict(generate_kwargs)
+        if gen.get("num_return_sequences", 1) != 1:
+            raise UsageError("num_return_sequences > 1 is not supported by translate(); call generate() directly")
+        batch: list[str] = []
+        for source in sources:
+            batch.append(source)
+            if len(batch) == batch_size:
+                yield from self._translate_batch(batch, knn_config, gen)
+                batch = []
+        if batch:
+            yield from self._translate_batch(batch, knn_config, gen)
+
+    def _translate_batch(self, batch: list[str], knn: KNNConfig | None, gen: dict[str, Any]) -> list[Translation]:
+        ids = self._generate(batch, knn, gen)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [Translation(s, t, i) for s, t, i in zip(batch, texts, ids, strict=True)]
+
+    def translate(self, sources: Sequence[str], *, knn: KNNConfig | bool | None = True, batch_size: int = 32,
+                  sort_by_length: bool = True, return_neighbors: bool = False, progress: bool = False,
+                  **generate_kwargs: Any) -> list[Translation]:
+        """Translate ``sources``; batches are formed from length-sorted inputs, results in input order.
+
+        With ``return_neighbors`` each translation carries a per-token :class:`TokenExplanation`.
+        """
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i])) if sort_by_length else list(
+            range(len(sources)))
+        results: list[Translation | None] = [None] * len(sources)
+        self.last_stats = {}
+        stream = self.translate_iterable((sources[i] for i in order), knn=knn, batch_size=batch_size,
+                                         **generate_kwargs)
+        for i, result in zip(order, tqdm(stream, total=len(sources), unit="sent", disable=not progress,
+                                         desc="translate"), strict=True):
+            results[i] = result
+        final = [r for r in results if r is not None]
+        if return_neighbors:
+            knn_config = self.config if knn is True else (knn or self.config)
+            for result in final:
+                result.explanation = self.explain(result.source, result.token_ids, knn_config)
+        return final
+
+    # ---- inspection -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def explain(self, source: str, target: str | Sequence[int], config: KNNConfig | None = None,
+                top: int = 5) -> list[TokenExplanation]:
+        """Re-score ``target`` for ``source`` by teacher forcing and report, per target token, ``p_MT``,
+        ``p_kNN``, the mixed probability and the neighbours (token, distance, sentence, position)."""
+        config = config or self.config
+        tok = self.tokenizer
+        if isinstance(target, str):
+            label_ids = tok(text_target=[target])["input_ids"][0]
+        else:
+            special = {tok.pad_token_id}
+            ids = list(target)
+            start = 1 if ids and ids[0] == self.model.config.decoder_start_token_id else 0
+            label_ids = [i for i in ids[start:] if i not in special]
+        if not label_ids:
+            return []
+        labels = torch.tensor([label_ids], device=self.device)
+        inputs = tok([self.source_prefix + source], return_tensors="pt", truncation=True).to(self.device)
+        module = self._key_module()
+        with ActivationCapture(module) as capture:
+            logits = self.model(**inputs, decoder_input_ids=decoder_inputs(self.model, labels)).logits[0]
+            assert capture.last is not None
+            queries = capture.last[0].float().cpu()
+        log_mt = torch.log_softmax(logits.float().cpu(), dim=-1)
+        k = config.k
+        distances, ids = self.retriever.search(queries.numpy(), k, np.zeros(len(label_ids), dtype=np.int64))
+        values = torch.from_numpy(np.where(ids >= 0, self.datastore.values[np.clip(ids, 0, None)], -1)).long()
+        log_knn = knn_log_probs(torch.from_numpy(distances), values, config.temperature)
+        sent_ids, positions = self.datastore.provenance(ids)
+        cache: dict[int, dict[str, Any]] = {}
+        out: list[TokenExplanation] = []
+        for t, token_id in enumerate(label_ids):
+            knn_probs: dict[int, float] = {}
+            for v, lp in zip(values[t].tolist(), log_knn[t].tolist(), strict=True):
+                if v >= 0:
+                    knn_probs[v] = float(np.exp(lp))
+            p_mt = float(log_mt[t, token_id].exp())
+            p_knn = knn_probs.get(token_id, 0.0)
+            neighbours = []
+            for j in range(k):
+                if ids[t, j] < 0:
+                    continue
+                sid = int(sent_ids[t, j])
+                if sid not in cache:
+                    cache[sid] = self.datastore.sentence(sid)
+                neighbours.append(Neighbour(
+                    token=tok.convert_ids_to_tokens(int(values[t, j])), token_id=int(values[t, j]),
+                    distance=float(distances[t, j]), entry_id=int(ids[t, j]), sentence_id=sid,
+                    position=int(positions[t, j]), source=cache[sid]["src"], target=cache[sid]["tgt"],
+                ))
+            top_mt = torch.topk(log_mt[t], top)
+            out.append(TokenExplanation(
+                position=t, token=tok.convert_ids_to_tokens(token_id), token_id=token_id, p_mt=p_mt, p_knn=p_knn,
+                p_final=config.lambda_ * p_knn + (1 - config.lambda_) * p_mt,
+                top_mt=[(tok.convert_ids_to_tokens(int(i)), float(v.exp())) for v, i in
+                        zip(top_mt.values, top_mt.indices, strict=True)],
+                top_knn=sorted(((tok.convert_ids_to_tokens(v), p) for v, p in knn_probs.items()),
+                               key=lambda x: -x[1])[:top],
+                neighbours=neighbours,
+            ))
+        return out
+
+    def _key_module(self) -> torch.nn.Module:
+        from .models import key_module
+
+        return key_module(self.model, self.key_layer)
+
+    def save_config(self, config: KNNConfig | None = None) -> Path:
+        """Store ``config`` (default: the current one) as the datastore's default ``knn.json``."""
+        path = self.datastore.path / KNN_CONFIG_FILE
+        (config or self.config).save(path)
+        return path
+
+
+def tokens_per_second(translations: Sequence[Translation], seconds: float, tokenizer: Any) -> float:
+    """Target tokens (special tokens excluded) produced per second."""
+    special = set(tokenizer.all_special_ids)
+    count = sum(sum(1 for i in t.token_ids if i not in special) for t in translations)
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def timed_translate(knn: KNNMT, sources: Sequence[str], **kwargs: Any) -> tuple[list[Translation], float]:
+    """:meth:`KNNMT.translate` and the wall-clock seconds it took."""
+    start = time.perf_counter()
+    result = knn.translate(sources, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def dump_jsonl(translations: Iterable[Translation], path: str | Path) -> None:
+    """Write translations (with explanations when present) as JSON lines."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for t in translations:
+            handle.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
