@@ -34,8 +34,9 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _identity(model: Any, tokenizer: Any, config: BuildConfig, model_name: str | None,
-              tokenization: dict[str, Any]) -> dict[str, Any]:
+def _identity(
+    model: Any, tokenizer: Any, config: BuildConfig, model_name: str | None, tokenization: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "model": {
             "name": model_name or getattr(model, "name_or_path", "") or type(model).__name__,
@@ -76,12 +77,20 @@ def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[st
             )
 
 
-def _prepare(out: Path, info: CorpusInfo, identity: dict[str, Any], config: BuildConfig, *,
-             append: bool, force: bool) -> dict[str, Any]:
+def _prepare(
+    out: Path, info: CorpusInfo, identity: dict[str, Any], config: BuildConfig, *, append: bool, force: bool
+) -> dict[str, Any]:
     """Decide between new build, resume and append; returns the manifest to continue from."""
     corpus_entry = {
-        "paths": list(info.spec.paths), "format": info.spec.format, "sha256": info.sha256, "lines": info.lines,
-        "sentences": 0, "skipped_empty": 0, "truncated": 0, "state": "building", "started": _now(),
+        "paths": list(info.spec.paths),
+        "format": info.spec.format,
+        "sha256": info.sha256,
+        "lines": info.lines,
+        "sentences": 0,
+        "skipped_empty": 0,
+        "truncated": 0,
+        "state": "building",
+        "started": _now(),
     }
     if out.exists() and (out / MANIFEST).is_file():
         manifest = read_manifest(out)
@@ -94,7 +103,9 @@ def _prepare(out: Path, info: CorpusInfo, identity: dict[str, Any], config: Buil
                     f"datastore {out} has an interrupted build with settings {manifest['build']}; "
                     f"resume it with the same settings (this run: {config.to_dict()}) or pass --force"
                 )
-            logger.info("resuming the interrupted build of %s from %d finished shard(s)", out, len(manifest["shards"]))
+            logger.info(
+                "resuming the interrupted build of %s from %d finished shard(s)", out, len(manifest["shards"])
+            )
             return manifest
         if force:
             logger.warning("--force: removing the existing datastore %s", out)
@@ -107,7 +118,9 @@ def _prepare(out: Path, info: CorpusInfo, identity: dict[str, Any], config: Buil
         elif append:
             _check_same_identity(out, manifest, identity)
             if any(c["sha256"] == info.sha256 for c in manifest["corpora"]):
-                logger.warning("this corpus (sha256 %s) is already in %s; appending it again", info.sha256[:12], out)
+                logger.warning(
+                    "this corpus (sha256 %s) is already in %s; appending it again", info.sha256[:12], out
+                )
             manifest["corpora"].append({**corpus_entry, "first_sentence": manifest["sentences"]})
             manifest["state"] = "building"
             manifest["build"] = config.to_dict()
@@ -115,41 +128,65 @@ def _prepare(out: Path, info: CorpusInfo, identity: dict[str, Any], config: Buil
             return manifest
         else:
             raise DatastoreError(
-                f"datastore {out} already exists ({manifest['count']} entries); pass --append to add this corpus "
+                f"datastore {out} already exists ({manifest['count']} entries); "
+                "pass --append to add this corpus "
                 "to it, or --force to overwrite it"
             )
     elif out.exists() and any(out.iterdir()):
         if not force:
-            raise DatastoreError(f"{out} exists and is not an empty directory nor a datastore; pass --force to replace it")
+            raise DatastoreError(
+                f"{out} exists and is not an empty directory nor a datastore; pass --force to replace it"
+            )
         shutil.rmtree(out)
     elif append:
         logger.info("--append: %s does not exist yet, creating it", out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
-        "format": FORMAT, "version": VERSION, "knnmt_version": __version__, "state": "building",
-        "created": _now(), **identity, "count": 0, "sentences": 0, "shards": [],
-        "corpora": [{**corpus_entry, "first_sentence": 0}], "build": config.to_dict(),
+        "format": FORMAT,
+        "version": VERSION,
+        "knnmt_version": __version__,
+        "state": "building",
+        "created": _now(),
+        **identity,
+        "count": 0,
+        "sentences": 0,
+        "shards": [],
+        "corpora": [{**corpus_entry, "first_sentence": 0}],
+        "build": config.to_dict(),
     }
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
-def _kept_pairs(spec: CorpusSpec, skip_empty: bool, counter: dict[str, int]) -> Iterator[tuple[int, str, str]]:
+def _kept_pairs(
+    spec: CorpusSpec, skip_empty: bool, counter: dict[str, int]
+) -> Iterator[tuple[int, str, str]]:
     """``(line, source, target)`` of pairs with two non-empty sides; empties counted or fatal."""
     for pair in iter_pairs(spec):
         if not pair.source.strip() or not pair.target.strip():
             if not skip_empty:
                 side = "source" if not pair.source.strip() else "target"
                 path = spec.paths[1] if side == "target" and spec.format == "text" else spec.paths[0]
-                raise CorpusError(f"empty {side} sentence (use skip_empty / drop --no-skip-empty to skip it)",
-                                  path, pair.line)
+                raise CorpusError(
+                    f"empty {side} sentence (use skip_empty / drop --no-skip-empty to skip it)",
+                    path,
+                    pair.line,
+                )
             counter["skipped_empty"] += 1
             continue
         yield pair.line, pair.source, pair.target
 
 
-def _write_shard(out: Path, name: str, encoded: list[EncodedPair], extractor: KeyExtractor, dim: int,
-                 config: BuildConfig, corpus_index: int, bar: Any) -> int:
+def _write_shard(
+    out: Path,
+    name: str,
+    encoded: list[EncodedPair],
+    extractor: KeyExtractor,
+    dim: int,
+    config: BuildConfig,
+    corpus_index: int,
+    bar: Any,
+) -> int:
     """Teacher-force ``encoded`` (one shard's pairs) and publish the shard; returns its entry count."""
     offsets = [0]
     for pair in encoded:
@@ -169,16 +206,28 @@ def _write_shard(out: Path, name: str, encoded: list[EncodedPair], extractor: Ke
         tokens += sum(len(p.target_ids) for p in batch)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start_time, 1e-9):,.0f}", refresh=False)
-    writer.finish([
-        {"id": p.sentence_id, "src": p.source, "tgt": p.target, "corpus": corpus_index, "line": p.line}
-        for p in encoded
-    ])
+    writer.finish(
+        [
+            {"id": p.sentence_id, "src": p.source, "tgt": p.target, "corpus": corpus_index, "line": p.line}
+            for p in encoded
+        ]
+    )
     return offsets[-1]
 
 
-def build_datastore(model: Any, tokenizer: Any, corpus: CorpusSpec, out: str | Path,
-                    config: BuildConfig | None = None, *, append: bool = False, force: bool = False,
-                    model_name: str | None = None, source_prefix: str = "", progress: bool = True) -> Datastore:
+def build_datastore(
+    model: Any,
+    tokenizer: Any,
+    corpus: CorpusSpec,
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    append: bool = False,
+    force: bool = False,
+    model_name: str | None = None,
+    source_prefix: str = "",
+    progress: bool = True,
+) -> Datastore:
     """Build (or resume, or append to) the datastore at ``out`` from ``corpus``.
 
     Args:
@@ -199,8 +248,11 @@ def build_datastore(model: Any, tokenizer: Any, corpus: CorpusSpec, out: str | P
     config = config or BuildConfig()
     out = Path(out)
     info = inspect_corpus(corpus)  # all input errors surface before anything is written
-    tokenization = {"source_prefix": source_prefix, "src_lang": getattr(tokenizer, "src_lang", None),
-                    "tgt_lang": getattr(tokenizer, "tgt_lang", None)}
+    tokenization = {
+        "source_prefix": source_prefix,
+        "src_lang": getattr(tokenizer, "src_lang", None),
+        "tgt_lang": getattr(tokenizer, "tgt_lang", None),
+    }
     identity = _identity(model, tokenizer, config, model_name, tokenization)
     manifest = _prepare(out, info, identity, config, append=append, force=force)
     corpus_index = len(manifest["corpora"]) - 1
@@ -215,7 +267,9 @@ def build_datastore(model: Any, tokenizer: Any, corpus: CorpusSpec, out: str | P
     pairs = _kept_pairs(corpus, config.skip_empty, counter)
     for _ in itertools.islice(pairs, done_sentences):  # resume: skip what finished shards hold
         pass
-    bar = tqdm(total=info.lines, unit="sent", desc=f"build {out.name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=info.lines, unit="sent", desc=f"build {out.name}", disable=not progress, dynamic_ncols=True
+    )
     bar.update(done_sentences + counter["skipped_empty"])
     next_sentence = entry["first_sentence"] + done_sentences
     while True:
@@ -226,22 +280,40 @@ def build_datastore(model: Any, tokenizer: Any, corpus: CorpusSpec, out: str | P
         if not chunk:
             break
         rows = [(next_sentence + i, line, src, tgt) for i, (line, src, tgt) in enumerate(chunk)]
-        encoded, cut = encode_pairs(tokenizer, rows, max_length=max_length, truncate=config.truncate,
-                                    path=corpus.paths[0], source_prefix=source_prefix)
+        encoded, cut = encode_pairs(
+            tokenizer,
+            rows,
+            max_length=max_length,
+            truncate=config.truncate,
+            path=corpus.paths[0],
+            source_prefix=source_prefix,
+        )
         name = f"{len(manifest['shards']):05d}"
         count = _write_shard(out, name, encoded, extractor, dim, config, corpus_index, bar)
         truncated += cut
-        manifest["shards"].append({
-            "name": name, "count": count, "sentences": len(encoded), "first_sentence": next_sentence,
-            "corpus": corpus_index, "skipped_empty": skipped_now, "truncated": cut,
-        })
+        manifest["shards"].append(
+            {
+                "name": name,
+                "count": count,
+                "sentences": len(encoded),
+                "first_sentence": next_sentence,
+                "corpus": corpus_index,
+                "skipped_empty": skipped_now,
+                "truncated": cut,
+            }
+        )
         manifest["count"] += count
         manifest["sentences"] += len(encoded)
         next_sentence += len(encoded)
         write_json_atomic(out / MANIFEST, manifest)
     bar.close()
-    entry.update(sentences=next_sentence - entry["first_sentence"], truncated=truncated,
-                 skipped_empty=counter["skipped_empty"], state="complete", finished=_now())
+    entry.update(
+        sentences=next_sentence - entry["first_sentence"],
+        truncated=truncated,
+        skipped_empty=counter["skipped_empty"],
+        state="complete",
+        finished=_now(),
+    )
     manifest["state"] = "complete"
     write_json_atomic(out / MANIFEST, manifest)
     if counter["skipped_empty"]:

@@ -25,7 +25,7 @@ class JsonConfig:
     """Mixin: dataclass <-> JSON file, ignoring unknown keys with a clear error."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -40,7 +40,8 @@ class JsonConfig:
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))  # type: ignore[attr-defined,no-any-return]
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls.from_dict(data)  # type: ignore[attr-defined]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,10 @@ class KNNConfig(JsonConfig):
     exact_distances: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.k, int) and 1 <= self.k <= 4096, f"k must be an integer in [1, 4096], got {self.k!r}")
+        _check(
+            isinstance(self.k, int) and 1 <= self.k <= 4096,
+            f"k must be an integer in [1, 4096], got {self.k!r}",
+        )
         _check(0.0 <= self.lambda_ <= 1.0, f"lambda must be in [0, 1], got {self.lambda_!r}")
         _check(
             math.isfinite(self.temperature) and self.temperature > 0,

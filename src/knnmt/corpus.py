@@ -30,11 +30,18 @@ class CorpusSpec:
     def __post_init__(self) -> None:
         want = 2 if self.format == "text" else 1
         if len(self.paths) != want:
-            raise UsageError(f"a {self.format} corpus needs {want} file(s), got {len(self.paths)}: {self.paths}")
+            raise UsageError(
+                f"a {self.format} corpus needs {want} file(s), got {len(self.paths)}: {self.paths}"
+            )
 
     @classmethod
-    def from_args(cls, source: str | None = None, target: str | None = None, corpus: str | None = None,
-                  format: str | None = None) -> CorpusSpec:
+    def from_args(
+        cls,
+        source: str | None = None,
+        target: str | None = None,
+        corpus: str | None = None,
+        format: str | None = None,
+    ) -> CorpusSpec:
         """Two files (``source`` + ``target``) or one TSV/JSONL ``corpus`` (format from the suffix)."""
         if corpus is not None:
             if source or target:
@@ -74,15 +81,17 @@ def _scan_file(path: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     lines = 0
     with p.open("rb") as handle:
-        for lines, raw in enumerate(handle, start=1):  # noqa: B007
+        for lines, raw in enumerate(handle, start=1):
             digest.update(raw)
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise CorpusError(
-                    f"invalid UTF-8 at byte {exc.start} of the line ({raw[max(0, exc.start - 10):exc.start + 10]!r}); "
+                    f"invalid UTF-8 at byte {exc.start} of the line "
+                    f"({raw[max(0, exc.start - 10) : exc.start + 10]!r}); "
                     "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-                    path, lines,
+                    path,
+                    lines,
                 ) from None
     return lines, digest.hexdigest()
 
@@ -110,7 +119,9 @@ def _strip_eol(line: str) -> str:
 def _parse_tsv(path: str, number: int, line: str) -> tuple[str, str]:
     fields = _strip_eol(line).split("\t")
     if len(fields) != 2:
-        raise CorpusError(f"expected 2 tab-separated fields (source<TAB>target), found {len(fields)}", path, number)
+        raise CorpusError(
+            f"expected 2 tab-separated fields (source<TAB>target), found {len(fields)}", path, number
+        )
     return fields[0], fields[1]
 
 
@@ -131,7 +142,8 @@ def _parse_jsonl(path: str, number: int, line: str) -> tuple[str, str]:
                 return src, tgt
     raise CorpusError(
         f"expected an object with keys 'src' and 'tgt' (or 'source' and 'target'), found {stripped[:80]!r}",
-        path, number,
+        path,
+        number,
     )
 
 

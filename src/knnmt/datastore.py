@@ -69,7 +69,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise DatastoreError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:
-        raise DatastoreError(f"{file}: version {manifest.get('version')} is not supported (expected {VERSION})")
+        raise DatastoreError(
+            f"{file}: version {manifest.get('version')} is not supported (expected {VERSION})"
+        )
     return manifest
 
 
@@ -84,7 +86,7 @@ class Shard:
     sentences: int
 
     def load(self, name: str) -> np.ndarray:
-        return np.load(self.path / name, mmap_mode="r")  # type: ignore[no-any-return]
+        return np.load(self.path / name, mmap_mode="r")
 
 
 class Datastore:
@@ -101,11 +103,20 @@ class Datastore:
         self.shards: list[Shard] = []
         start = 0
         for info in manifest["shards"]:
-            self.shards.append(Shard(self.path / "shards" / info["name"], start, int(info["count"]),
-                                     int(info["first_sentence"]), int(info["sentences"])))
+            self.shards.append(
+                Shard(
+                    self.path / "shards" / info["name"],
+                    start,
+                    int(info["count"]),
+                    int(info["first_sentence"]),
+                    int(info["sentences"]),
+                )
+            )
             start += int(info["count"])
         if start != self.count:
-            raise DatastoreError(f"{self.path / MANIFEST}: shard counts add up to {start}, manifest says {self.count}")
+            raise DatastoreError(
+                f"{self.path / MANIFEST}: shard counts add up to {start}, manifest says {self.count}"
+            )
         self._starts = np.array([s.start for s in self.shards] + [self.count], dtype=np.int64)
 
     @classmethod
@@ -136,7 +147,9 @@ class Datastore:
             for name, want in expected.items():
                 file = shard.path / name
                 if not file.is_file():
-                    raise DatastoreError(f"shard file {file} is missing (the manifest lists shard {shard.path.name})")
+                    raise DatastoreError(
+                        f"shard file {file} is missing (the manifest lists shard {shard.path.name})"
+                    )
                 shape, dtype = want(shard)
                 try:
                     arr = np.load(file, mmap_mode="r")
@@ -176,7 +189,9 @@ class Datastore:
                 f"{want['tokenizer']['fingerprint']}, loaded {tokenizer_fingerprint})"
             )
         if self.dim != dim:
-            raise IncompatibleError(f"datastore {self.path} has {self.dim}-dimensional keys, the model gives {dim}")
+            raise IncompatibleError(
+                f"datastore {self.path} has {self.dim}-dimensional keys, the model gives {dim}"
+            )
 
     # ---- arrays ---------------------------------------------------------------------------
     @cached_property
@@ -187,7 +202,7 @@ class Datastore:
         return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
 
     def _locate(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._starts, ids, side="right") - 1  # type: ignore[no-any-return]
+        return np.searchsorted(self._starts, ids, side="right") - 1
 
     def _gather(self, name: str, ids: np.ndarray, width: int | None, dtype: Any) -> np.ndarray:
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -221,7 +236,7 @@ class Datastore:
         for shard in self.shards:
             keys = shard.load("keys.npy")
             for lo in range(0, shard.count, chunk):
-                yield shard.start + lo, np.asarray(keys[lo: lo + chunk], dtype=np.float32)
+                yield shard.start + lo, np.asarray(keys[lo : lo + chunk], dtype=np.float32)
 
     def sample_keys(self, n: int, seed: int = 0) -> np.ndarray:
         """``min(n, count)`` keys drawn uniformly without replacement, float32 ``[m, dim]``."""
@@ -236,7 +251,7 @@ class Datastore:
                 with (shard.path / "sentences.jsonl").open(encoding="utf-8") as handle:
                     for i, line in enumerate(handle):
                         if i == sentence_id - shard.first_sentence:
-                            return json.loads(line)  # type: ignore[no-any-return]
+                            return json.loads(line)
         raise KeyError(f"sentence {sentence_id} is not in datastore {self.path}")
 
     def describe(self) -> dict[str, Any]:
@@ -244,10 +259,18 @@ class Datastore:
         m = self.manifest
         size = sum(f.stat().st_size for s in self.shards for f in s.path.iterdir())
         return {
-            "path": str(self.path), "state": m["state"], "entries": self.count, "sentences": m["sentences"],
-            "dim": self.dim, "key_dtype": m["key"]["dtype"], "key_layer": self.key_layer,
-            "key_module": m["key"]["module"], "model": m["model"]["name"], "shards": len(self.shards),
-            "bytes_on_disk": size, "corpora": [
+            "path": str(self.path),
+            "state": m["state"],
+            "entries": self.count,
+            "sentences": m["sentences"],
+            "dim": self.dim,
+            "key_dtype": m["key"]["dtype"],
+            "key_layer": self.key_layer,
+            "key_module": m["key"]["module"],
+            "model": m["model"]["name"],
+            "shards": len(self.shards),
+            "bytes_on_disk": size,
+            "corpora": [
                 {k: c[k] for k in ("paths", "sentences", "skipped_empty", "truncated", "state")}
                 for c in m["corpora"]
             ],
@@ -264,7 +287,9 @@ class ShardWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.count = count
-        self.keys = np.lib.format.open_memmap(self.tmp / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(count, dim))
+        self.keys = np.lib.format.open_memmap(
+            self.tmp / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(count, dim)
+        )
         self.values = np.zeros(count, dtype=VALUE_DTYPE)
         self.sentence_ids = np.zeros(count, dtype=np.int64)
         self.positions = np.zeros(count, dtype=np.int32)
@@ -274,8 +299,12 @@ class ShardWriter:
         """Save the arrays and sentences, flush to disk, and rename into place."""
         self.keys.flush()
         del self.keys
-        for name, arr in (("values", self.values), ("sentence_ids", self.sentence_ids),
-                          ("positions", self.positions), ("offsets", self.offsets)):
+        for name, arr in (
+            ("values", self.values),
+            ("sentence_ids", self.sentence_ids),
+            ("positions", self.positions),
+            ("offsets", self.offsets),
+        ):
             np.save(self.tmp / f"{name}.npy", arr)
         with (self.tmp / "sentences.jsonl").open("w", encoding="utf-8") as handle:
             for record in sentence_records:

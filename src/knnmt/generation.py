@@ -50,8 +50,15 @@ class KNNLogitsProcessor(LogitsProcessor):
         finished_ids: token ids (eos, pad) after which a row is finished and not searched.
     """
 
-    def __init__(self, capture: ActivationCapture, retriever: Retriever, values: np.ndarray, config: KNNConfig,
-                 batch_size: int, finished_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        capture: ActivationCapture,
+        retriever: Retriever,
+        values: np.ndarray,
+        config: KNNConfig,
+        batch_size: int,
+        finished_ids: Sequence[int],
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.capture = capture
@@ -65,7 +72,9 @@ class KNNLogitsProcessor(LogitsProcessor):
     def _queries(self, rows: int) -> torch.Tensor:
         captured = self.capture.last
         if captured is None:
-            raise KnnmtError("the kNN query hook did not fire: was generate() called inside knn_generation()?")
+            raise KnnmtError(
+                "the kNN query hook did not fire: was generate() called inside knn_generation()?"
+            )
         if captured.shape[0] != rows:
             raise KnnmtError(f"kNN query rows ({captured.shape[0]}) do not match the scores' rows ({rows})")
         return captured[:, -1, :].float()
@@ -108,9 +117,16 @@ class KNNLogitsProcessor(LogitsProcessor):
 
 
 @contextlib.contextmanager
-def knn_generation(model: torch.nn.Module, retriever: Retriever, values: np.ndarray, config: KNNConfig, *,
-                   batch_size: int, finished_ids: Sequence[int], key_layer: str = "ffn_input",
-                   ) -> Iterator[KNNLogitsProcessor]:
+def knn_generation(
+    model: torch.nn.Module,
+    retriever: Retriever,
+    values: np.ndarray,
+    config: KNNConfig,
+    *,
+    batch_size: int,
+    finished_ids: Sequence[int],
+    key_layer: str = "ffn_input",
+) -> Iterator[KNNLogitsProcessor]:
     """Install the query hook on ``model`` and yield the processor for ``generate``.
 
     Example::

@@ -9,6 +9,7 @@ fingerprint of the datastore it was built for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -52,10 +53,8 @@ def auto_factory(count: int, dim: int) -> str:
 def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
     params = faiss.ParameterSpace()
     for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
-        try:
+        with contextlib.suppress(RuntimeError):  # the index has no such parameter (e.g. nprobe on Flat)
             params.set_index_parameter(index, name, value)
-        except RuntimeError:
-            pass  # the index has no such parameter (e.g. nprobe on Flat)
 
 
 class SearchIndex:
@@ -104,28 +103,42 @@ class SearchIndex:
         self.path = out
 
     @classmethod
-    def load(cls, directory: str | Path, datastore: Datastore | None = None, nprobe: int | None = None,
-             ef_search: int | None = None, mmap: bool = False, use_gpu: bool = False) -> SearchIndex:
+    def load(
+        cls,
+        directory: str | Path,
+        datastore: Datastore | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        mmap: bool = False,
+        use_gpu: bool = False,
+    ) -> SearchIndex:
         """Load an index directory; with ``datastore``, check it was built for that datastore."""
         path = Path(directory)
         settings_file, index_file = path / SETTINGS_FILE, path / INDEX_FILE
         if not settings_file.is_file() or not index_file.is_file():
-            raise DatastoreError(f"no index at {path} (expected {SETTINGS_FILE} and {INDEX_FILE}); run `knnmt index`")
+            raise DatastoreError(
+                f"no index at {path} (expected {SETTINGS_FILE} and {INDEX_FILE}); run `knnmt index`"
+            )
         settings = json.loads(settings_file.read_text(encoding="utf-8"))
         if datastore is not None:
             if settings.get("datastore_fingerprint") != datastore.fingerprint:
                 raise IncompatibleError(
                     f"index {path} was built for another datastore (fingerprint "
                     f"{settings.get('datastore_fingerprint')}, {settings.get('ntotal')} entries); datastore "
-                    f"{datastore.path} has fingerprint {datastore.fingerprint} and {datastore.count} entries. "
+                    f"{datastore.path} has fingerprint {datastore.fingerprint} "
+                    f"and {datastore.count} entries. "
                     "Rebuild it with `knnmt index --force`"
                 )
             if settings.get("dim") != datastore.dim:
-                raise IncompatibleError(f"index {path} has dimension {settings.get('dim')}, datastore {datastore.dim}")
+                raise IncompatibleError(
+                    f"index {path} has dimension {settings.get('dim')}, datastore {datastore.dim}"
+                )
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_file), flags)
         if datastore is not None and index.ntotal != datastore.count:
-            raise IncompatibleError(f"index {path} holds {index.ntotal} vectors, datastore has {datastore.count}")
+            raise IncompatibleError(
+                f"index {path} holds {index.ntotal} vectors, datastore has {datastore.count}"
+            )
         if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
             index = faiss.index_cpu_to_all_gpus(index)
         result = cls(index, settings, path)
@@ -138,13 +151,25 @@ def exact_index(datastore: Datastore) -> SearchIndex:
     index = faiss.IndexFlatL2(datastore.dim)
     for _, keys in datastore.iter_keys():
         index.add(keys)
-    settings = {"factory": "Flat", "metric": "L2", "dim": datastore.dim, "ntotal": int(index.ntotal),
-                "nprobe": 1, "ef_search": 1, "datastore_fingerprint": datastore.fingerprint}
+    settings = {
+        "factory": "Flat",
+        "metric": "L2",
+        "dim": datastore.dim,
+        "ntotal": int(index.ntotal),
+        "nprobe": 1,
+        "ef_search": 1,
+        "datastore_fingerprint": datastore.fingerprint,
+    }
     return SearchIndex(index, settings)
 
 
-def build_index(datastore: Datastore, config: IndexConfig | None = None, out: str | Path | None = None,
-                progress: bool = True, force: bool = False) -> SearchIndex:
+def build_index(
+    datastore: Datastore,
+    config: IndexConfig | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> SearchIndex:
     """Train ``config.factory`` on a sample of keys and fill it from the shards chunk by chunk.
 
     Memory: the training sample (``train_size × dim`` float32) plus one chunk plus the index itself.
@@ -160,7 +185,9 @@ def build_index(datastore: Datastore, config: IndexConfig | None = None, out: st
     try:
         index = faiss.index_factory(datastore.dim, factory, faiss.METRIC_L2)
     except RuntimeError as exc:
-        raise UsageError(f"faiss cannot build index {factory!r} for dimension {datastore.dim}: {exc}") from None
+        raise UsageError(
+            f"faiss cannot build index {factory!r} for dimension {datastore.dim}: {exc}"
+        ) from None
     start = time.perf_counter()
     if config.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
@@ -169,15 +196,23 @@ def build_index(datastore: Datastore, config: IndexConfig | None = None, out: st
         logger.info("training %s on %d keys", factory, len(sample))
         index.train(sample)
         del sample
-    bar = tqdm(total=datastore.count, unit="key", desc=f"index {factory}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=datastore.count, unit="key", desc=f"index {factory}", disable=not progress, dynamic_ncols=True
+    )
     for _, keys in datastore.iter_keys(config.add_chunk):
         index.add(keys)
         bar.update(len(keys))
     bar.close()
     settings = {
-        "factory": factory, "metric": "L2", "dim": datastore.dim, "ntotal": int(index.ntotal),
-        "nprobe": config.nprobe, "ef_search": config.ef_search, "config": config.to_dict(),
-        "datastore_fingerprint": datastore.fingerprint, "build_seconds": round(time.perf_counter() - start, 3),
+        "factory": factory,
+        "metric": "L2",
+        "dim": datastore.dim,
+        "ntotal": int(index.ntotal),
+        "nprobe": config.nprobe,
+        "ef_search": config.ef_search,
+        "config": config.to_dict(),
+        "datastore_fingerprint": datastore.fingerprint,
+        "build_seconds": round(time.perf_counter() - start, 3),
         "faiss_version": getattr(faiss, "__version__", "unknown"),
     }
     result = SearchIndex(index, settings)

@@ -30,13 +30,13 @@ ModuleGetter = Callable[[nn.Module], nn.Module]
 def _last_fc1(model: nn.Module) -> nn.Module:
     """BART-family decoders (Marian, MBart, M2M100/NLLB, BART, Pegasus): ``layers[-1].fc1``."""
     decoder = model.get_decoder()  # type: ignore[operator]
-    return decoder.layers[-1].fc1  # type: ignore[no-any-return]
+    return decoder.layers[-1].fc1
 
 
 def _t5_last_ffn(model: nn.Module) -> nn.Module:
     """T5/mT5: the ``DenseReluDense`` of the last decoder block's feed-forward sub-layer."""
     decoder = model.get_decoder()  # type: ignore[operator]
-    return decoder.block[-1].layer[-1].DenseReluDense  # type: ignore[no-any-return]
+    return decoder.block[-1].layer[-1].DenseReluDense
 
 
 _FFN_INPUT: dict[str, ModuleGetter] = {
@@ -75,10 +75,10 @@ def key_module(model: nn.Module, key_layer: str = "ffn_input") -> nn.Module:
         head = model.get_output_embeddings()  # type: ignore[operator]
         if head is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
-        return head  # type: ignore[no-any-return]
+        return head
     if key_layer != "ffn_input":
         raise UsageError(f"unknown key layer {key_layer!r}; expected 'ffn_input' or 'decoder_output'")
-    name = type(model.config).__name__  # type: ignore[union-attr]
+    name = type(model.config).__name__
     getter = _FFN_INPUT.get(name)
     if getter is None:
         raise UnsupportedModelError(
@@ -101,9 +101,9 @@ def key_module_name(model: nn.Module, key_layer: str = "ffn_input") -> str:
 
 def key_dim(model: nn.Module, key_layer: str = "ffn_input") -> int:
     """Dimension ``D`` of the key vectors."""
-    module = key_module(model, key_layer)
+    module: Any = key_module(model, key_layer)
     in_features = getattr(module, "in_features", None)
-    if in_features is None:  # T5 DenseReluDense
+    if in_features is None:  # T5 DenseReluDense (wi) or gated (wi_0)
         in_features = module.wi.in_features if hasattr(module, "wi") else module.wi_0.in_features
     return int(in_features)
 
@@ -136,6 +136,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def model_max_length(model: nn.Module, tokenizer: Any) -> int:
     """Longest token sequence the model accepts (positions) and the tokenizer declares."""
-    candidates = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    candidates = [
+        getattr(model.config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
     sane = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 100_000]
     return min(sane) if sane else 512

@@ -28,8 +28,9 @@ def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, temperature: fl
         neighbour at all is all ``-inf``).
     """
     valid = values >= 0
-    logits = torch.where(valid, -distances.float() / temperature, torch.full_like(distances, -math.inf,
-                                                                                   dtype=torch.float32))
+    logits = torch.where(
+        valid, -distances.float() / temperature, torch.full_like(distances, -math.inf, dtype=torch.float32)
+    )
     log_weights = torch.log_softmax(logits, dim=-1)  # NaN for all-missing rows, fixed below
     log_weights = torch.where(valid, log_weights, torch.full_like(log_weights, -math.inf))
     same = (values.unsqueeze(2) == values.unsqueeze(1)) & valid.unsqueeze(1)  # [R, k, k]
@@ -39,9 +40,10 @@ def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, temperature: fl
     return out.masked_fill(~valid, -math.inf)
 
 
-def interpolate(log_p_mt: torch.Tensor, tokens: torch.Tensor, log_p_knn: torch.Tensor,
-                lambda_: float) -> torch.Tensor:
-    """``log((1 - λ) p_MT + λ p_kNN)`` over the whole vocabulary; ``-inf`` entries of ``log_p_mt`` stay ``-inf``.
+def interpolate(
+    log_p_mt: torch.Tensor, tokens: torch.Tensor, log_p_knn: torch.Tensor, lambda_: float
+) -> torch.Tensor:
+    """``log((1 - λ) p_MT + λ p_kNN)`` over the vocabulary; ``-inf`` entries of ``log_p_mt`` stay ``-inf``.
 
     Args:
         log_p_mt: ``[R, V]`` model log-probabilities (rows need not be normalised masks-wise).

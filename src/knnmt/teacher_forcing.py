@@ -56,8 +56,14 @@ class ActivationCapture:
         self.last = None
 
 
-def _tokenize(tokenizer: Any, texts: list[str], target: bool, max_length: int, truncate: bool,
-              where: list[tuple[int, str]]) -> tuple[list[list[int]], int]:
+def _tokenize(
+    tokenizer: Any,
+    texts: list[str],
+    target: bool,
+    max_length: int,
+    truncate: bool,
+    where: list[tuple[int, str]],
+) -> tuple[list[list[int]], int]:
     """Token ids of ``texts`` (source or target side), truncating over-long ones if allowed."""
     kwargs = {"text_target": texts} if target else {"text": texts}
     ids: list[list[int]] = tokenizer(**kwargs, truncation=False)["input_ids"]
@@ -67,19 +73,31 @@ def _tokenize(tokenizer: Any, texts: list[str], target: bool, max_length: int, t
         side = "target" if target else "source"
         raise CorpusError(
             f"{side} sentence has {len(ids[too_long[0]])} tokens, more than the maximum {max_length}; "
-            "allow truncation (drop --no-truncate) or shorten it", path, line,
+            "allow truncation (drop --no-truncate) or shorten it",
+            path,
+            line,
         )
     if too_long:
-        cut_kwargs = {"text_target": [texts[i] for i in too_long]} if target else {
-            "text": [texts[i] for i in too_long]}
+        cut_kwargs = (
+            {"text_target": [texts[i] for i in too_long]}
+            if target
+            else {"text": [texts[i] for i in too_long]}
+        )
         cut = tokenizer(**cut_kwargs, truncation=True, max_length=max_length)["input_ids"]
         for i, seq in zip(too_long, cut, strict=True):
             ids[i] = list(seq)
     return ids, len(too_long)
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[int, int, str, str]], *, max_length: int,
-                 truncate: bool, path: str, source_prefix: str = "") -> tuple[list[EncodedPair], int]:
+def encode_pairs(
+    tokenizer: Any,
+    pairs: Sequence[tuple[int, int, str, str]],
+    *,
+    max_length: int,
+    truncate: bool,
+    path: str,
+    source_prefix: str = "",
+) -> tuple[list[EncodedPair], int]:
     """Tokenise ``(sentence_id, line, source, target)`` tuples.
 
     Returns:
@@ -127,15 +145,14 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+def decoder_inputs(model: Any, labels: torch.Tensor) -> torch.Tensor:
     """``[start, y_1..y_{T-1}]`` for padded ``labels`` ``[batch, T]``, the way the model itself shifts."""
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if prepare is not None:
-        return prepare(labels=labels)  # type: ignore[no-any-return]
-    start = model.config.decoder_start_token_id  # type: ignore[union-attr]
-    shifted = labels.new_full(labels.shape, model.config.pad_token_id)  # type: ignore[union-attr]
+        return prepare(labels=labels)
+    shifted = labels.new_full(labels.shape, int(model.config.pad_token_id))
     shifted[:, 1:] = labels[:, :-1]
-    shifted[:, 0] = start
+    shifted[:, 0] = int(model.config.decoder_start_token_id)
     return shifted
 
 
@@ -163,7 +180,9 @@ class KeyExtractor:
             if self.key_layer == "ffn_input":
                 encoded = self.model.get_encoder()(input_ids=src, attention_mask=src_mask)  # type: ignore[operator]
                 self.model.get_decoder()(  # type: ignore[operator]
-                    input_ids=dec_in, encoder_hidden_states=encoded[0], encoder_attention_mask=src_mask,
+                    input_ids=dec_in,
+                    encoder_hidden_states=encoded[0],
+                    encoder_attention_mask=src_mask,
                     use_cache=False,
                 )
             else:

@@ -17,20 +17,50 @@ import torch
 logger = logging.getLogger(__name__)
 
 _LEXICON: list[tuple[str, str]] = [
-    ("file", "Datei"), ("folder", "Ordner"), ("window", "Fenster"), ("table", "Tabelle"),
-    ("cell", "Zelle"), ("page", "Seite"), ("chart", "Diagramm"), ("document", "Dokument"),
-    ("menu", "Menü"), ("button", "Schaltfläche"), ("field", "Feld"), ("image", "Bild"),
-    ("column", "Spalte"), ("row", "Zeile"), ("sheet", "Tabellenblatt"), ("frame", "Rahmen"),
-    ("style", "Vorlage"), ("font", "Schriftart"), ("list", "Liste"), ("dialog", "Dialog"),
+    ("file", "Datei"),
+    ("folder", "Ordner"),
+    ("window", "Fenster"),
+    ("table", "Tabelle"),
+    ("cell", "Zelle"),
+    ("page", "Seite"),
+    ("chart", "Diagramm"),
+    ("document", "Dokument"),
+    ("menu", "Menü"),
+    ("button", "Schaltfläche"),
+    ("field", "Feld"),
+    ("image", "Bild"),
+    ("column", "Spalte"),
+    ("row", "Zeile"),
+    ("sheet", "Tabellenblatt"),
+    ("frame", "Rahmen"),
+    ("style", "Vorlage"),
+    ("font", "Schriftart"),
+    ("list", "Liste"),
+    ("dialog", "Dialog"),
 ]
 _VERBS: list[tuple[str, str]] = [
-    ("open", "öffnen"), ("close", "schließen"), ("select", "auswählen"), ("delete", "löschen"),
-    ("insert", "einfügen"), ("save", "speichern"), ("print", "drucken"), ("copy", "kopieren"),
-    ("move", "verschieben"), ("rename", "umbenennen"), ("hide", "ausblenden"), ("show", "anzeigen"),
+    ("open", "öffnen"),
+    ("close", "schließen"),
+    ("select", "auswählen"),
+    ("delete", "löschen"),
+    ("insert", "einfügen"),
+    ("save", "speichern"),
+    ("print", "drucken"),
+    ("copy", "kopieren"),
+    ("move", "verschieben"),
+    ("rename", "umbenennen"),
+    ("hide", "ausblenden"),
+    ("show", "anzeigen"),
 ]
 _ADJ: list[tuple[str, str]] = [
-    ("new", "neue"), ("current", "aktuelle"), ("selected", "ausgewählte"), ("empty", "leere"),
-    ("first", "erste"), ("last", "letzte"), ("hidden", "ausgeblendete"), ("default", "Standard-"),
+    ("new", "neue"),
+    ("current", "aktuelle"),
+    ("selected", "ausgewählte"),
+    ("empty", "leere"),
+    ("first", "erste"),
+    ("last", "letzte"),
+    ("hidden", "ausgeblendete"),
+    ("default", "Standard-"),
 ]
 
 
@@ -103,8 +133,10 @@ def make_marian_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 256
     for name in ("source.spm", "target.spm"):
         (out_dir / name).write_bytes(model_path.read_bytes())
     tokenizer = MarianTokenizer(
-        source_spm=str(out_dir / "source.spm"), target_spm=str(out_dir / "target.spm"),
-        vocab=str(out_dir / "vocab.json"), model_max_length=64,
+        source_spm=str(out_dir / "source.spm"),
+        target_spm=str(out_dir / "target.spm"),
+        vocab=str(out_dir / "vocab.json"),
+        model_max_length=64,
     )
     return tokenizer
 
@@ -116,12 +148,21 @@ def make_marian_model(tokenizer: Any, d_model: int = 64, layers: int = 2, seed: 
     torch.manual_seed(seed)
     vocab_size = len(tokenizer)
     config = MarianConfig(
-        vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * d_model,
-        decoder_ffn_dim=4 * d_model, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id, max_length=64, num_beams=1,
-        scale_embedding=True, share_encoder_decoder_embeddings=True,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
     )
     model = MarianMTModel(config)
     model.generation_config.max_length = 64

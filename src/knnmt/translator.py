@@ -89,6 +89,29 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     return model, tokenizer
 
 
+def set_languages(model: Any, tokenizer: Any, src_lang: str | None, tgt_lang: str | None) -> dict[str, Any]:
+    """Set source/target languages on multilingual tokenizers (NLLB, M2M100, mBART).
+
+    Returns:
+        extra ``generate`` arguments: ``forced_bos_token_id`` of the target language when the model needs one.
+    """
+    if src_lang:
+        if not hasattr(tokenizer, "src_lang"):
+            raise UsageError(f"{type(tokenizer).__name__} has no source language setting; drop --src-lang")
+        tokenizer.src_lang = src_lang
+    if tgt_lang:
+        if not hasattr(tokenizer, "tgt_lang"):
+            raise UsageError(f"{type(tokenizer).__name__} has no target language setting; drop --tgt-lang")
+        tokenizer.tgt_lang = tgt_lang
+    lang = getattr(tokenizer, "tgt_lang", None)
+    if lang and type(model.config).__name__ in ("M2M100Config", "MBartConfig", "NllbMoeConfig"):
+        token_id = tokenizer.convert_tokens_to_ids(lang)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise UsageError(f"unknown target language code {lang!r} for {type(tokenizer).__name__}")
+        return {"forced_bos_token_id": int(token_id)}
+    return {}
+
+
 class KNNMT:
     """kNN-MT translator.
 
@@ -98,29 +121,52 @@ class KNNMT:
         print(knn.translate(["Open the file."]))
     """
 
-    def __init__(self, model: Any, tokenizer: Any, datastore: Datastore, index: SearchIndex | None = None,
-                 config: KNNConfig | None = None, retriever: Retriever | None = None, check: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        datastore: Datastore,
+        index: SearchIndex | None = None,
+        config: KNNConfig | None = None,
+        retriever: Retriever | None = None,
+        check: bool = True,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.datastore = datastore
         self.key_layer = datastore.key_layer
         if check:
-            datastore.check_compatible(model_fingerprint(model), tokenizer_fingerprint(tokenizer),
-                                       key_dim(model, self.key_layer))
+            datastore.check_compatible(
+                model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model, self.key_layer)
+            )
         self.index = index if index is not None else exact_index(datastore)
         self.config = config or KNNConfig()
         self.retriever = retriever or IndexRetriever(self.index, datastore, self.config.exact_distances)
-        self.source_prefix: str = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
+        tokenization = datastore.manifest.get("tokenization", {})
+        self.source_prefix: str = tokenization.get("source_prefix", "") or ""
+        self.generate_defaults = set_languages(
+            model, tokenizer, tokenization.get("src_lang"), tokenization.get("tgt_lang")
+        )
         self.last_stats: dict[str, int] = {}
 
     @classmethod
-    def load(cls, model: str | tuple[Any, Any], datastore: str | Path, index: str | Path | None = "auto",
-             config: KNNConfig | None = None, device: str | None = None, nprobe: int | None = None,
-             ef_search: int | None = None) -> KNNMT:
+    def load(
+        cls,
+        model: str | tuple[Any, Any],
+        datastore: str | Path,
+        index: str | Path | None = "auto",
+        config: KNNConfig | None = None,
+        device: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
+    ) -> KNNMT:
         """Load model, datastore and index; ``index="auto"`` uses ``<datastore>/index`` if built, else exact
         search; ``None`` forces exact search. ``config`` defaults to ``<datastore>/knn.json`` (from tuning)
         or :class:`KNNConfig` defaults."""
         model_obj, tokenizer = load_model(model, device) if isinstance(model, str) else model
+        set_languages(model_obj, tokenizer, src_lang, tgt_lang)
         store = Datastore.open(datastore)
         search_index: SearchIndex | None = None
         if index == "auto":
@@ -137,45 +183,65 @@ class KNNMT:
     # ---- translation ----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device  # type: ignore[no-any-return]
+        return next(self.model.parameters()).device
 
     def _finished_ids(self) -> list[int]:
         ids = [self.tokenizer.eos_token_id, self.tokenizer.pad_token_id]
         return [int(i) for i in ids if i is not None]
 
-    def _generate(self, sources: Sequence[str], knn: KNNConfig | None, gen: dict[str, Any]) -> list[list[int]]:
-        inputs = self.tokenizer([self.source_prefix + s for s in sources], return_tensors="pt", padding=True,
-                                truncation=True).to(self.device)
+    def _generate(
+        self, sources: Sequence[str], knn: KNNConfig | None, gen: dict[str, Any]
+    ) -> list[list[int]]:
+        inputs = self.tokenizer(
+            [self.source_prefix + s for s in sources], return_tensors="pt", padding=True, truncation=True
+        ).to(self.device)
         with torch.inference_mode():
             if knn is None:
                 out = self.model.generate(**inputs, **gen)
             else:
                 retriever = self.retriever
-                if knn.exact_distances != self.config.exact_distances and isinstance(retriever, IndexRetriever):
+                if knn.exact_distances != self.config.exact_distances and isinstance(
+                    retriever, IndexRetriever
+                ):
                     retriever = IndexRetriever(self.index, self.datastore, knn.exact_distances)
-                with knn_generation(self.model, retriever, self.datastore.values, knn, batch_size=len(sources),
-                                    finished_ids=self._finished_ids(), key_layer=self.key_layer) as proc:
+                with knn_generation(
+                    self.model,
+                    retriever,
+                    self.datastore.values,
+                    knn,
+                    batch_size=len(sources),
+                    finished_ids=self._finished_ids(),
+                    key_layer=self.key_layer,
+                ) as proc:
                     out = self.model.generate(**inputs, logits_processor=[proc], **gen)
                 for key, value in proc.stats.as_dict().items():
                     self.last_stats[key] = self.last_stats.get(key, 0) + value
         sequences = out.sequences if hasattr(out, "sequences") else out
         return [row.tolist() for row in sequences.cpu()]
 
-    def translate_iterable(self, sources: Iterable[str], *, knn: KNNConfig | bool | None = True,
-                           batch_size: int = 32, **generate_kwargs: Any) -> Iterator[Translation]:
+    def translate_iterable(
+        self,
+        sources: Iterable[str],
+        *,
+        knn: KNNConfig | bool | None = True,
+        batch_size: int = 32,
+        **generate_kwargs: Any,
+    ) -> Iterator[Translation]:
         """Translate lazily, ``batch_size`` sentences per ``generate`` call, in input order.
 
         Args:
             knn: ``True`` for this translator's config, a :class:`KNNConfig`, or ``False``/``None`` for the
                 plain model.
-            generate_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ``do_sample``...).
+            generate_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``...).
         """
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         knn_config = self.config if knn is True else (knn or None)
-        gen = dict(generate_kwargs)
+        gen = {**self.generate_defaults, **generate_kwargs}
         if gen.get("num_return_sequences", 1) != 1:
-            raise UsageError("num_return_sequences > 1 is not supported by translate(); call generate() directly")
+            raise UsageError(
+                "num_return_sequences > 1 is not supported by translate(); call generate() directly"
+            )
         batch: list[str] = []
         for source in sources:
             batch.append(source)
@@ -185,26 +251,43 @@ class KNNMT:
         if batch:
             yield from self._translate_batch(batch, knn_config, gen)
 
-    def _translate_batch(self, batch: list[str], knn: KNNConfig | None, gen: dict[str, Any]) -> list[Translation]:
+    def _translate_batch(
+        self, batch: list[str], knn: KNNConfig | None, gen: dict[str, Any]
+    ) -> list[Translation]:
         ids = self._generate(batch, knn, gen)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [Translation(s, t, i) for s, t, i in zip(batch, texts, ids, strict=True)]
 
-    def translate(self, sources: Sequence[str], *, knn: KNNConfig | bool | None = True, batch_size: int = 32,
-                  sort_by_length: bool = True, return_neighbors: bool = False, progress: bool = False,
-                  **generate_kwargs: Any) -> list[Translation]:
+    def translate(
+        self,
+        sources: Sequence[str],
+        *,
+        knn: KNNConfig | bool | None = True,
+        batch_size: int = 32,
+        sort_by_length: bool = True,
+        return_neighbors: bool = False,
+        progress: bool = False,
+        **generate_kwargs: Any,
+    ) -> list[Translation]:
         """Translate ``sources``; batches are formed from length-sorted inputs, results in input order.
 
         With ``return_neighbors`` each translation carries a per-token :class:`TokenExplanation`.
         """
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i])) if sort_by_length else list(
-            range(len(sources)))
+        order = (
+            sorted(range(len(sources)), key=lambda i: len(sources[i]))
+            if sort_by_length
+            else list(range(len(sources)))
+        )
         results: list[Translation | None] = [None] * len(sources)
         self.last_stats = {}
-        stream = self.translate_iterable((sources[i] for i in order), knn=knn, batch_size=batch_size,
-                                         **generate_kwargs)
-        for i, result in zip(order, tqdm(stream, total=len(sources), unit="sent", disable=not progress,
-                                         desc="translate"), strict=True):
+        stream = self.translate_iterable(
+            (sources[i] for i in order), knn=knn, batch_size=batch_size, **generate_kwargs
+        )
+        for i, result in zip(
+            order,
+            tqdm(stream, total=len(sources), unit="sent", disable=not progress, desc="translate"),
+            strict=True,
+        ):
             results[i] = result
         final = [r for r in results if r is not None]
         if return_neighbors:
@@ -215,8 +298,9 @@ class KNNMT:
 
     # ---- inspection -----------------------------------------------------------------------
     @torch.inference_mode()
-    def explain(self, source: str, target: str | Sequence[int], config: KNNConfig | None = None,
-                top: int = 5) -> list[TokenExplanation]:
+    def explain(
+        self, source: str, target: str | Sequence[int], config: KNNConfig | None = None, top: int = 5
+    ) -> list[TokenExplanation]:
         """Re-score ``target`` for ``source`` by teacher forcing and report, per target token, ``p_MT``,
         ``p_kNN``, the mixed probability and the neighbours (token, distance, sentence, position)."""
         config = config or self.config
@@ -225,9 +309,9 @@ class KNNMT:
             label_ids = tok(text_target=[target])["input_ids"][0]
         else:
             special = {tok.pad_token_id}
-            ids = list(target)
-            start = 1 if ids and ids[0] == self.model.config.decoder_start_token_id else 0
-            label_ids = [i for i in ids[start:] if i not in special]
+            given = list(target)
+            start = 1 if given and given[0] == self.model.config.decoder_start_token_id else 0
+            label_ids = [i for i in given[start:] if i not in special]
         if not label_ids:
             return []
         labels = torch.tensor([label_ids], device=self.device)
@@ -259,21 +343,37 @@ class KNNMT:
                 sid = int(sent_ids[t, j])
                 if sid not in cache:
                     cache[sid] = self.datastore.sentence(sid)
-                neighbours.append(Neighbour(
-                    token=tok.convert_ids_to_tokens(int(values[t, j])), token_id=int(values[t, j]),
-                    distance=float(distances[t, j]), entry_id=int(ids[t, j]), sentence_id=sid,
-                    position=int(positions[t, j]), source=cache[sid]["src"], target=cache[sid]["tgt"],
-                ))
+                neighbours.append(
+                    Neighbour(
+                        token=tok.convert_ids_to_tokens(int(values[t, j])),
+                        token_id=int(values[t, j]),
+                        distance=float(distances[t, j]),
+                        entry_id=int(ids[t, j]),
+                        sentence_id=sid,
+                        position=int(positions[t, j]),
+                        source=cache[sid]["src"],
+                        target=cache[sid]["tgt"],
+                    )
+                )
             top_mt = torch.topk(log_mt[t], top)
-            out.append(TokenExplanation(
-                position=t, token=tok.convert_ids_to_tokens(token_id), token_id=token_id, p_mt=p_mt, p_knn=p_knn,
-                p_final=config.lambda_ * p_knn + (1 - config.lambda_) * p_mt,
-                top_mt=[(tok.convert_ids_to_tokens(int(i)), float(v.exp())) for v, i in
-                        zip(top_mt.values, top_mt.indices, strict=True)],
-                top_knn=sorted(((tok.convert_ids_to_tokens(v), p) for v, p in knn_probs.items()),
-                               key=lambda x: -x[1])[:top],
-                neighbours=neighbours,
-            ))
+            out.append(
+                TokenExplanation(
+                    position=t,
+                    token=tok.convert_ids_to_tokens(token_id),
+                    token_id=token_id,
+                    p_mt=p_mt,
+                    p_knn=p_knn,
+                    p_final=config.lambda_ * p_knn + (1 - config.lambda_) * p_mt,
+                    top_mt=[
+                        (tok.convert_ids_to_tokens(int(i)), float(v.exp()))
+                        for v, i in zip(top_mt.values, top_mt.indices, strict=True)
+                    ],
+                    top_knn=sorted(
+                        ((tok.convert_ids_to_tokens(v), p) for v, p in knn_probs.items()), key=lambda x: -x[1]
+                    )[:top],
+                    neighbours=neighbours,
+                )
+            )
         return out
 
     def _key_module(self) -> torch.nn.Module:
@@ -295,10 +395,12 @@ def tokens_per_second(translations: Sequence[Translation], seconds: float, token
     return count / seconds if seconds > 0 else float("nan")
 
 
-def timed_translate(knn: KNNMT, sources: Sequence[str], **kwargs: Any) -> tuple[list[Translation], float]:
+def timed_translate(
+    translator: KNNMT, sources: Sequence[str], **kwargs: Any
+) -> tuple[list[Translation], float]:
     """:meth:`KNNMT.translate` and the wall-clock seconds it took."""
     start = time.perf_counter()
-    result = knn.translate(sources, **kwargs)
+    result = translator.translate(sources, **kwargs)
     return result, time.perf_counter() - start
 
 

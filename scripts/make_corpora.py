@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Build the English→German corpora from Debian packages.
+
+    python scripts/make_corpora.py --out data
+
+writes ``data/target/{train,dev,test}.tsv`` (LibreOffice help, the kNN datastore domain),
+``data/general/{train,dev,test}.tsv`` (UI message catalogs, for the base model) and
+``data/README.md``. Needs ``apt-get`` and ``dpkg-deb`` (Debian/Ubuntu) and access to a Debian
+mirror; downloaded packages are cached, so a rerun needs no network. See ``data/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+try:
+    from knnmt.data.build import build_all
+    from knnmt.data.debian import have_tools
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from knnmt.data.build import build_all
+    from knnmt.data.debian import have_tools
+
+
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/knnmt/debian`` (``~/.cache/knnmt/debian`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "knnmt" / "debian"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build both corpora, print a summary; returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("data"), help="output directory (default: data)")
+    ap.add_argument("--cache", type=Path, default=default_cache(),
+                    help="where .deb files are downloaded and unpacked (default: %(default)s)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel downloads/unpacks (default: 2)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every package")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not have_tools():
+        print("error: apt-get and dpkg-deb are required (a Debian-based system)", file=sys.stderr)
+        return 2
+    report = build_all(args.out, args.cache, jobs=args.jobs)
+    g, t = report.general_counts, report.target_counts
+    print(f"general: {len(report.general_packages)} packages, {g['unique']:,} unique pairs -> "
+          f"train {g['train']:,} / dev {g['dev']:,} / test {g['test']:,}")
+    print(f"target:  {t['unique']:,} unique aligned pairs -> "
+          f"train {t['train']:,} / dev {t['dev']:,} / test {t['test']:,}")
+    if report.skipped_packages:
+        print(f"skipped packages: {', '.join(n for n, _ in report.skipped_packages)}")
+    print(f"wrote {args.out}/general, {args.out}/target and {args.out}/README.md "
+          f"in {report.seconds / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""``knnmt`` command line: a thin adapter over the library.
+
+Exit codes: 0 success, 2 usage error (bad arguments or settings), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import KnnmtError, UsageError
+
+logger = logging.getLogger("knnmt")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--src-lang", default=None, help="source language code (NLLB/M2M100/mBART tokenizers)")
+    p.add_argument("--tgt-lang", default=None, help="target language code (NLLB/M2M100/mBART tokenizers)")
+
+
+def _add_knn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datastore", required=True, help="datastore directory")
+    p.add_argument(
+        "--index",
+        default="auto",
+        help="index directory; 'auto' = <datastore>/index if built, else exact search; 'exact' = Flat",
+    )
+    p.add_argument(
+        "--k", type=int, default=None, help="neighbours per step (default: datastore's knn.json or 8)"
+    )
+    p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="weight of p_kNN in [0, 1]")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="softmax temperature of p_kNN (default 100)"
+    )
+    p.add_argument("--exact-distances", action="store_true", help="recompute distances from stored keys")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (overrides the saved value)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (overrides the saved value)")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per generate() call")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest translation in tokens")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knnmt", description="Nearest-neighbour machine translation (kNN-MT)."
+    )
+    parser.add_argument("--version", action="version", version=f"knnmt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="build (or resume, or append to) a datastore from a parallel corpus")
+    _add_model_args(b)
+    b.add_argument("--source", help="source-language text file, one sentence per line")
+    b.add_argument("--target", help="target-language text file, aligned with --source")
+    b.add_argument("--corpus", help="one TSV (source<TAB>target) or JSONL ({'src','tgt'}) file instead")
+    b.add_argument(
+        "--format", choices=["tsv", "jsonl"], default=None, help="format of --corpus (default: suffix)"
+    )
+    b.add_argument("--out", required=True, help="datastore directory to write")
+    b.add_argument("--force", action="store_true", help="replace an existing datastore")
+    b.add_argument("--append", action="store_true", help="add this corpus to an existing datastore")
+    b.add_argument("--key-layer", choices=["ffn_input", "decoder_output"], default="ffn_input")
+    b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per teacher-forcing batch")
+    b.add_argument("--shard-sentences", type=int, default=20000, help="sentence pairs per shard")
+    b.add_argument("--max-length", type=int, default=None, help="max tokens per side (default: model max)")
+    b.add_argument(
+        "--no-truncate", action="store_true", help="fail on over-long sentences instead of truncating"
+    )
+    b.add_argument(
+        "--no-skip-empty", action="store_true", help="fail on empty lines instead of skipping them"
+    )
+    b.add_argument(
+        "--source-prefix", default="", help="text prepended to each source (e.g. a T5 task prefix)"
+    )
+
+    i = sub.add_parser("index", help="build a faiss index over a datastore's keys")
+    i.add_argument("datastore", help="datastore directory")
+    i.add_argument(
+        "--factory", default="auto", help="faiss factory string (Flat, IVF4096,PQ64, HNSW32...) or auto"
+    )
+    i.add_argument("--out", default=None, help="index directory (default: <datastore>/index)")
+    i.add_argument("--nprobe", type=int, default=32)
+    i.add_argument("--ef-search", type=int, default=128)
+    i.add_argument("--train-size", type=int, default=200_000, help="keys sampled to train the index")
+    i.add_argument("--gpu", action="store_true", help="build on GPU when faiss has one")
+    i.add_argument("--force", action="store_true", help="replace an existing index")
+
+    t = sub.add_parser("translate", help="translate a file or stdin to stdout")
+    _add_model_args(t)
+    _add_knn_args(t)
+    t.add_argument("-i", "--input", default="-", help="input file (default: stdin)")
+    t.add_argument("--no-knn", action="store_true", help="plain model, no retrieval")
+    t.add_argument("--neighbors", default=None, help="write per-token neighbours as JSON lines to this file")
+
+    e = sub.add_parser("evaluate", help="BLEU/chrF and tokens/s of the plain model vs kNN-MT")
+    _add_model_args(e)
+    _add_knn_args(e)
+    e.add_argument("--source", required=True, help="test source file")
+    e.add_argument("--reference", required=True, help="test reference file")
+    e.add_argument("--json", default=None, help="also write the scores as JSON to this file")
+    e.add_argument("--output-dir", default=None, help="write each system's translations here")
+
+    n = sub.add_parser("info", help="describe a datastore and its index")
+    n.add_argument("datastore", help="datastore directory")
+    n.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="build, index, translate and score the bundled example end to end")
+    d.add_argument("--workdir", default="runs/demo", help="where the demo writes its datastore and report")
+    d.add_argument("--force", action="store_true", help="rebuild everything")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
+    from .config import KNNConfig
+    from .translator import KNN_CONFIG_FILE
+
+    saved = Path(datastore) / KNN_CONFIG_FILE
+    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+    changes = {
+        k: v
+        for k, v in {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}.items()
+        if v is not None
+    }
+    if args.exact_distances:
+        changes["exact_distances"] = True
+    return KNNConfig(**{**base.to_dict(), **changes})
+
+
+def _load_knn(args: argparse.Namespace) -> Any:
+    from .translator import KNNMT, load_model
+
+    model, tokenizer = load_model(args.model, args.device)
+    index = None if args.index == "exact" else args.index
+    return KNNMT.load(
+        (model, tokenizer),
+        args.datastore,
+        index=index,
+        config=_knn_config(args, args.datastore),
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        src_lang=args.src_lang,
+        tgt_lang=args.tgt_lang,
+    )
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.beam < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--beam, --batch-size and --max-new-tokens must be >= 1")
+    return {"num_beams": args.beam, "max_new_tokens": args.max_new_tokens}
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import build_datastore
+    from .config import BuildConfig
+    from .corpus import CorpusSpec
+    from .translator import load_model, set_languages
+
+    spec = CorpusSpec.from_args(args.source, args.target, args.corpus, args.format)
+    config = BuildConfig(
+        key_layer=args.key_layer,
+        max_tokens=args.max_tokens,
+        shard_sentences=args.shard_sentences,
+        truncate=not args.no_truncate,
+        skip_empty=not args.no_skip_empty,
+        max_length=args.max_length,
+    )
+    model, tokenizer = load_model(args.model, args.device)
+    set_languages(model, tokenizer, args.src_lang, args.tgt_lang)
+    store = build_datastore(
+        model,
+        tokenizer,
+        spec,
+        args.out,
+        config,
+        append=args.append,
+        force=args.force,
+        model_name=args.model,
+        source_prefix=args.source_prefix,
+        progress=not args.quiet,
+    )
+    print(json.dumps(store.describe(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .config import IndexConfig
+    from .datastore import Datastore
+    from .index import build_index
+
+    config = IndexConfig(
+        factory=args.factory,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        train_size=args.train_size,
+        use_gpu=args.gpu,
+    )
+    store = Datastore.open(args.datastore)
+    index = build_index(store, config, args.out, progress=not args.quiet, force=args.force)
+    print(json.dumps(index.settings, indent=2))
+    return EXIT_OK
+
+
+def _read_input(path: str) -> list[str]:
+    from .corpus import read_lines
+
+    if path == "-":
+        return [line.rstrip("\r\n") for line in sys.stdin]
+    return read_lines(path)
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from .translator import dump_jsonl
+
+    sources = _read_input(args.input)
+    knn = _load_knn(args)
+    results = knn.translate(
+        sources,
+        knn=not args.no_knn,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        return_neighbors=bool(args.neighbors),
+        **_gen_kwargs(args),
+    )
+    for result in results:
+        sys.stdout.write(result.text + "\n")
+    sys.stdout.flush()
+    if args.neighbors:
+        dump_jsonl(results, args.neighbors)
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .corpus import read_lines
+    from .evaluation import evaluate, format_table
+
+    sources, references = read_lines(args.source), read_lines(args.reference)
+    knn = _load_knn(args)
+    scores, outputs = evaluate(
+        knn, sources, references, batch_size=args.batch_size, progress=not args.quiet, **_gen_kwargs(args)
+    )
+    print(format_table(scores))
+    print(
+        f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
+        f"index={knn.index.factory} beam={args.beam}"
+    )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps([s.to_dict() for s in scores], indent=2) + "\n", encoding="utf-8"
+        )
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, translations in outputs.items():
+            (out / f"{name}.txt").write_text("".join(t.text + "\n" for t in translations), encoding="utf-8")
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .datastore import Datastore, read_manifest
+    from .index import SETTINGS_FILE
+    from .translator import KNN_CONFIG_FILE
+
+    path = Path(args.datastore)
+    manifest = read_manifest(path)
+    info: dict[str, Any]
+    if manifest["state"] == "complete":
+        info = Datastore.open(path).describe()
+    else:
+        info = {
+            "path": str(path),
+            "state": manifest["state"],
+            "entries": manifest["count"],
+            "shards": len(manifest["shards"]),
+            "note": "interrupted build: rerun `knnmt build` to resume",
+        }
+    settings = path / "index" / SETTINGS_FILE
+    if settings.is_file():
+        s = json.loads(settings.read_text(encoding="utf-8"))
+        info["index"] = {k: s.get(k) for k in ("factory", "ntotal", "nprobe", "ef_search", "build_seconds")}
+    knn_file = path / KNN_CONFIG_FILE
+    if knn_file.is_file():
+        info["knn"] = json.loads(knn_file.read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>15}: {json.dumps(value) if isinstance(value, list | dict) else value}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.workdir), force=args.force, progress=not args.quiet)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "build": _cmd_build,
+    "index": _cmd_index,
+    "translate": _cmd_translate,
+    "evaluate": _cmd_evaluate,
+    "info": _cmd_info,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``knnmt`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    except KnnmtError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except Exception as exc:  # an unexpected failure: say what, show the traceback with -v
+        if args.verbose:
+            raise
+        logger.error("%s: %s (run with -v for the traceback)", type(exc).__name__, exc)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

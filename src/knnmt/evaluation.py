@@ -1,0 +1,115 @@
+"""Quality and speed: sacreBLEU BLEU/chrF (with signatures) and target tokens/s, plain vs kNN-MT."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from sacrebleu.metrics import BLEU, CHRF
+
+from .config import KNNConfig
+from .errors import UsageError
+from .translator import KNNMT, Translation, timed_translate, tokens_per_second
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemScore:
+    """One system's scores on one test set."""
+
+    name: str
+    bleu: float
+    chrf: float
+    bleu_signature: str
+    chrf_signature: str
+    tokens_per_second: float
+    seconds: float
+    sentences: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def score(
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    name: str = "system",
+    seconds: float = 0.0,
+    tokens_per_s: float = float("nan"),
+) -> SystemScore:
+    """Corpus BLEU and chrF of ``hypotheses`` against one reference each."""
+    if len(hypotheses) != len(references):
+        raise UsageError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    bleu, chrf = BLEU(), CHRF()
+    b = bleu.corpus_score(list(hypotheses), [list(references)])
+    c = chrf.corpus_score(list(hypotheses), [list(references)])
+    return SystemScore(
+        name,
+        round(b.score, 2),
+        round(c.score, 2),
+        str(bleu.get_signature()),
+        str(chrf.get_signature()),
+        tokens_per_s,
+        seconds,
+        len(hypotheses),
+    )
+
+
+def evaluate(
+    knn: KNNMT,
+    sources: Sequence[str],
+    references: Sequence[str],
+    *,
+    configs: dict[str, KNNConfig | None] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> tuple[list[SystemScore], dict[str, list[Translation]]]:
+    """Translate ``sources`` with each named system (``None`` = plain model) and score against ``references``.
+
+    Returns:
+        scores in the order of ``configs`` (default: plain model, then kNN-MT with ``knn.config``) and the
+        translations of each system.
+    """
+    if len(sources) != len(references):
+        raise UsageError(f"{len(sources)} source sentences but {len(references)} references")
+    configs = configs if configs is not None else {"base": None, "knn-mt": knn.config}
+    scores: list[SystemScore] = []
+    outputs: dict[str, list[Translation]] = {}
+    for name, config in configs.items():
+        translations, seconds = timed_translate(
+            knn,
+            sources,
+            knn=config if config is not None else False,
+            batch_size=batch_size,
+            progress=progress,
+            **generate_kwargs,
+        )
+        outputs[name] = translations
+        scores.append(
+            score(
+                [t.text for t in translations],
+                references,
+                name,
+                seconds,
+                tokens_per_second(translations, seconds, knn.tokenizer),
+            )
+        )
+    return scores, outputs
+
+
+def format_table(scores: Sequence[SystemScore]) -> str:
+    """A plain-text table of scores followed by the sacreBLEU signatures."""
+    header = f"{'system':<14}{'BLEU':>8}{'chrF':>8}{'tok/s':>10}{'seconds':>10}"
+    lines = [header, "-" * len(header)]
+    for s in scores:
+        lines.append(
+            f"{s.name:<14}{s.bleu:>8.2f}{s.chrf:>8.2f}{s.tokens_per_second:>10.1f}{s.seconds:>10.2f}"
+        )
+    if scores:
+        lines += [
+            "",
+            f"BLEU signature: {scores[0].bleu_signature}",
+            f"chrF signature: {scores[0].chrf_signature}",
+        ]
+    return "\n".join(lines)
