@@ -5,7 +5,8 @@ One command (results are written to runs/bench-core/results.json and printed as 
     .venv/bin/python benchmarks/core.py
 
 Set-up (cached in runs/bench-core/): a SentencePiece vocabulary trained on the shipped target-domain
-corpus, a *random* opus-mt-sized Marian model (d_model 512, 6+6 layers, FFN 2048), and a datastore
+corpus, a *random* small Marian model (d_model 256, 3+3 layers, FFN 1024, 8k vocabulary: the size of the
+model in PEERS.md and of the model this project trains on a CPU), and a datastore
 of at least 1M entries (the corpus appended until it is that large). Each measured phase runs in a
 child process so that its peak RSS is its own.
 """
@@ -230,9 +231,9 @@ def main() -> None:
     )
     parser.add_argument("--phase", choices=sorted(PHASES), help="run one phase in this process (internal)")
     parser.add_argument("--only", nargs="*", default=["build", "index", "translate"], help="phases to run")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--max-tokens", type=int, default=6000)
     parser.add_argument("--compare-sentences", type=int, default=3000)
     parser.add_argument("--factory", default="auto")

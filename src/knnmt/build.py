@@ -29,6 +29,8 @@ from .teacher_forcing import EncodedPair, KeyExtractor, encode_pairs, length_bat
 
 logger = logging.getLogger(__name__)
 
+FP16_MAX = 65504.0
+
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -177,6 +179,17 @@ def _kept_pairs(
         yield pair.line, pair.source, pair.target
 
 
+class _Rate:
+    """Target tokens per second since the build (or resume) started, for the progress bar."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
 def _write_shard(
     out: Path,
     name: str,
@@ -186,6 +199,7 @@ def _write_shard(
     config: BuildConfig,
     corpus_index: int,
     bar: Any,
+    rate: _Rate,
 ) -> int:
     """Teacher-force ``encoded`` (one shard's pairs) and publish the shard; returns its entry count."""
     offsets = [0]
@@ -193,19 +207,24 @@ def _write_shard(
         offsets.append(offsets[-1] + len(pair.target_ids))
     writer = ShardWriter(out, name, offsets[-1], dim, len(encoded))
     writer.offsets[:] = offsets
-    start_time = time.perf_counter()
-    tokens = 0
     for batch_idx in length_batches(encoded, config.max_tokens):
         batch = [encoded[i] for i in batch_idx]
         for i, pair, keys in zip(batch_idx, batch, extractor(batch), strict=True):
             lo, hi = offsets[i], offsets[i + 1]
+            peak = float(keys.abs().max())
+            if not peak <= FP16_MAX:
+                raise DatastoreError(
+                    f"keys of sentence {pair.sentence_id} (line {pair.line}) reach {peak:.3g}, "
+                    f"beyond float16's "
+                    f"range ({FP16_MAX}); the datastore stores fp16 keys. Try --key-layer decoder_output"
+                )
             writer.keys[lo:hi] = keys.float().numpy()
             writer.values[lo:hi] = pair.target_ids
             writer.sentence_ids[lo:hi] = pair.sentence_id
             writer.positions[lo:hi] = range(hi - lo)
-        tokens += sum(len(p.target_ids) for p in batch)
+        rate.tokens += sum(len(p.target_ids) for p in batch)
         bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start_time, 1e-9):,.0f}", refresh=False)
+        bar.set_postfix(tok_s=f"{rate.per_second():,.0f}", refresh=False)
     writer.finish(
         [
             {"id": p.sentence_id, "src": p.source, "tgt": p.target, "corpus": corpus_index, "line": p.line}
@@ -272,6 +291,7 @@ def build_datastore(
     )
     bar.update(done_sentences + counter["skipped_empty"])
     next_sentence = entry["first_sentence"] + done_sentences
+    rate = _Rate()
     while True:
         before = counter["skipped_empty"]
         chunk = list(itertools.islice(pairs, config.shard_sentences))
@@ -289,7 +309,7 @@ def build_datastore(
             source_prefix=source_prefix,
         )
         name = f"{len(manifest['shards']):05d}"
-        count = _write_shard(out, name, encoded, extractor, dim, config, corpus_index, bar)
+        count = _write_shard(out, name, encoded, extractor, dim, config, corpus_index, bar, rate)
         truncated += cut
         manifest["shards"].append(
             {
