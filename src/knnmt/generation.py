@@ -63,7 +63,7 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.capture = capture
         self.retriever = retriever
-        self.values = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        self.values = np.asarray(values)  # [N] int32; gathered per step, never copied whole
         self.config = config
         self.batch_size = batch_size
         self.finished_ids = torch.tensor(sorted(set(finished_ids)), dtype=torch.long)
@@ -101,9 +101,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         distances, ids = self.retriever.search(
             unique[:, :-1].contiguous().numpy(), self.config.k, unique[:, -1].long().numpy()
         )
-        ids_t = torch.from_numpy(ids)[inverse]
         dist_t = torch.from_numpy(distances)[inverse]
-        tokens = torch.where(ids_t >= 0, self.values[ids_t.clamp(min=0)], torch.full_like(ids_t, -1))
+        tokens = torch.from_numpy(np.where(ids >= 0, self.values[np.clip(ids, 0, None)], -1).astype(np.int64))
+        tokens = tokens[inverse]
         log_knn = knn_log_probs(dist_t, tokens, self.config.temperature)
         device = scores.device
         act_dev = act_rows.to(device)

@@ -66,9 +66,12 @@ def interpolate(
     mt_at = log_p_mt.gather(1, tokens)
     mixed = torch.logaddexp(mt_at + log_mt_weight, log_p_knn + log_knn_weight)
     mixed = torch.where(torch.isneginf(mt_at), mt_at, mixed)  # keep -inf masks
-    out = out.scatter(1, tokens, mixed)
-    # rows with no neighbour, or whose neighbours are all masked at λ = 1: fall back to the model
-    fallback = ~torch.isfinite(out).any(dim=1) | ~valid.any(dim=1)
+    out.scatter_(1, tokens, mixed)  # ``out`` is our own new tensor
+    # rows with no neighbour, or (at λ = 1, where only neighbour tokens are finite) whose neighbours
+    # are all masked: fall back to the model. Checked on [R, k], never on [R, V].
+    fallback = ~valid.any(dim=1)
+    if lambda_ >= 1.0:
+        fallback |= ~torch.isfinite(mixed).any(dim=1)
     if bool(fallback.any()):
         out = torch.where(fallback.unsqueeze(1), log_p_mt, out)
     return out
