@@ -65,17 +65,26 @@ def strip_markup(text: str) -> str:
 
     Block-level tags become spaces so that ``<p>One</p><p>Two</p>`` does not glue words together.
     Entities are decoded *after* tag removal, so an escaped ``&lt;b&gt;`` survives as the literal
-    text ``<b>`` rather than being mistaken for markup.
+    text ``<b>`` rather than being mistaken for markup. Only complete entities (with ``;``) are
+    decoded: ``Filter&regeln`` must not turn into ``Filter®eln``.
     """
     text = _COMMENT_RE.sub(" ", text)
     text = _BREAK_TAG_RE.sub(" ", text)
     text = _TAG_RE.sub("", text)
-    return html.unescape(text) if "&" in text else text
+    return _ENTITY_RE.sub(lambda m: html.unescape(m.group(0)), text) if "&" in text else text
+
+
+_INVISIBLE_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+
+
+def remove_invisible(text: str) -> str:
+    """Remove zero-width characters and soft hyphens (they hide accelerators and split words)."""
+    return _INVISIBLE_RE.sub("", text)
 
 
 def collapse_whitespace(text: str) -> str:
     """Collapse every run of whitespace (including newlines, tabs, NBSP) to one space and strip."""
-    return _WS_RE.sub(" ", text.replace("\u00a0", " ").replace("\u200b", "")).strip()
+    return _WS_RE.sub(" ", remove_invisible(text).replace("\u00a0", " ")).strip()
 
 
 def remove_placeholders(text: str) -> str:
@@ -97,6 +106,13 @@ def has_content(text: str) -> bool:
 _TOKEN_RE = re.compile(r"\S+")
 #: ``(&F)``-style accelerators that some translations append (CJK convention; harmless elsewhere).
 _PAREN_ACCEL_RE = re.compile(r"\s*\(&[^\W_]\)")
+#: Lisp/Scheme ``format`` directives (``~a``, ``~s``) used by e.g. GnuCash and Audacity's Nyquist.
+_TILDE_DIRECTIVE_RE = re.compile(r"~[A-Za-z](?![^\W\d_])")
+_TILDE_PATH_RE = re.compile(r"~(?:[a-z][a-z0-9._-]*)?/")
+_TOKEN_PUNCT = "\"'„“”«»‚‘’()[]{}<>.,:;!?"
+#: The closing half of ``_emphasis_`` / ``~strike~`` markup: the marker right after a word, at the
+#: end of the token (before trailing punctuation).
+_EMPHASIS_END_RE = re.compile(r"(?<=\w)[_~][^\w\s]*$")
 
 
 def _accel_positions(text: str, marker: str) -> list[int]:
@@ -106,109 +122,143 @@ def _accel_positions(text: str, marker: str) -> list[int]:
     (``&amp;``) is never a candidate, nor is a doubled marker (``&&`` is an escaped literal).
     """
     out: list[int] = []
-    i = 0
-    n = len(text)
+    i, n = 0, len(text)
     while i < n:
-        c = text[i]
-        if c != marker:
+        if text[i] != marker:
             i += 1
             continue
         if i + 1 < n and text[i + 1] == marker:  # escaped literal, e.g. "&&" or "__"
             i += 2
             continue
-        nxt = text[i + 1] if i + 1 < n else ""
         if marker == "&" and _ENTITY_RE.match(text, i):
             i += 1
             continue
-        if nxt and (nxt.isalnum()):
+        if i + 1 < n and text[i + 1].isalnum():
             out.append(i)
         i += 1
     return out
 
 
-def _token_at(text: str, pos: int) -> str:
-    """The whitespace-delimited token of ``text`` that contains index ``pos``."""
-    for m in _TOKEN_RE.finditer(text):
-        if m.start() <= pos < m.end():
-            return m.group(0)
-    return ""
+def _token_span(text: str, pos: int) -> tuple[int, int]:
+    """Start and end of the whitespace-delimited token of ``text`` that contains index ``pos``."""
+    start = pos
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    end = pos
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    return start, end
 
 
-def _looks_like_identifier(token: str, marker: str) -> bool:
-    """True for tokens such as ``snake_case``, ``MY_VAR``, ``--foo_bar`` or ``R&D``-style literals.
+def _marker_word(text: str, pos: int) -> str:
+    """The run of letters/digits around the marker at ``pos``, marker removed (``Sa_ve`` → ``Save``)."""
+    start = pos
+    while start > 0 and text[start - 1].isalnum():
+        start -= 1
+    end = pos + 1
+    while end < len(text) and text[end].isalnum():
+        end += 1
+    return text[start:pos] + text[pos + 1:end]
 
-    Only called for tokens that also occur verbatim in the other side of the pair, or that hold
-    more than one marker; those are names, not accelerators.
+
+def _marked_word(text: str, pos: int) -> str:
+    """The word around the marker at ``pos`` including the marker (``AT&T``, ``max_size``)."""
+    start = pos
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == text[pos]):
+        start -= 1
+    end = pos + 1
+    while end < len(text) and (text[end].isalnum() or text[end] == text[pos]):
+        end += 1
+    return text[start:end]
+
+
+def _evidence(src: str, tgt: str, marker: str) -> bool:
+    """True when both sides hold a candidate ``marker`` on *different* words (``&Delete``/``&Löschen``).
+
+    Literal uses of a marker (``AT&T``, ``snake_case``, ``~a``) are copied unchanged by translators
+    and so are not evidence.
     """
-    return token.count(marker) >= 2 or bool(re.search(r"[\w]" + re.escape(marker) + r"[\w]", token))
+    if marker not in src or marker not in tgt:
+        return False
+    src_words = {_marker_word(src, p).casefold() for p in _accel_positions(src, marker)}
+    tgt_words = {_marker_word(tgt, p).casefold() for p in _accel_positions(tgt, marker)}
+    return bool(src_words) and bool(tgt_words) and not src_words & tgt_words
 
 
 def strip_accelerators(src: str, tgt: str, markers: str = "&_~") -> tuple[str, str]:
     """Remove keyboard-accelerator markers (``_``, ``&``, ``~``) from a source/target pair.
 
     GTK uses ``_File``, Qt/KDE ``&File`` (``&&`` = a literal ampersand), LibreOffice ``~File``.
-    Markers are ambiguous with ordinary text (``snake_case``, ``R&D``, ``~/path``), so a marker is
-    removed only where it precedes a letter/digit and
+    ``markers`` are the markers the catalog is known to use (see :func:`detect_accelerator_markers`).
+    A candidate marker (before a letter/digit, not a ``&amp;``-style entity) is **kept** when
 
-    * the token holding it does **not** occur unchanged on the other side of the pair (identifiers
-      are copied, accelerated words are translated), and
-    * the token does not hold the marker more than once (``MAX_PATH_LEN``), and
-    * for ``~``, the marker is not a home-directory path (``~/``, ``~user/``).
+    * it sits inside a word whose token holds the marker twice or more (``MAX_PATH_LEN``; not ``&``),
+    * it opens ``_emphasis_``-style markup (the token ends with the same marker),
+    * it is a ``~/`` path, or a ``~a``-style Lisp format directive in a catalog not using ``~``,
+    * it sits inside a word that is copied unchanged to the other side (``snake_case``, ``R&D``,
+      ``AT&T-style``/``AT&T-Stil``), or starts a token copied unchanged while the catalog does not
+      use that marker (``_private`` in a compiler catalog);
 
-    Character entities (``&amp;``) are never treated as markers; ``&&`` becomes ``&`` (Qt's escape)
-    when ``&`` is one of ``markers``. Pass only the markers a catalog really uses (see
-    :func:`detect_accelerator_markers`) so that, say, ``R&D`` in a GTK catalog is left alone.
+    otherwise it is **removed** when the catalog uses the marker, when the pair itself shows it is
+    an accelerator (both sides marked, on different words: ``prefi&x``/``Präfi&x``), or when it
+    starts a word (``_View``/``Ansicht``). ``&&`` becomes ``&`` where ``&`` is a catalog marker.
     """
-    for marker in markers:
-        src, tgt = _strip_marker(src, tgt, marker)
-    src = _PAREN_ACCEL_RE.sub("", src)
-    tgt = _PAREN_ACCEL_RE.sub("", tgt)
+    if "&" in markers:
+        src, tgt = _PAREN_ACCEL_RE.sub("", src), _PAREN_ACCEL_RE.sub("", tgt)
+    for marker in "&_~":
+        if marker in src or marker in tgt:
+            src, tgt = _strip_marker(src, tgt, marker, marker in markers)
     return src, tgt
 
 
-def _strip_marker(src: str, tgt: str, marker: str) -> tuple[str, str]:
-    if marker not in src and marker not in tgt:
-        return src, tgt
-    src_tokens = set(_TOKEN_RE.findall(src))
-    tgt_tokens = set(_TOKEN_RE.findall(tgt))
+def _strip_marker(src: str, tgt: str, marker: str, catalog_uses: bool) -> tuple[str, str]:
+    src_tokens = {t.strip(_TOKEN_PUNCT) for t in _TOKEN_RE.findall(src)}
+    tgt_tokens = {t.strip(_TOKEN_PUNCT) for t in _TOKEN_RE.findall(tgt)}
+    pair_evidence = _evidence(src, tgt, marker)
     result: list[str] = []
-    for text, other_tokens in ((src, tgt_tokens), (tgt, src_tokens)):
+    for text, other_text, other_tokens in ((src, tgt, tgt_tokens), (tgt, src, src_tokens)):
         drop: set[int] = set()
         for pos in _accel_positions(text, marker):
-            token = _token_at(text, pos)
-            if token in other_tokens and _looks_like_identifier(token, marker):
+            start, end = _token_span(text, pos)
+            token = text[start:end]
+            mid_word = pos > 0 and text[pos - 1].isalnum()
+            word_start = not mid_word
+            if marker != "&" and mid_word and token.count(marker) >= 2:
+                continue  # MAX_PATH_LEN
+            if marker != "&" and word_start and _EMPHASIS_END_RE.search(text, pos + 1, end):
+                continue  # _emphasis_
+            if marker == "~" and _TILDE_PATH_RE.match(text, pos):
                 continue
-            if token.count(marker) >= 2 and marker != "&":
+            if marker == "~" and not catalog_uses and _TILDE_DIRECTIVE_RE.match(text, pos):
                 continue
-            if marker == "~" and re.match(r"~[\w.-]*/", text[pos:]):
-                continue
-            drop.add(pos)
-        chars = [c for i, c in enumerate(text) if i not in drop]
-        text = "".join(chars)
-        if marker == "&":
+            if mid_word and _marked_word(text, pos) in other_text:
+                continue  # snake_case, AT&T: the marked word is copied unchanged
+            if word_start and not catalog_uses and token.strip(_TOKEN_PUNCT) in other_tokens:
+                continue  # _private identifier copied unchanged
+
+            if catalog_uses or pair_evidence or word_start:
+                drop.add(pos)
+        text = "".join(c for i, c in enumerate(text) if i not in drop)
+        if marker == "&" and catalog_uses:
             text = text.replace("&&", "&")
         result.append(text)
     return result[0], result[1]
 
 
-def detect_accelerator_markers(pairs: Iterable[tuple[str, str]], min_share: float = 0.01,
-                               min_count: int = 3) -> str:
+def detect_accelerator_markers(pairs: Iterable[tuple[str, str]], min_share: float = 0.002,
+                               min_count: int = 2) -> str:
     """Guess which accelerator markers (``&``, ``_``, ``~``) a catalog uses.
 
-    A pair is evidence for a marker when both sides hold a candidate marker (before a letter) and
-    the tokens holding them differ, i.e. the marked word was translated. Identifiers such as
-    ``snake_case`` are copied unchanged and so give no evidence. A marker counts as used when at
-    least ``min_count`` pairs and ``min_share`` of all pairs are evidence for it.
+    A pair is evidence for a marker when both sides mark a *different* word with it (the marked
+    word was translated; see :func:`strip_accelerators`). A marker counts as used when at least
+    ``min_count`` pairs and ``min_share`` of all pairs are evidence for it.
     """
     total = 0
     hits: Counter[str] = Counter()
     for src, tgt in pairs:
         total += 1
         for marker in "&_~":
-            if marker not in src or marker not in tgt:
-                continue
-            ps, pt = _accel_positions(src, marker), _accel_positions(tgt, marker)
-            if ps and pt and _token_at(src, ps[0]) != _token_at(tgt, pt[0]):
+            if _evidence(src, tgt, marker):
                 hits[marker] += 1
     return "".join(m for m in "&_~" if hits[m] >= min_count and hits[m] >= min_share * total)
 

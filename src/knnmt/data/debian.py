@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 _LICENSE_LINE_RE = re.compile(r"^License:\s*(\S.*?)\s*$", re.M | re.I)
 #: (regular expression, short name) pairs for copyright files that are not machine-readable.
 _LICENCE_HINTS: tuple[tuple[str, str], ...] = (
-    (r"GNU (?:Library|Lesser) General Public License", "LGPL"),
-    (r"GNU Affero General Public License", "AGPL"),
-    (r"GNU General Public License", "GPL"),
+    (r"GNU (?:Library|Lesser) General Public License|\bLGPL\b", "LGPL"),
+    (r"GNU Affero General Public License|\bAGPL\b", "AGPL"),
+    (r"GNU General Public License|\bGPL\b", "GPL"),
     (r"Mozilla Public License", "MPL"),
     (r"Apache License", "Apache"),
     (r"\bBSD\b", "BSD"),
@@ -101,6 +101,13 @@ def control_fields(deb: Path) -> dict[str, str]:
     return fields
 
 
+def _is_short_name(text: str) -> bool:
+    """True for DEP-5 short names (``GPL-2+``, ``BSD-3-clause``, ``GPL-2+ with OpenSSL exception``),
+    false for prose that old-style copyright files put after ``License:``."""
+    return bool(text) and len(text.split()) <= 4 and not re.search(r"[;:]", text) and not text[0].islower() \
+        and not re.match(r"(?:This|These|The|You|It)\b", text)
+
+
 def summarise_licence(copyright_text: str) -> str:
     """Short licence summary of a Debian copyright file.
 
@@ -111,7 +118,7 @@ def summarise_licence(copyright_text: str) -> str:
     for m in _LICENSE_LINE_RE.finditer(copyright_text):
         for part in re.split(r"\s+(?:or|and)\s+|\s*,\s*", m.group(1)):
             part = part.strip()
-            if part and part not in names:
+            if _is_short_name(part) and part not in names:
                 names.append(part)
     if not names:
         for pattern, short in _LICENCE_HINTS:

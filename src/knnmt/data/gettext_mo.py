@@ -23,6 +23,7 @@ from .clean import (
     detect_accelerator_markers,
     filter_reason,
     normalise,
+    remove_invisible,
     strip_accelerators,
 )
 
@@ -148,14 +149,16 @@ class CatalogPairs:
 
 
 def extract_pairs(entries: Iterable[MoEntry], config: FilterConfig = DEFAULT_FILTER,
-                  markers: str | None = None) -> CatalogPairs:
+                  markers: str | None = None, extra_markers: str = "") -> CatalogPairs:
     """Turn catalog entries into clean, deduplicated English→German pairs.
 
     Steps: skip the header (already removed by :func:`parse_mo`), untranslated entries and
     translator-credit entries; take the singular of plural entries; remove accelerator markers
-    (``markers``, detected from the catalog itself when ``None``); strip markup and decode
-    entities; collapse whitespace; then drop pairs rejected by :func:`~knnmt.data.clean.filter_reason`
-    (identical, markup/number/placeholder-only, length, ratio) and exact duplicates.
+    (``markers``, detected from the catalog itself when ``None``, plus ``extra_markers``, e.g. those
+    detected over the whole package; see :func:`~knnmt.data.clean.strip_accelerators`); strip markup
+    and decode entities; collapse whitespace; then drop pairs rejected by
+    :func:`~knnmt.data.clean.filter_reason` (identical, markup/number/placeholder-only, length,
+    ratio) and exact duplicates.
     """
     entries = list(entries)
     stats: Counter[str] = Counter()
@@ -164,13 +167,14 @@ def extract_pairs(entries: Iterable[MoEntry], config: FilterConfig = DEFAULT_FIL
     pairs = raw_pairs(entries)
     if markers is None:
         markers = detect_accelerator_markers(pairs)
+    markers = "".join(m for m in "&_~" if m in markers or m in extra_markers)
     out: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for msgid, msgstr in pairs:
         if msgid.strip().casefold() in CREDIT_MSGIDS:
             stats["credits"] += 1
             continue
-        src, tgt = strip_accelerators(msgid, msgstr, markers) if markers else (msgid, msgstr)
+        src, tgt = strip_accelerators(remove_invisible(msgid), remove_invisible(msgstr), markers)
         src, tgt = normalise(src), normalise(tgt)
         reason = filter_reason(src, tgt, config)
         if reason is not None:

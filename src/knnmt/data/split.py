@@ -93,7 +93,8 @@ def split_by_group(
         while len(selected[name]) < size:
             group = next(it, None)
             if group is None:
-                raise ValueError(f"not enough eligible items for split {name!r} ({len(selected[name])}/{size})")
+                have = len(selected[name])
+                raise ValueError(f"not enough eligible items for split {name!r} ({have}/{size})")
             members = by_group[group]
             if max_group_size is not None and len(members) > max_group_size:
                 continue
