@@ -1,0 +1,218 @@
+"""kNN-MT inside ``model.generate``: λ = 0 is a no-op, batching is invisible, every beam hypothesis
+retrieves with its own query, sampling works and -inf masks survive the processor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import strip_pad
+from knnmt import generation
+from knnmt.config import KNNConfig
+from knnmt.models import key_module
+from knnmt.retrieval import interpolate, knn_log_probs
+from knnmt.teacher_forcing import ActivationCapture
+
+GEN = {"max_new_tokens": 32}
+
+
+@pytest.fixture
+def knn_steps(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """Spy on :class:`KNNLogitsProcessor`: records ``input_ids``, ``scores``, the captured queries and the
+    output of every call during the test."""
+    calls: list[dict[str, torch.Tensor]] = []
+    original = generation.KNNLogitsProcessor.__call__
+
+    def spy(
+        self: generation.KNNLogitsProcessor, input_ids: torch.Tensor, scores: torch.Tensor
+    ) -> torch.Tensor:
+        scores_in = scores.clone()
+        assert self.capture.last is not None
+        queries = self.capture.last[:, -1, :].float().clone()
+        out = original(self, input_ids, scores)
+        calls.append(
+            {"input_ids": input_ids.clone(), "scores": scores_in, "queries": queries, "out": out.clone()}
+        )
+        return out
+
+    monkeypatch.setattr(generation.KNNLogitsProcessor, "__call__", spy)
+    return calls
+
+
+def _sources(toy_pairs: list[tuple[str, str]], n: int, offset: int = 0) -> list[str]:
+    return [s for s, _ in toy_pairs[offset : offset + n]]
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_lambda_zero_equals_plain_generate(translator, marian, toy_pairs, knn_steps, num_beams: int) -> None:
+    model, tokenizer = marian
+    sources = _sources(toy_pairs, 12)
+    gen = {"num_beams": num_beams, **GEN}
+    batch = {"sort_by_length": False, "batch_size": len(sources)}
+
+    zero = translator.translate(sources, knn=KNNConfig(lambda_=0.0, k=4), **batch, **gen)
+    assert knn_steps, "the kNN processor never ran"
+    assert translator.last_stats["searched"] > 0
+    plain = translator.translate(sources, knn=False, **batch, **gen)
+    inputs = tokenizer(sources, return_tensors="pt", padding=True, truncation=True)
+    with torch.inference_mode():
+        raw = model.generate(**inputs, **gen)
+
+    for i in range(len(sources)):
+        assert zero[i].token_ids == plain[i].token_ids == raw[i].tolist(), sources[i]
+        assert zero[i].text == plain[i].text
+
+    # the check above is not vacuous: with λ > 0 retrieval does change these translations
+    mixed = translator.translate(sources, knn=KNNConfig(lambda_=0.5, k=4), **batch, **gen)
+    assert any(m.token_ids != p.token_ids for m, p in zip(mixed, plain, strict=True))
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_batch_of_one_equals_batch_of_many(translator, marian, toy_pairs, num_beams: int) -> None:
+    _, tokenizer = marian
+    sources = _sources(toy_pairs, 7, offset=20)
+    config = KNNConfig(lambda_=0.5, k=4)
+    gen = {"num_beams": num_beams, "max_new_tokens": 32}
+
+    single = translator.translate(sources, knn=config, batch_size=1, **gen)
+    full = translator.translate(sources, knn=config, batch_size=len(sources), **gen)
+    uneven = translator.translate(sources, knn=config, batch_size=3, sort_by_length=False, **gen)
+
+    pad = tokenizer.pad_token_id
+    for a, b, c in zip(single, full, uneven, strict=True):
+        # generate pads finished rows to the batch's longest row; compare up to that padding
+        assert strip_pad(a.token_ids, pad) == strip_pad(b.token_ids, pad) == strip_pad(c.token_ids, pad)
+        assert a.text == b.text == c.text
+    assert len({t.text for t in single}) > 1
+
+
+def _reference_step(
+    model: Any,
+    translator: Any,
+    enc: dict[str, torch.Tensor],
+    rows_per_source: int,
+    call: dict[str, torch.Tensor],
+    config: KNNConfig,
+    finished: set[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slow reference for one processor call: each row's query from a full teacher-forced forward pass
+    of that row's own prefix (no cache), then retrieval and mixing from scratch."""
+    input_ids, scores = call["input_ids"], call["scores"]
+    rows = input_ids.shape[0]
+    source_rows = torch.arange(rows) // rows_per_source
+    with torch.inference_mode(), ActivationCapture(key_module(model)) as capture:
+        model(
+            input_ids=enc["input_ids"][source_rows],
+            attention_mask=enc["attention_mask"][source_rows],
+            decoder_input_ids=input_ids,
+            use_cache=False,
+        )
+        assert capture.last is not None
+        queries = capture.last[:, -1, :].float()
+    distances, ids = translator.index.search(queries.numpy(), config.k)
+    values = torch.from_numpy(
+        np.where(ids >= 0, translator.datastore.values[np.clip(ids, 0, None)], -1)
+    ).long()
+    log_knn = knn_log_probs(torch.from_numpy(distances), values, config.temperature)
+    expected = interpolate(torch.log_softmax(scores.float(), dim=-1), values, log_knn, config.lambda_)
+    if input_ids.shape[1] > 1:  # finished rows (last token eos/pad) are passed through untouched
+        done = torch.tensor([int(t) in finished for t in input_ids[:, -1]])
+        expected[done] = scores[done].float()
+    return queries, expected
+
+
+@pytest.mark.parametrize("num_beams", [4, 1])
+def test_each_hypothesis_uses_its_own_query(translator, marian, toy_pairs, knn_steps, num_beams: int) -> None:
+    model, tokenizer = marian
+    sources = _sources(toy_pairs, 3, offset=40)
+    config = KNNConfig(lambda_=0.5, k=4, temperature=10.0)
+    translator.translate(
+        sources,
+        knn=config,
+        num_beams=num_beams,
+        max_new_tokens=16,
+        sort_by_length=False,
+        batch_size=len(sources),
+    )
+    enc = tokenizer(sources, return_tensors="pt", padding=True, truncation=True)
+    finished = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+
+    assert len(knn_steps) >= 5
+    distinct_hypotheses = False
+    for step, call in enumerate(knn_steps):
+        assert call["input_ids"].shape[0] == len(sources) * num_beams
+        queries, expected = _reference_step(model, translator, enc, num_beams, call, config, finished)
+        torch.testing.assert_close(
+            call["queries"], queries, atol=1e-4, rtol=1e-4, msg=f"queries, step {step}"
+        )
+        torch.testing.assert_close(call["out"], expected, atol=1e-4, rtol=1e-4, msg=f"log-probs, step {step}")
+        beams = call["input_ids"].view(len(sources), num_beams, -1)
+        outs = expected.view(len(sources), num_beams, -1)
+        for b in range(len(sources)):
+            if num_beams > 1 and len({tuple(r.tolist()) for r in beams[b]}) == num_beams:
+                finite = torch.isfinite(outs[b]).all(dim=0)
+                if (outs[b][0, finite] - outs[b][1, finite]).abs().max() > 1e-2:
+                    distinct_hypotheses = True
+    if num_beams > 1:
+        # the comparison exercised beams whose prefixes and distributions really differ
+        assert distinct_hypotheses
+
+
+def test_sampling_with_a_seed(translator, marian, toy_pairs, knn_steps) -> None:
+    _, tokenizer = marian
+    pairs = toy_pairs[60:66]
+    sources = [s for s, _ in pairs]
+    pad, start = tokenizer.pad_token_id, translator.model.config.decoder_start_token_id
+    config = KNNConfig(lambda_=0.5, k=4)
+
+    def sample(seed: int, cfg: KNNConfig = config) -> list[list[int]]:
+        torch.manual_seed(seed)
+        out = translator.translate(sources, knn=cfg, do_sample=True, top_k=0, max_new_tokens=32)
+        return [strip_pad(t.token_ids, pad, start) for t in out]
+
+    first, again = sample(123), sample(123)
+    assert first == again  # reproducible with the same seed
+    assert knn_steps and all(torch.isfinite(c["out"]).any(dim=1).all() for c in knn_steps)
+    greedy = translator.translate(sources, knn=config, max_new_tokens=32)
+    assert any(f != strip_pad(g.token_ids, pad, start) for f, g in zip(first, greedy, strict=True))
+    for ids in first:
+        assert all(0 <= i < len(tokenizer) for i in ids)
+    # with λ = 1 and k = 1 the distribution is a point mass: sampling must reproduce the references
+    point = sample(7, KNNConfig(lambda_=1.0, k=1))
+    expected = tokenizer(text_target=[t for _, t in pairs])["input_ids"]
+    assert point == [list(e) for e in expected]
+
+
+@pytest.mark.parametrize(
+    ("config", "gen"),
+    [
+        (KNNConfig(lambda_=1.0, k=1), {}),
+        (KNNConfig(lambda_=0.5, k=4), {"num_beams": 4}),
+        (KNNConfig(lambda_=0.8, k=8), {"do_sample": True, "top_k": 0}),
+    ],
+    ids=["lambda1-greedy", "beam4", "sampling"],
+)
+def test_masks_stay_masked(
+    translator, marian, toy_pairs, knn_steps, config: KNNConfig, gen: dict[str, Any]
+) -> None:
+    _, tokenizer = marian
+    pairs = toy_pairs[80:84]
+    sources = [s for s, _ in pairs]
+    references = tokenizer(text_target=[t for _, t in pairs])["input_ids"]
+    # ban the first token of every reference: the datastore votes for exactly these tokens
+    banned = sorted({ref[0] for ref in references})
+    torch.manual_seed(0)
+    out = translator.translate(
+        sources, knn=config, bad_words_ids=[[b] for b in banned], max_new_tokens=24, **gen
+    )
+
+    assert knn_steps
+    for step, call in enumerate(knn_steps):
+        assert torch.isneginf(call["scores"][:, banned]).all(), "bad_words_ids did not run before kNN"
+        assert torch.isneginf(call["out"][:, banned]).all(), f"a masked token came back at step {step}"
+        assert torch.isfinite(call["out"]).any(dim=1).all()
+    for t in out:
+        assert not set(t.token_ids) & set(banned)
