@@ -96,7 +96,7 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     # plain teacher-forced forward (full model, logits included) over the same length batches of one shard
     lines = CORPUS.read_text(encoding="utf-8").splitlines()[: args.compare_sentences]
     rows = [(i, i + 1, *line.split("\t")) for i, line in enumerate(lines)]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, path=str(CORPUS))
+    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=str(CORPUS))
     batches = list(length_batches(encoded, config.max_tokens))
     tokens = sum(len(p.target_ids) for p in encoded)
     with torch.inference_mode():
@@ -139,11 +139,13 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
 def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     """Default (auto) index: build time; recall@k against exact search on real decoder queries."""
     import faiss
+    import numpy as np
     import torch
 
     from knnmt.config import IndexConfig
     from knnmt.datastore import Datastore
     from knnmt.index import SearchIndex, build_index, recall_at_k
+    from knnmt.search import IndexRetriever
     from knnmt.teacher_forcing import KeyExtractor, encode_pairs
     from knnmt.translator import load_model
 
@@ -154,7 +156,7 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(str(_model_dir(args)))
     lines = TEST.read_text(encoding="utf-8").splitlines()[:200]
     rows = [(i, i + 1, *line.split("\t")) for i, line in enumerate(lines)]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, path=str(TEST))
+    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=str(TEST))
     extractor = KeyExtractor(model, tokenizer.pad_token_id)
     queries = torch.cat([k for i in range(0, len(encoded), 32) for k in extractor(encoded[i : i + 32])])
     q = (
@@ -174,12 +176,15 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
         "k": k,
         "queries": len(q),
     }
-    for nprobe in (8, 16, 32, 64, 128):
-        loaded = SearchIndex.load(WORK / "datastore" / "index", store, nprobe=nprobe)
-        t0 = time.perf_counter()
-        _, ids = loaded.search(q, k)
-        results[f"recall@{k}_nprobe{nprobe}"] = round(recall_at_k(ids, exact_ids), 3)
-        results[f"ms_per_query_nprobe{nprobe}"] = round(1000 * (time.perf_counter() - t0) / len(q), 3)
+    for nprobe in (8, 16, 32, 64):
+        for rerank in (0, 4):
+            loaded = SearchIndex.load(WORK / "datastore" / "index", store, nprobe=nprobe, rerank=rerank)
+            retriever = IndexRetriever(loaded, store)
+            t0 = time.perf_counter()
+            _, ids = retriever.search(q, k, np.zeros(len(q), dtype=np.int64))
+            tag = f"nprobe{nprobe}_rerank{rerank}"
+            results[f"recall@{k}_{tag}"] = round(recall_at_k(ids, exact_ids), 3)
+            results[f"ms_per_query_{tag}"] = round(1000 * (time.perf_counter() - t0) / len(q), 3)
     results["peak_rss_mb"] = round(_rss_mb())
     return results
 

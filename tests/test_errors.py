@@ -122,13 +122,6 @@ def test_long_sentences_truncated_and_counted(marian, toy_pairs, tmp_path: Path)
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src bug: teacher_forcing.encode_pairs gets path=corpus.paths[0] for both sides, so an over-long "
-        "*target* is reported at the source file's path"
-    ),
-)
 def test_long_target_error_names_the_target_file(marian, toy_pairs, tmp_path: Path) -> None:
     model, tokenizer = marian
     src = _lines(tmp_path / "t.en", ["Open the file.", "Open the file."])
@@ -175,16 +168,6 @@ def test_malformed_tsv_and_jsonl(marian, toy_pairs, tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DatastoreError,
-    reason=(
-        "src bug: inspect_corpus promises to validate the 'field layout' before anything is written, "
-        "but TSV/JSONL records are only parsed during the build: a bad line leaves an interrupted "
-        "datastore behind, and after fixing the file the rerun fails with 'interrupted build of another "
-        "corpus' unless --force"
-    ),
-)
 def test_malformed_tsv_fixed_then_rebuilt(marian, tmp_path: Path) -> None:
     model, tokenizer = marian
     tsv = tmp_path / "bad.tsv"
@@ -368,14 +351,6 @@ def test_key_dim_of_registered_families(marian, t5, m2m100) -> None:
     assert key_dim(t5[0]) == 32 and key_dim(m2m100[0]) == 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src bug: Datastore.fingerprint (datastore.py) hashes only model fingerprint, key layer, count and "
-        "shard names/counts, not the content: an index built for a datastore of another corpus with the same "
-        "entry count is accepted (fix: add the corpora's sha256 to the fingerprint parts)"
-    ),
-)
 def test_index_of_same_sized_datastore_from_another_corpus(
     marian, toy_pairs, make_corpus, tmp_path: Path
 ) -> None:

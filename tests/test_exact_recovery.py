@@ -65,8 +65,8 @@ def test_t5_reproduces_references(t5, make_corpus, tmp_path: Path) -> None:
 
 
 def test_m2m100_reproduces_references(m2m100, make_corpus, tmp_path: Path) -> None:
-    """Through the lower-level API (``knn_generation`` inside ``model.generate``): see the xfail below for
-    the front door."""
+    """Through the lower-level API (``knn_generation`` inside ``model.generate``); the front door is
+    ``test_m2m100_front_door``."""
     model, tokenizer = m2m100
     assert (tokenizer.src_lang, tokenizer.tgt_lang) == ("en", "de")
     store = build_datastore(model, tokenizer, make_corpus(REFERENCES), tmp_path / "ds", progress=False)
@@ -92,15 +92,6 @@ def test_m2m100_reproduces_references(m2m100, make_corpus, tmp_path: Path) -> No
         assert strip_pad(row[1:], tokenizer.pad_token_id) == list(reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UsageError,
-    reason=(
-        "src bug: translator.set_languages looks the target language up with convert_tokens_to_ids('de'), "
-        "but M2M100 language tokens are '__de__' (tokenizer.get_lang_id('de')), so KNNMT() refuses every "
-        "M2M100 datastore (and a real 128k vocabulary may even hold a piece 'de' and force the wrong BOS)"
-    ),
-)
 def test_m2m100_front_door(m2m100, make_corpus, tmp_path: Path) -> None:
     model, tokenizer = m2m100
     store = build_datastore(model, tokenizer, make_corpus(REFERENCES[:5]), tmp_path / "ds", progress=False)

@@ -112,14 +112,22 @@ def test_ivf_pq_recall_floor_and_saved_settings(synthetic, tmp_path: Path) -> No
     assert recall_at_k(overridden.search(queries, K)[1], exact) <= recall
     assert json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))["nprobe"] == 64  # file untouched
 
-    # exact re-ranking of the PQ candidates: true distances, sorted, same candidate set
-    retriever = IndexRetriever(loaded, store, exact_distances=True)
-    distances, ids = retriever.search(queries, K, np.zeros(len(queries), dtype=np.int64))
+    # exact re-ranking of the PQ candidates (rerank = 1): true distances, sorted, same candidate set
+    groups = np.zeros(len(queries), dtype=np.int64)
+    loaded.set_params(rerank=1)
+    distances, ids = IndexRetriever(loaded, store).search(queries, K, groups)
     true = ((store.get_keys(ids) - queries[:, None]) ** 2).sum(-1)
     np.testing.assert_allclose(distances, true, rtol=1e-5, atol=1e-4)
     assert (np.diff(distances, axis=1) >= 0).all()
     _, pq_ids = loaded.search(queries, K)
     assert all(set(a) == set(b) for a, b in zip(ids, pq_ids, strict=True))
+    # rerank = 4 (the default saved with the index): 4k PQ candidates, the k exactly nearest kept
+    assert saved["rerank"] == 4
+    loaded.set_params(rerank=4)
+    _, reranked = IndexRetriever(loaded, store).search(queries, K, groups)
+    assert recall_at_k(reranked, exact) > recall
+    loaded.set_params(rerank=0)
+    np.testing.assert_array_equal(IndexRetriever(loaded, store).search(queries, K, groups)[1], pq_ids)
 
 
 def test_index_belongs_to_its_datastore(synthetic, tmp_path: Path) -> None:

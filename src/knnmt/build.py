@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import BuildConfig
-from .corpus import CorpusInfo, CorpusSpec, inspect_corpus, iter_pairs
+from .corpus import CorpusInfo, CorpusSpec, check_not_empty, inspect_corpus, is_empty, iter_pairs, target_path
 from .datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, read_manifest, write_json_atomic
-from .errors import CorpusError, DatastoreError, IncompatibleError
+from .errors import DatastoreError, IncompatibleError
 from .models import key_dim, key_module_name, model_fingerprint, model_max_length, tokenizer_fingerprint
 from .teacher_forcing import EncodedPair, KeyExtractor, encode_pairs, length_batches
 
@@ -112,6 +112,11 @@ def _prepare(
         if force:
             logger.warning("--force: removing the existing datastore %s", out)
             shutil.rmtree(out)
+        elif building and last is not None and last["paths"] == list(info.spec.paths):
+            raise DatastoreError(
+                f"datastore {out} has an interrupted build of {last['paths']}, but these files changed since "
+                "it started (checksum differs); restore them to resume, or pass --force to start over"
+            )
         elif building:
             raise DatastoreError(
                 f"datastore {out} has an interrupted build of another corpus ({last and last['paths']}); "
@@ -165,15 +170,9 @@ def _kept_pairs(
 ) -> Iterator[tuple[int, str, str]]:
     """``(line, source, target)`` of pairs with two non-empty sides; empties counted or fatal."""
     for pair in iter_pairs(spec):
-        if not pair.source.strip() or not pair.target.strip():
+        if is_empty(pair):
             if not skip_empty:
-                side = "source" if not pair.source.strip() else "target"
-                path = spec.paths[1] if side == "target" and spec.format == "text" else spec.paths[0]
-                raise CorpusError(
-                    f"empty {side} sentence (use skip_empty / drop --no-skip-empty to skip it)",
-                    path,
-                    pair.line,
-                )
+                check_not_empty(spec, pair)
             counter["skipped_empty"] += 1
             continue
         yield pair.line, pair.source, pair.target
@@ -266,20 +265,57 @@ def build_datastore(
     """
     config = config or BuildConfig()
     out = Path(out)
-    info = inspect_corpus(corpus)  # all input errors surface before anything is written
+    info = inspect_corpus(corpus, config.skip_empty)  # input errors surface before anything is written
     tokenization = {
         "source_prefix": source_prefix,
         "src_lang": getattr(tokenizer, "src_lang", None),
         "tgt_lang": getattr(tokenizer, "tgt_lang", None),
     }
     identity = _identity(model, tokenizer, config, model_name, tokenization)
+    fresh = not (out / MANIFEST).is_file()
     manifest = _prepare(out, info, identity, config, append=append, force=force)
     corpus_index = len(manifest["corpora"]) - 1
+    try:
+        return _fill(
+            model, tokenizer, corpus, info, out, manifest, corpus_index, config, source_prefix, progress
+        )
+    except BaseException:
+        _forget_unstarted(out, manifest, corpus_index, fresh)
+        raise
+
+
+def _forget_unstarted(out: Path, manifest: dict[str, Any], corpus_index: int, fresh: bool) -> None:
+    """After a failure before the first shard of this corpus: leave things as they were before."""
+    if any(s["corpus"] == corpus_index for s in manifest["shards"]):
+        return  # finished shards are kept; the same command resumes from them
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    if manifest["corpora"] and len(manifest["corpora"]) == corpus_index + 1 and corpus_index > 0:
+        manifest["corpora"].pop()
+        manifest["state"] = "complete"
+        write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(out / "shards" / f"{len(manifest['shards']):05d}.tmp", ignore_errors=True)
+
+
+def _fill(
+    model: Any,
+    tokenizer: Any,
+    corpus: CorpusSpec,
+    info: CorpusInfo,
+    out: Path,
+    manifest: dict[str, Any],
+    corpus_index: int,
+    config: BuildConfig,
+    source_prefix: str,
+    progress: bool,
+) -> Datastore:
+    """The streaming part of :func:`build_datastore`: shard after shard, manifest after each."""
     entry = manifest["corpora"][corpus_index]
     done_sentences = sum(s["sentences"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     max_length = config.max_length or model_max_length(model, tokenizer)
-    dim = identity["key"]["dim"]
+    dim = int(manifest["key"]["dim"])
     extractor = KeyExtractor(model, tokenizer.pad_token_id, config.key_layer)
 
     counter = {"skipped_empty": 0}  # every empty pair seen so far in this corpus
@@ -305,7 +341,7 @@ def build_datastore(
             rows,
             max_length=max_length,
             truncate=config.truncate,
-            path=corpus.paths[0],
+            paths=(corpus.paths[0], target_path(corpus)),
             source_prefix=source_prefix,
         )
         name = f"{len(manifest['shards']):05d}"

@@ -42,7 +42,12 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--temperature", type=float, default=None, help="softmax temperature of p_kNN (default 100)"
     )
-    p.add_argument("--exact-distances", action="store_true", help="recompute distances from stored keys")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        help="approximate index: re-score RERANK x k candidates exactly (0 = off; default: saved)",
+    )
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (overrides the saved value)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (overrides the saved value)")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -95,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--nprobe", type=int, default=32)
     i.add_argument("--ef-search", type=int, default=128)
     i.add_argument("--train-size", type=int, default=200_000, help="keys sampled to train the index")
+    i.add_argument("--rerank", type=int, default=4, help="re-score RERANK x k candidates exactly (0 = off)")
     i.add_argument("--gpu", action="store_true", help="build on GPU when faiss has one")
     i.add_argument("--force", action="store_true", help="replace an existing index")
 
@@ -147,8 +153,6 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
         for k, v in {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}.items()
         if v is not None
     }
-    if args.exact_distances:
-        changes["exact_distances"] = True
     return KNNConfig(**{**base.to_dict(), **changes})
 
 
@@ -164,6 +168,7 @@ def _load_knn(args: argparse.Namespace) -> Any:
         config=_knn_config(args, args.datastore),
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        rerank=args.rerank,
         src_lang=args.src_lang,
         tgt_lang=args.tgt_lang,
     )
@@ -217,6 +222,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         factory=args.factory,
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        rerank=args.rerank,
         train_size=args.train_size,
         use_gpu=args.gpu,
     )

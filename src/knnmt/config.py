@@ -56,8 +56,6 @@ class KNNConfig(JsonConfig):
     k: int = 8
     lambda_: float = 0.5
     temperature: float = 100.0
-    #: Recompute exact squared-L2 distances from the stored fp16 keys (slower, better with PQ).
-    exact_distances: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -111,6 +109,9 @@ class IndexConfig(JsonConfig):
     add_chunk: int = 100_000
     seed: int = 1234
     use_gpu: bool = False
+    #: Approximate indexes: fetch ``rerank × k`` candidates and keep the ``k`` nearest by exact distance
+    #: to the stored fp16 keys (0 = trust the index's own, e.g. PQ, distances).
+    rerank: int = 4
 
     def __post_init__(self) -> None:
         _check(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")
@@ -118,3 +119,4 @@ class IndexConfig(JsonConfig):
         _check(self.ef_search >= 1, f"ef_search must be >= 1, got {self.ef_search}")
         _check(self.train_size >= 1000, f"train_size must be >= 1000, got {self.train_size}")
         _check(self.add_chunk >= 1, f"add_chunk must be >= 1, got {self.add_chunk}")
+        _check(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")

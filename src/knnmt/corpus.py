@@ -96,8 +96,9 @@ def _scan_file(path: str) -> tuple[int, str]:
     return lines, digest.hexdigest()
 
 
-def inspect_corpus(spec: CorpusSpec) -> CorpusInfo:
-    """Validate the whole corpus without keeping it: existence, UTF-8, aligned line counts.
+def inspect_corpus(spec: CorpusSpec, skip_empty: bool = True) -> CorpusInfo:
+    """Validate the whole corpus without keeping it: existence, UTF-8, aligned line counts, every
+    TSV/JSONL record, and (unless ``skip_empty``) that no pair has an empty side.
 
     Raises:
         CorpusError: naming the file and line (or both line counts for a mismatch).
@@ -108,8 +109,29 @@ def inspect_corpus(spec: CorpusSpec) -> CorpusInfo:
             f"source and target have different line counts: {spec.paths[0]} has {scans[0][0]} lines, "
             f"{spec.paths[1]} has {scans[1][0]} lines; they must be aligned line by line"
         )
+    for pair in iter_pairs(spec):  # parses every record; cheap next to teacher forcing
+        if not skip_empty:
+            check_not_empty(spec, pair)
     digest = hashlib.sha256("".join(s[1] for s in scans).encode()).hexdigest()
     return CorpusInfo(spec=spec, lines=scans[0][0], sha256=digest)
+
+
+def is_empty(pair: Pair) -> bool:
+    """True when either side of ``pair`` is empty or whitespace."""
+    return not pair.source.strip() or not pair.target.strip()
+
+
+def check_not_empty(spec: CorpusSpec, pair: Pair) -> None:
+    """Raise :class:`CorpusError` naming the file and line if a side of ``pair`` is empty."""
+    if is_empty(pair):
+        side = "source" if not pair.source.strip() else "target"
+        path = spec.paths[1] if side == "target" and spec.format == "text" else spec.paths[0]
+        raise CorpusError(f"empty {side} sentence (drop --no-skip-empty to skip such pairs)", path, pair.line)
+
+
+def target_path(spec: CorpusSpec) -> str:
+    """The file that holds the target side (the second of two text files, else the only file)."""
+    return spec.paths[1] if spec.format == "text" else spec.paths[0]
 
 
 def _strip_eol(line: str) -> str:

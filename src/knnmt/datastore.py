@@ -167,11 +167,13 @@ class Datastore:
 
     @property
     def fingerprint(self) -> str:
-        """Identity of the datastore's content (count, shards, model, layer): indexes record it."""
+        """Identity of the datastore's content (model, layer, count, shards, corpus checksums): indexes
+        record it."""
         import hashlib
 
         parts = [self.manifest["model"]["fingerprint"], self.key_layer, str(self.count)]
         parts += [f"{s['name']}:{s['count']}" for s in self.manifest["shards"]]
+        parts += [str(c.get("sha256")) for c in self.manifest["corpora"]]
         return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
 
     def check_compatible(self, model_fingerprint: str, tokenizer_fingerprint: str, dim: int) -> None:

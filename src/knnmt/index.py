@@ -77,8 +77,19 @@ class SearchIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    @property
+    def rerank(self) -> int:
+        """Candidates per neighbour re-scored exactly (0 for exact indexes or when disabled)."""
+        return 0 if self.is_exact else int(self.settings.get("rerank", 0))
+
+    def set_params(
+        self, nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None
+    ) -> None:
         """Override the search parameters saved with the index."""
+        if rerank is not None:
+            if rerank < 0:
+                raise UsageError(f"rerank must be >= 0, got {rerank}")
+            self.settings["rerank"] = rerank
         if nprobe is not None:
             self.settings["nprobe"] = nprobe
         if ef_search is not None:
@@ -109,6 +120,7 @@ class SearchIndex:
         datastore: Datastore | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        rerank: int | None = None,
         mmap: bool = False,
         use_gpu: bool = False,
     ) -> SearchIndex:
@@ -142,7 +154,7 @@ class SearchIndex:
         if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
             index = faiss.index_cpu_to_all_gpus(index)
         result = cls(index, settings, path)
-        result.set_params(nprobe, ef_search)
+        result.set_params(nprobe, ef_search, rerank)
         return result
 
 
@@ -210,6 +222,7 @@ def build_index(
         "ntotal": int(index.ntotal),
         "nprobe": config.nprobe,
         "ef_search": config.ef_search,
+        "rerank": config.rerank,
         "config": config.to_dict(),
         "datastore_fingerprint": datastore.fingerprint,
         "build_seconds": round(time.perf_counter() - start, 3),

@@ -25,22 +25,51 @@ class Retriever(Protocol):
 class IndexRetriever:
     """Vanilla kNN-MT: one faiss search over the whole datastore.
 
-    With ``exact_distances`` the returned distances are recomputed from the stored fp16 keys and
-    the neighbours re-sorted (useful with PQ, whose distances are coarse).
+    For an approximate index with ``index.rerank = r > 0`` the index returns ``r·k`` candidates,
+    whose exact squared-L2 distances to the stored fp16 keys pick and sort the final ``k``
+    (PQ distances are coarse; this recovers most of the exact neighbours cheaply).
     """
 
-    def __init__(self, index: SearchIndex, datastore: Datastore, exact_distances: bool = False) -> None:
+    def __init__(self, index: SearchIndex, datastore: Datastore) -> None:
         self.index = index
         self.datastore = datastore
-        self.exact_distances = exact_distances
 
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distances, ids = self.index.search(queries, k)
-        if self.exact_distances and not self.index.is_exact:
-            keys = self.datastore.get_keys(ids)  # [n, k, dim]
-            exact = ((keys - queries[:, None, :].astype(np.float32)) ** 2).sum(-1)
-            exact = np.where(ids >= 0, exact, np.inf).astype(np.float32)
-            order = np.argsort(exact, axis=1, kind="stable")
-            distances = np.take_along_axis(exact, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
-        return distances, ids
+        rerank = self.index.rerank
+        if rerank <= 0:
+            return self.index.search(queries, k)
+        _, ids = self.index.search(queries, k * rerank)
+        return exact_rerank(self.datastore, queries, ids, k)
+
+
+def exact_rerank(
+    datastore: Datastore, queries: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` candidates of each row nearest to its query by exact squared L2 to the stored keys.
+
+    Args:
+        queries: ``[n, dim]`` float32.
+        ids: ``[n, c]`` candidate entry ids (``-1`` missing), ``c >= k`` or fewer.
+
+    Returns:
+        ``(D [n, k], I [n, k])``, ``-1``/``inf`` where fewer than ``k`` candidates exist.
+    """
+    keys = datastore.get_keys(ids)  # [n, c, dim] float32
+    q = np.asarray(queries, dtype=np.float32)
+    exact = ((keys - q[:, None, :]) ** 2).sum(-1, dtype=np.float32)
+    exact = np.where(ids >= 0, exact, np.inf).astype(np.float32)
+    kk = min(k, ids.shape[1])
+    part = (
+        np.argpartition(exact, kk - 1, axis=1)[:, :kk]
+        if kk < ids.shape[1]
+        else np.tile(np.arange(ids.shape[1]), (len(ids), 1))
+    )
+    part_d = np.take_along_axis(exact, part, axis=1)
+    order = np.take_along_axis(part, np.argsort(part_d, axis=1, kind="stable"), axis=1)
+    distances = np.take_along_axis(exact, order, axis=1)
+    out_ids = np.where(np.isfinite(distances), np.take_along_axis(ids, order, axis=1), -1)
+    if kk < k:  # pad to k columns, faiss style
+        pad = k - kk
+        distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
+        out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+    return distances, out_ids

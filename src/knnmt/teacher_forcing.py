@@ -62,14 +62,15 @@ def _tokenize(
     target: bool,
     max_length: int,
     truncate: bool,
-    where: list[tuple[int, str]],
+    lines: list[int],
+    path: str,
 ) -> tuple[list[list[int]], int]:
     """Token ids of ``texts`` (source or target side), truncating over-long ones if allowed."""
     kwargs = {"text_target": texts} if target else {"text": texts}
     ids: list[list[int]] = tokenizer(**kwargs, truncation=False)["input_ids"]
     too_long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
     if too_long and not truncate:
-        line, path = where[too_long[0]]
+        line = lines[too_long[0]]
         side = "target" if target else "source"
         raise CorpusError(
             f"{side} sentence has {len(ids[too_long[0]])} tokens, more than the maximum {max_length}; "
@@ -95,18 +96,23 @@ def encode_pairs(
     *,
     max_length: int,
     truncate: bool,
-    path: str,
+    paths: tuple[str, str] | str,
     source_prefix: str = "",
 ) -> tuple[list[EncodedPair], int]:
     """Tokenise ``(sentence_id, line, source, target)`` tuples.
 
+    ``paths`` names the source and target files (or one file for both) in error messages.
+
     Returns:
         the encoded pairs and how many sides were truncated.
     """
-    where = [(line, path) for _, line, _, _ in pairs]
+    src_path, tgt_path = (paths, paths) if isinstance(paths, str) else paths
+    lines = [p[1] for p in pairs]
     sources = [source_prefix + p[2] for p in pairs]
-    src_ids, cut_src = _tokenize(tokenizer, sources, False, max_length, truncate, where)
-    tgt_ids, cut_tgt = _tokenize(tokenizer, [p[3] for p in pairs], True, max_length, truncate, where)
+    src_ids, cut_src = _tokenize(tokenizer, sources, False, max_length, truncate, lines, src_path)
+    tgt_ids, cut_tgt = _tokenize(
+        tokenizer, [p[3] for p in pairs], True, max_length, truncate, lines, tgt_path
+    )
     encoded = [
         EncodedPair(sid, line, src, tgt, s, t)
         for (sid, line, src, tgt), s, t in zip(pairs, src_ids, tgt_ids, strict=True)

@@ -105,7 +105,11 @@ def set_languages(model: Any, tokenizer: Any, src_lang: str | None, tgt_lang: st
         tokenizer.tgt_lang = tgt_lang
     lang = getattr(tokenizer, "tgt_lang", None)
     if lang and type(model.config).__name__ in ("M2M100Config", "MBartConfig", "NllbMoeConfig"):
-        token_id = tokenizer.convert_tokens_to_ids(lang)
+        get_lang_id = getattr(tokenizer, "get_lang_id", None)  # M2M100: "de" -> id of "__de__"
+        try:
+            token_id = get_lang_id(lang) if get_lang_id else tokenizer.convert_tokens_to_ids(lang)
+        except KeyError:
+            token_id = None
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise UsageError(f"unknown target language code {lang!r} for {type(tokenizer).__name__}")
         return {"forced_bos_token_id": int(token_id)}
@@ -141,7 +145,7 @@ class KNNMT:
             )
         self.index = index if index is not None else exact_index(datastore)
         self.config = config or KNNConfig()
-        self.retriever = retriever or IndexRetriever(self.index, datastore, self.config.exact_distances)
+        self.retriever = retriever or IndexRetriever(self.index, datastore)
         tokenization = datastore.manifest.get("tokenization", {})
         self.source_prefix: str = tokenization.get("source_prefix", "") or ""
         self.generate_defaults = set_languages(
@@ -159,6 +163,7 @@ class KNNMT:
         device: str | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        rerank: int | None = None,
         src_lang: str | None = None,
         tgt_lang: str | None = None,
     ) -> KNNMT:
@@ -172,9 +177,11 @@ class KNNMT:
         if index == "auto":
             default = store.path / "index"
             if (default / INDEX_FILE).is_file():
-                search_index = SearchIndex.load(default, store, nprobe=nprobe, ef_search=ef_search)
+                search_index = SearchIndex.load(
+                    default, store, nprobe=nprobe, ef_search=ef_search, rerank=rerank
+                )
         elif index is not None:
-            search_index = SearchIndex.load(index, store, nprobe=nprobe, ef_search=ef_search)
+            search_index = SearchIndex.load(index, store, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         if config is None:
             saved = store.path / KNN_CONFIG_FILE
             config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
@@ -200,10 +207,6 @@ class KNNMT:
                 out = self.model.generate(**inputs, **gen)
             else:
                 retriever = self.retriever
-                if knn.exact_distances != self.config.exact_distances and isinstance(
-                    retriever, IndexRetriever
-                ):
-                    retriever = IndexRetriever(self.index, self.datastore, knn.exact_distances)
                 with knn_generation(
                     self.model,
                     retriever,
@@ -217,7 +220,12 @@ class KNNMT:
                 for key, value in proc.stats.as_dict().items():
                     self.last_stats[key] = self.last_stats.get(key, 0) + value
         sequences = out.sequences if hasattr(out, "sequences") else out
-        return [row.tolist() for row in sequences.cpu()]
+        pad = self.tokenizer.pad_token_id
+        rows = [row.tolist() for row in sequences.cpu()]
+        for row in rows:  # generate pads finished rows to the batch's longest; drop that padding
+            while len(row) > 1 and row[-1] == pad:
+                row.pop()
+        return rows
 
     def translate_iterable(
         self,

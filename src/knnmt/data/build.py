@@ -130,8 +130,13 @@ def _record(pkg: DebPackage, category: str) -> PackageRecord:
     return PackageRecord(pkg.name, pkg.version, pkg.section, pkg.source, pkg.licence, category, pkg.sha256)
 
 
-def collect_general(cache: Path, report: BuildReport, config: FilterConfig = DEFAULT_FILTER,
-                    packages: dict[str, tuple[str, ...]] = GENERAL_PACKAGES, jobs: int = 2) -> list[Pair]:
+def collect_general(
+    cache: Path,
+    report: BuildReport,
+    config: FilterConfig = DEFAULT_FILTER,
+    packages: dict[str, tuple[str, ...]] = GENERAL_PACKAGES,
+    jobs: int = 2,
+) -> list[Pair]:
     """Download the general-domain packages and extract clean pairs from their catalogs.
 
     Packages excluded by name or by their real Debian section are skipped (and reported), as are
@@ -184,8 +189,9 @@ def collect_general(cache: Path, report: BuildReport, config: FilterConfig = DEF
     return pairs
 
 
-def split_general(pairs: Sequence[Pair], blocked_sources: Iterable[str],
-                  report: BuildReport) -> GroupSplit[Pair]:
+def split_general(
+    pairs: Sequence[Pair], blocked_sources: Iterable[str], report: BuildReport
+) -> GroupSplit[Pair]:
     """Deduplicate the general pairs and split them by source-package group.
 
     Pairs whose source sentence (case-folded) is in ``blocked_sources`` (the target dev/test
@@ -217,8 +223,9 @@ def split_general(pairs: Sequence[Pair], blocked_sources: Iterable[str],
     return result
 
 
-def build_target(cache: Path, report: BuildReport,
-                 config: FilterConfig = DEFAULT_FILTER) -> GroupSplit[HelpPair]:
+def build_target(
+    cache: Path, report: BuildReport, config: FilterConfig = DEFAULT_FILTER
+) -> GroupSplit[HelpPair]:
     """Align the LibreOffice help (en-US vs de) and split it by help file.
 
     Dev/test take whole files (at most :data:`TARGET_MAX_PER_FILE` pairs of each, one pair per
@@ -274,8 +281,9 @@ def write_tsv(path: Path, pairs: Iterable[tuple[str, str]]) -> int:
     return n
 
 
-def build_all(out_dir: str | Path, cache_dir: str | Path, jobs: int = 2,
-              config: FilterConfig = DEFAULT_FILTER) -> BuildReport:
+def build_all(
+    out_dir: str | Path, cache_dir: str | Path, jobs: int = 2, config: FilterConfig = DEFAULT_FILTER
+) -> BuildReport:
     """Build both corpora under ``out_dir`` (``general/`` and ``target/``) and write the README."""
     from .readme import render_readme
 

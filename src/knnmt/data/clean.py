@@ -20,8 +20,9 @@ from collections.abc import Iterable, Iterator
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9_:.-]*(?:\s+[^<>]*)?/?>")
 _COMMENT_RE = re.compile(r"<!--.*?-->", re.S)
 #: Block-level tags whose removal should leave a word break behind.
-_BREAK_TAG_RE = re.compile(r"</?(?:p|br|div|li|ul|ol|tr|td|th|h[1-6]|table|html|body|head|title|nl)\b[^<>]*>",
-                           re.I)
+_BREAK_TAG_RE = re.compile(
+    r"</?(?:p|br|div|li|ul|ol|tr|td|th|h[1-6]|table|html|body|head|title|nl)\b[^<>]*>", re.I
+)
 _ENTITY_RE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});")
 _WS_RE = re.compile(r"\s+")
 
@@ -158,7 +159,7 @@ def _marker_word(text: str, pos: int) -> str:
     end = pos + 1
     while end < len(text) and text[end].isalnum():
         end += 1
-    return text[start:pos] + text[pos + 1:end]
+    return text[start:pos] + text[pos + 1 : end]
 
 
 def _marked_word(text: str, pos: int) -> str:
@@ -245,8 +246,9 @@ def _strip_marker(src: str, tgt: str, marker: str, catalog_uses: bool) -> tuple[
     return result[0], result[1]
 
 
-def detect_accelerator_markers(pairs: Iterable[tuple[str, str]], min_share: float = 0.002,
-                               min_count: int = 2) -> str:
+def detect_accelerator_markers(
+    pairs: Iterable[tuple[str, str]], min_share: float = 0.002, min_count: int = 2
+) -> str:
     """Guess which accelerator markers (``&``, ``_``, ``~``) a catalog uses.
 
     A pair is evidence for a marker when both sides mark a *different* word with it (the marked

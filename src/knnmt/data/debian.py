@@ -104,8 +104,13 @@ def control_fields(deb: Path) -> dict[str, str]:
 def _is_short_name(text: str) -> bool:
     """True for DEP-5 short names (``GPL-2+``, ``BSD-3-clause``, ``GPL-2+ with OpenSSL exception``),
     false for prose that old-style copyright files put after ``License:``."""
-    return bool(text) and len(text.split()) <= 4 and not re.search(r"[;:]", text) and not text[0].islower() \
+    return (
+        bool(text)
+        and len(text.split()) <= 4
+        and not re.search(r"[;:]", text)
+        and not text[0].islower()
         and not re.match(r"(?:This|These|The|You|It)\b", text)
+    )
 
 
 def summarise_licence(copyright_text: str) -> str:

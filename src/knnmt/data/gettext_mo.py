@@ -92,7 +92,7 @@ def parse_mo(data: bytes) -> tuple[dict[str, str], list[MoEntry]]:
         tlen, toff = struct.unpack_from(endian + "2I", data, trans_off + 8 * i)
         if ooff + olen > len(data) or toff + tlen > len(data):
             raise MoFormatError(f"string {i} runs past the end of the file")
-        raw.append((data[ooff:ooff + olen], data[toff:toff + tlen]))
+        raw.append((data[ooff : ooff + olen], data[toff : toff + tlen]))
 
     header: dict[str, str] = {}
     charset = "utf-8"
@@ -148,8 +148,12 @@ class CatalogPairs:
     accelerators: str
 
 
-def extract_pairs(entries: Iterable[MoEntry], config: FilterConfig = DEFAULT_FILTER,
-                  markers: str | None = None, extra_markers: str = "") -> CatalogPairs:
+def extract_pairs(
+    entries: Iterable[MoEntry],
+    config: FilterConfig = DEFAULT_FILTER,
+    markers: str | None = None,
+    extra_markers: str = "",
+) -> CatalogPairs:
     """Turn catalog entries into clean, deduplicated English→German pairs.
 
     Steps: skip the header (already removed by :func:`parse_mo`), untranslated entries and
@@ -193,6 +197,11 @@ def catalog_pairs(path: str | Path, config: FilterConfig = DEFAULT_FILTER) -> Ca
     """Read one ``.mo`` file and extract its clean pairs (see :func:`extract_pairs`)."""
     _header, entries = read_mo(path)
     result = extract_pairs(entries, config)
-    log.debug("%s: %d entries -> %d pairs (accelerators %r)", path, len(entries), len(result.pairs),
-              result.accelerators)
+    log.debug(
+        "%s: %d entries -> %d pairs (accelerators %r)",
+        path,
+        len(entries),
+        len(result.pairs),
+        result.accelerators,
+    )
     return result

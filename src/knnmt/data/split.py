@@ -117,6 +117,9 @@ def split_by_group(
             discarded.extend(m for m in members if id(m) not in taken)
     train = [item for item in items if group_of(item) not in assigned]
     splits: dict[str, list[T]] = {"train": train, **selected}
-    log.info("split: %s; %d held-out-group items discarded",
-             ", ".join(f"{k}={len(v)}" for k, v in splits.items()), len(discarded))
+    log.info(
+        "split: %s; %d held-out-group items discarded",
+        ", ".join(f"{k}={len(v)}" for k, v in splits.items()),
+        len(discarded),
+    )
     return GroupSplit(splits, groups, discarded)
