@@ -15,7 +15,6 @@ import torch
 from conftest import strip_pad
 from knnmt.build import build_datastore
 from knnmt.config import BuildConfig, KNNConfig
-from knnmt.errors import UsageError
 from knnmt.generation import knn_generation
 from knnmt.index import exact_index
 from knnmt.search import IndexRetriever
