@@ -46,7 +46,7 @@ def setup(args: argparse.Namespace) -> None:
     if (out / "config.json").is_file():
         return
     texts = [f for line in CORPUS.read_text(encoding="utf-8").splitlines() for f in line.split("\t")]
-    tokenizer = make_marian_tokenizer(texts, out, vocab_size=args.vocab)
+    tokenizer = make_marian_tokenizer(texts, out, vocab_size=args.vocab, model_max_length=512)
     torch.manual_seed(0)
     d = args.d_model
     config = MarianConfig(

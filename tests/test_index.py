@@ -121,9 +121,9 @@ def test_ivf_pq_recall_floor_and_saved_settings(synthetic, tmp_path: Path) -> No
     assert (np.diff(distances, axis=1) >= 0).all()
     _, pq_ids = loaded.search(queries, K)
     assert all(set(a) == set(b) for a, b in zip(ids, pq_ids, strict=True))
-    # rerank = 4 (the default saved with the index): 4k PQ candidates, the k exactly nearest kept
-    assert saved["rerank"] == 4
-    loaded.set_params(rerank=4)
+    # rerank = 8 (the default saved with the index): 8k PQ candidates, the k exactly nearest kept
+    assert saved["rerank"] == 8 and saved["search_threads"] == 1
+    loaded.set_params(rerank=8)
     _, reranked = IndexRetriever(loaded, store).search(queries, K, groups)
     assert recall_at_k(reranked, exact) > recall
     loaded.set_params(rerank=0)

@@ -97,10 +97,10 @@ def _parser() -> argparse.ArgumentParser:
         "--factory", default="auto", help="faiss factory string (Flat, IVF4096,PQ64, HNSW32...) or auto"
     )
     i.add_argument("--out", default=None, help="index directory (default: <datastore>/index)")
-    i.add_argument("--nprobe", type=int, default=32)
+    i.add_argument("--nprobe", type=int, default=16)
     i.add_argument("--ef-search", type=int, default=128)
     i.add_argument("--train-size", type=int, default=200_000, help="keys sampled to train the index")
-    i.add_argument("--rerank", type=int, default=4, help="re-score RERANK x k candidates exactly (0 = off)")
+    i.add_argument("--rerank", type=int, default=8, help="re-score RERANK x k candidates exactly (0 = off)")
     i.add_argument("--gpu", action="store_true", help="build on GPU when faiss has one")
     i.add_argument("--force", action="store_true", help="replace an existing index")
 

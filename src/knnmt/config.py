@@ -100,7 +100,7 @@ class IndexConfig(JsonConfig):
 
     factory: str = "auto"
     #: IVF lists probed per query (IVF indexes only).
-    nprobe: int = 32
+    nprobe: int = 16
     #: HNSW search breadth (HNSW indexes only).
     ef_search: int = 128
     #: Vectors sampled to train the index (IVF/PQ/OPQ).
@@ -111,7 +111,11 @@ class IndexConfig(JsonConfig):
     use_gpu: bool = False
     #: Approximate indexes: fetch ``rerank × k`` candidates and keep the ``k`` nearest by exact distance
     #: to the stored fp16 keys (0 = trust the index's own, e.g. PQ, distances).
-    rerank: int = 4
+    rerank: int = 8
+    #: OpenMP threads faiss uses per search. 1 by default: a decoding step searches a few dozen
+    #: queries, and faiss's idle OpenMP threads spin between steps, starving the model's own threads
+    #: (measured 5-15x slower decoding on 2 cores with 2 search threads; see docs/BENCHMARKS.md).
+    search_threads: int = 1
 
     def __post_init__(self) -> None:
         _check(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")
@@ -120,3 +124,7 @@ class IndexConfig(JsonConfig):
         _check(self.train_size >= 1000, f"train_size must be >= 1000, got {self.train_size}")
         _check(self.add_chunk >= 1, f"add_chunk must be >= 1, got {self.add_chunk}")
         _check(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+        _check(
+            self.search_threads >= 0,
+            f"search_threads must be >= 0 (0 = faiss default), got {self.search_threads}",
+        )

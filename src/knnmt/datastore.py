@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,13 @@ class Shard:
     count: int
     first_sentence: int
     sentences: int
+    _maps: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def load(self, name: str) -> np.ndarray:
-        return np.load(self.path / name, mmap_mode="r")
+        """The shard's array ``name`` memory-mapped read-only (mapped once, then reused)."""
+        if name not in self._maps:
+            self._maps[name] = np.load(self.path / name, mmap_mode="r")
+        return self._maps[name]
 
 
 class Datastore:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,20 @@ def auto_factory(count: int, dim: int) -> str:
     while dim % m:
         m -= 1
     return f"IVF{nlist},PQ{m}"
+
+
+@contextlib.contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """Run faiss with ``n`` OpenMP threads inside the block (``n <= 0``: leave faiss's setting)."""
+    if n <= 0:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
@@ -99,7 +114,8 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest keys of ``queries`` (float32 ``[n, dim]``): ``(D [n, k] float32, I [n, k] int64)``."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        distances, ids = self.index.search(q, k)
+        with omp_threads(int(self.settings.get("search_threads", 1))):
+            distances, ids = self.index.search(q, k)
         return distances, ids
 
     def save(self, directory: str | Path) -> None:
@@ -223,6 +239,7 @@ def build_index(
         "nprobe": config.nprobe,
         "ef_search": config.ef_search,
         "rerank": config.rerank,
+        "search_threads": config.search_threads,
         "config": config.to_dict(),
         "datastore_fingerprint": datastore.fingerprint,
         "build_seconds": round(time.perf_counter() - start, 3),

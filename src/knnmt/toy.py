@@ -114,7 +114,9 @@ def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 256) 
     return prefix.with_suffix(".model")
 
 
-def make_marian_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 256) -> Any:
+def make_marian_tokenizer(
+    texts: list[str], out_dir: Path, vocab_size: int = 256, model_max_length: int = 64
+) -> Any:
     """A MarianTokenizer with a locally trained shared SentencePiece vocabulary, saved in ``out_dir``."""
     import sentencepiece as spm
     from transformers import MarianTokenizer
@@ -136,7 +138,7 @@ def make_marian_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 256
         source_spm=str(out_dir / "source.spm"),
         target_spm=str(out_dir / "target.spm"),
         vocab=str(out_dir / "vocab.json"),
-        model_max_length=64,
+        model_max_length=model_max_length,
     )
     return tokenizer
 
