@@ -20,7 +20,15 @@ from conftest import write_synthetic_datastore
 from knnmt.config import IndexConfig
 from knnmt.datastore import Datastore
 from knnmt.errors import DatastoreError, IncompatibleError, UsageError
-from knnmt.index import SETTINGS_FILE, SearchIndex, auto_factory, build_index, exact_index, recall_at_k
+from knnmt.index import (
+    SETTINGS_FILE,
+    SearchIndex,
+    auto_factory,
+    build_index,
+    exact_index,
+    recall_at_k,
+    self_recall,
+)
 from knnmt.search import IndexRetriever
 
 N, DIM, K = 20_000, 64, 8
@@ -166,3 +174,16 @@ def test_auto_factory_is_valid(count: int, dim: int) -> None:
     assert ivf.nlist >= 64 and ivf.nlist * 39 <= count
     pq = faiss.downcast_index(index).pq
     assert dim % pq.M == 0 and pq.M <= 64
+
+
+def test_self_recall_flags_a_broken_index(synthetic, tmp_path: Path) -> None:
+    store = synthetic[0]
+    good = build_index(store, IndexConfig(factory="Flat"), out=tmp_path / "flat", progress=False)
+    assert good.settings["self_recall@8"] == 1.0
+    assert json.loads((tmp_path / "flat" / SETTINGS_FILE).read_text())["self_recall@8"] == 1.0
+    # an index whose ids do not point at the datastore's entries: every key is "found" elsewhere
+    shuffled = faiss.IndexFlatL2(store.dim)
+    keys = store.get_keys(np.arange(store.count))
+    shuffled.add(np.ascontiguousarray(keys[::-1]))
+    broken = SearchIndex(shuffled, {"factory": "Flat", "dim": store.dim})
+    assert self_recall(broken, store) < 0.1
