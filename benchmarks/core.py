@@ -37,34 +37,14 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def setup(args: argparse.Namespace) -> None:
     """Tokenizer + random model (cached)."""
-    import torch
-    from transformers import MarianConfig, MarianMTModel
-
-    from knnmt.toy import make_marian_tokenizer
+    from knnmt.toy import make_marian_model, make_marian_tokenizer
 
     out = _model_dir(args)
     if (out / "config.json").is_file():
         return
     texts = [f for line in CORPUS.read_text(encoding="utf-8").splitlines() for f in line.split("\t")]
     tokenizer = make_marian_tokenizer(texts, out, vocab_size=args.vocab, model_max_length=512)
-    torch.manual_seed(0)
-    d = args.d_model
-    config = MarianConfig(
-        vocab_size=len(tokenizer),
-        d_model=d,
-        encoder_layers=args.layers,
-        decoder_layers=args.layers,
-        encoder_attention_heads=8,
-        decoder_attention_heads=8,
-        encoder_ffn_dim=4 * d,
-        decoder_ffn_dim=4 * d,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-    )
-    model = MarianMTModel(config).eval()
+    model = make_marian_model(tokenizer, d_model=args.d_model, layers=args.layers, heads=8, max_positions=512)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -143,8 +143,11 @@ def make_marian_tokenizer(
     return tokenizer
 
 
-def make_marian_model(tokenizer: Any, d_model: int = 64, layers: int = 2, seed: int = 0) -> Any:
-    """A randomly initialised MarianMTModel sized for tests."""
+def make_marian_model(
+    tokenizer: Any, d_model: int = 64, layers: int = 2, seed: int = 0, heads: int = 4, max_positions: int = 64
+) -> Any:
+    """A randomly initialised MarianMTModel (shared, scaled embeddings; FFN ``4·d_model``); tests use the
+    defaults, the benchmarks larger sizes."""
     from transformers import MarianConfig, MarianMTModel
 
     torch.manual_seed(seed)
@@ -154,11 +157,11 @@ def make_marian_model(tokenizer: Any, d_model: int = 64, layers: int = 2, seed: 
         d_model=d_model,
         encoder_layers=layers,
         decoder_layers=layers,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
         encoder_ffn_dim=4 * d_model,
         decoder_ffn_dim=4 * d_model,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
@@ -167,7 +170,7 @@ def make_marian_model(tokenizer: Any, d_model: int = 64, layers: int = 2, seed: 
         share_encoder_decoder_embeddings=True,
     )
     model = MarianMTModel(config)
-    model.generation_config.max_length = 64
+    model.generation_config.max_length = max_positions
     model.generation_config.num_beams = 1
     model.generation_config.bad_words_ids = None
     model.eval()
