@@ -131,8 +131,13 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
 
     store = Datastore.open(WORK / "datastore")
     t0 = time.perf_counter()
-    index = build_index(store, IndexConfig(factory=args.factory), progress=False, force=True)
-    index_s = time.perf_counter() - t0
+    existing = WORK / "datastore" / "index" / "index.json"
+    if args.reuse_index and existing.is_file():
+        index = SearchIndex.load(WORK / "datastore" / "index", store)
+        index_s = float(index.settings["build_seconds"])
+    else:
+        index = build_index(store, IndexConfig(factory=args.factory), progress=False, force=True)
+        index_s = time.perf_counter() - t0
     model, tokenizer = load_model(str(_model_dir(args)))
     lines = TEST.read_text(encoding="utf-8").splitlines()[:200]
     rows = [(i, i + 1, *line.split("\t")) for i, line in enumerate(lines)]
@@ -157,7 +162,7 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
         "queries": len(q),
     }
     for nprobe in (8, 16, 32, 64):
-        for rerank in (0, 4):
+        for rerank in (0, 4, 8):
             loaded = SearchIndex.load(WORK / "datastore" / "index", store, nprobe=nprobe, rerank=rerank)
             retriever = IndexRetriever(loaded, store)
             t0 = time.perf_counter()
@@ -222,6 +227,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=6000)
     parser.add_argument("--compare-sentences", type=int, default=3000)
     parser.add_argument("--factory", default="auto")
+    parser.add_argument("--reuse-index", action="store_true", help="index phase: measure the existing index")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -242,7 +248,6 @@ def main() -> None:
         "settings": vars(args),
     }
     for phase in args.only:
-        cmd = [sys.executable, __file__, "--phase", phase] + [a for a in sys.argv[1:] if a != "--only"]
         cmd = [
             sys.executable,
             __file__,
@@ -268,6 +273,7 @@ def main() -> None:
             str(args.repeats),
             "--compare-sentences",
             str(args.compare_sentences),
+            *(["--reuse-index"] if args.reuse_index else []),
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
