@@ -10,6 +10,7 @@ Layout::
                   positions.npy     # [n] int32 target position t (0-based) of each entry
                   offsets.npy       # [sentences + 1] int64 first entry of each sentence in the shard
                   sentences.jsonl   # one {"id", "src", "tgt", "corpus", "line"} per sentence
+                  sentences.idx.npy # [sentences + 1] int64 byte offset of each line in sentences.jsonl
 
 Shards are written under a temporary name and renamed when complete; the manifest is replaced
 atomically after each shard, so an interrupted build keeps every finished shard.
@@ -146,6 +147,7 @@ class Datastore:
             "sentence_ids.npy": lambda s: ((s.count,), np.dtype(np.int64)),
             "positions.npy": lambda s: ((s.count,), np.dtype(np.int32)),
             "offsets.npy": lambda s: ((s.sentences + 1,), np.dtype(np.int64)),
+            "sentences.idx.npy": lambda s: ((s.sentences + 1,), np.dtype(np.int64)),
         }
         for shard in self.shards:
             for name, want in expected.items():
@@ -254,10 +256,12 @@ class Datastore:
         """The stored pair ``{"id", "src", "tgt", "corpus", "line"}`` of a global sentence id."""
         for shard in self.shards:
             if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
-                with (shard.path / "sentences.jsonl").open(encoding="utf-8") as handle:
-                    for i, line in enumerate(handle):
-                        if i == sentence_id - shard.first_sentence:
-                            return json.loads(line)
+                offsets = shard.load("sentences.idx.npy")
+                local = sentence_id - shard.first_sentence
+                with (shard.path / "sentences.jsonl").open("rb") as handle:
+                    handle.seek(int(offsets[local]))
+                    record: dict[str, Any] = json.loads(handle.read(int(offsets[local + 1] - offsets[local])))
+                    return record
         raise KeyError(f"sentence {sentence_id} is not in datastore {self.path}")
 
     def describe(self) -> dict[str, Any]:
@@ -312,9 +316,13 @@ class ShardWriter:
             ("offsets", self.offsets),
         ):
             np.save(self.tmp / f"{name}.npy", arr)
-        with (self.tmp / "sentences.jsonl").open("w", encoding="utf-8") as handle:
-            for record in sentence_records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        byte_offsets = np.zeros(len(sentence_records) + 1, dtype=np.int64)
+        with (self.tmp / "sentences.jsonl").open("wb") as handle:
+            for i, record in enumerate(sentence_records):
+                line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+                handle.write(line)
+                byte_offsets[i + 1] = byte_offsets[i] + len(line)
+        np.save(self.tmp / "sentences.idx.npy", byte_offsets)
         for file in self.tmp.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
