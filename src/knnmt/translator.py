@@ -19,7 +19,7 @@ from .datastore import Datastore
 from .errors import KnnmtError, UsageError
 from .generation import knn_generation
 from .index import INDEX_FILE, SearchIndex, exact_index
-from .models import key_dim, model_fingerprint, tokenizer_fingerprint
+from .models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
 from .retrieval import knn_log_probs
 from .search import IndexRetriever, Retriever
 from .teacher_forcing import ActivationCapture, decoder_inputs
@@ -206,10 +206,9 @@ class KNNMT:
             if knn is None:
                 out = self.model.generate(**inputs, **gen)
             else:
-                retriever = self.retriever
                 with knn_generation(
                     self.model,
-                    retriever,
+                    self.retriever,
                     self.datastore.values,
                     knn,
                     batch_size=len(sources),
@@ -385,8 +384,6 @@ class KNNMT:
         return out
 
     def _key_module(self) -> torch.nn.Module:
-        from .models import key_module
-
         return key_module(self.model, self.key_layer)
 
     def save_config(self, config: KNNConfig | None = None) -> Path:
