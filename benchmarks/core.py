@@ -60,7 +60,7 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     from knnmt.build import build_datastore
     from knnmt.config import BuildConfig
     from knnmt.corpus import CorpusSpec
-    from knnmt.teacher_forcing import _pad, decoder_inputs, encode_pairs, length_batches
+    from knnmt.teacher_forcing import decoder_inputs, encode_pairs, length_batches, pad_sequences
     from knnmt.translator import load_model
 
     torch.set_num_threads(os.cpu_count() or 2)
@@ -83,8 +83,8 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         for batch_idx in batches:
             batch = [encoded[i] for i in batch_idx]
-            src, mask = _pad([p.source_ids for p in batch], tokenizer.pad_token_id)
-            labels, _ = _pad([p.target_ids for p in batch], tokenizer.pad_token_id)
+            src, mask = pad_sequences([p.source_ids for p in batch], tokenizer.pad_token_id)
+            labels, _ = pad_sequences([p.target_ids for p in batch], tokenizer.pad_token_id)
             model(input_ids=src, attention_mask=mask, decoder_input_ids=decoder_inputs(model, labels))
         plain_s = time.perf_counter() - t0
     # the build path on the same sentences (written to a scratch datastore)

@@ -119,6 +119,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the scores as JSON to this file")
     e.add_argument("--output-dir", default=None, help="write each system's translations here")
 
+    u = sub.add_parser(
+        "tune", help="choose k, lambda, temperature on a dev set and save them with the datastore"
+    )
+    _add_model_args(u)
+    _add_knn_args(u)
+    u.add_argument("--source", required=True, help="dev source file")
+    u.add_argument("--reference", required=True, help="dev reference file")
+    u.add_argument("--ks", default="1,2,4,8,16,32,64", help="comma-separated k values")
+    u.add_argument("--temperatures", default="1,3,10,30,100,300,1000", help="comma-separated temperatures")
+    u.add_argument("--lambdas", default=None, help="comma-separated lambdas (default 0, 0.05, ..., 1)")
+    u.add_argument("--confirm", type=int, default=3, help="best grid points confirmed by decoding BLEU")
+    u.add_argument("--plot", default=None, help="heatmap PNG (default: <datastore>/tuning.png)")
+    u.add_argument("--no-save", action="store_true", help="report only; do not write <datastore>/knn.json")
+    u.add_argument("--ood-source", default=None, help="out-of-domain test source: report the BLEU cost there")
+    u.add_argument("--ood-reference", default=None, help="out-of-domain test references")
+
     n = sub.add_parser("info", help="describe a datastore and its index")
     n.add_argument("datastore", help="datastore directory")
     n.add_argument("--json", action="store_true", help="machine-readable output")
@@ -287,6 +303,62 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .corpus import read_lines
+    from .evaluation import evaluate, format_table
+    from .tuning import DEFAULT_LAMBDAS, plot_grid, tune
+
+    sources, references = read_lines(args.source), read_lines(args.reference)
+    knn = _load_knn(args)
+    lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else list(DEFAULT_LAMBDAS)
+    ks = [int(k) for k in _floats(args.ks, "--ks")]
+    result = tune(
+        knn,
+        sources,
+        references,
+        ks=ks,
+        temperatures=_floats(args.temperatures, "--temperatures"),
+        lambdas=lambdas,
+        confirm=args.confirm,
+        batch_size=args.batch_size,
+        **_gen_kwargs(args),
+    )
+    for row in result.confirmed:
+        print(
+            f"k={row['k']:<3} T={row['temperature']:<7g} lambda={row['lambda_']:<5g} "
+            f"token-LL={row['log_likelihood']:.4f} dev BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
+        )
+    print(f"plain model token-LL={result.base_log_likelihood:.4f} over {result.tokens} reference tokens")
+    best = result.best
+    print(f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature}")
+    datastore = Path(args.datastore)
+    plot = plot_grid(result, args.plot or datastore / "tuning.png")
+    (datastore / "tuning.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    print(f"heatmap: {plot}")
+    if not args.no_save:
+        knn.config = best
+        print(f"saved as the datastore's default: {knn.save_config(best)}")
+    if args.ood_source and args.ood_reference:
+        scores, _ = evaluate(
+            knn,
+            read_lines(args.ood_source),
+            read_lines(args.ood_reference),
+            configs={"base": None, "knn-mt": best},
+            batch_size=args.batch_size,
+            **_gen_kwargs(args),
+        )
+        print("out-of-domain test:")
+        print(format_table(scores))
+    return EXIT_OK
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .datastore import Datastore, read_manifest
     from .index import SETTINGS_FILE
@@ -333,6 +405,7 @@ COMMANDS = {
     "translate": _cmd_translate,
     "evaluate": _cmd_evaluate,
     "info": _cmd_info,
+    "tune": _cmd_tune,
     "demo": _cmd_demo,
 }
 

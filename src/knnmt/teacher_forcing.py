@@ -141,7 +141,7 @@ def length_batches(pairs: Sequence[EncodedPair], max_tokens: int) -> Iterator[li
         yield batch
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -178,8 +178,8 @@ class KeyExtractor:
     @torch.inference_mode()
     def __call__(self, batch: Sequence[EncodedPair]) -> list[torch.Tensor]:
         """Keys per pair: a list of ``[len(target_ids), dim]`` tensors (model dtype, on CPU)."""
-        src, src_mask = _pad([p.source_ids for p in batch], self.pad_token_id)
-        labels, _ = _pad([p.target_ids for p in batch], self.pad_token_id)
+        src, src_mask = pad_sequences([p.source_ids for p in batch], self.pad_token_id)
+        labels, _ = pad_sequences([p.target_ids for p in batch], self.pad_token_id)
         dec_in = decoder_inputs(self.model, labels)
         src, src_mask, dec_in = src.to(self.device), src_mask.to(self.device), dec_in.to(self.device)
         with ActivationCapture(self.module) as capture:

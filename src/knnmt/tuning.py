@@ -1,0 +1,231 @@
+"""``knnmt tune``: choose k, λ and τ on a development set.
+
+1. Teacher-force the dev pairs once: queries and ``log p_MT`` of every reference token.
+2. Retrieve the neighbours once, with the largest k of the grid.
+3. Score the whole (k, τ, λ) grid on token-level log-likelihood of the references, which needs no
+   decoding: for the first ``k`` neighbours ``log p_kNN(y_t)`` is a log-sum-exp over those voting
+   for ``y_t``, and ``log P(y_t) = logaddexp(log(1-λ) + log p_MT, log λ + log p_kNN)``.
+4. Confirm the best few settings by decoding the dev set and scoring BLEU; the best one wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import KNNConfig
+from .errors import UsageError
+from .evaluation import score
+from .teacher_forcing import (
+    ActivationCapture,
+    EncodedPair,
+    decoder_inputs,
+    encode_pairs,
+    length_batches,
+    pad_sequences,
+)
+from .translator import KNNMT
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+DEFAULT_LAMBDAS: tuple[float, ...] = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
+
+
+@dataclasses.dataclass
+class TuningResult:
+    """The grid of mean token log-likelihoods and the decoded confirmation of the best settings."""
+
+    ks: list[int]
+    temperatures: list[float]
+    lambdas: list[float]
+    #: ``[len(ks), len(temperatures), len(lambdas)]`` mean log-likelihood per reference token.
+    log_likelihood: np.ndarray
+    tokens: int
+    base_log_likelihood: float
+    confirmed: list[dict[str, Any]]
+    best: KNNConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["log_likelihood"] = self.log_likelihood.round(5).tolist()
+        data["best"] = self.best.to_dict()
+        return data
+
+
+@torch.inference_mode()
+def reference_statistics(
+    knn: KNNMT, sources: Sequence[str], references: Sequence[str], k_max: int, max_tokens: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher-force ``references`` and retrieve ``k_max`` neighbours for every target position.
+
+    Returns:
+        ``log_p_mt`` ``[T]`` (log-probability of each reference token under the model),
+        ``distances`` ``[T, k_max]`` and ``match`` ``[T, k_max]`` bool (neighbour's value == reference
+        token), over all ``T`` target tokens of the dev set.
+    """
+    rows = [(i, i + 1, s, r) for i, (s, r) in enumerate(zip(sources, references, strict=True))]
+    encoded, _ = encode_pairs(
+        knn.tokenizer, rows, max_length=512, truncate=True, paths="dev", source_prefix=knn.source_prefix
+    )
+    module = knn._key_module()
+    log_mt: list[np.ndarray] = []
+    dists: list[np.ndarray] = []
+    matches: list[np.ndarray] = []
+    pad = knn.tokenizer.pad_token_id
+    for batch_idx in length_batches(encoded, max_tokens):
+        batch: list[EncodedPair] = [encoded[i] for i in batch_idx]
+        src, mask = pad_sequences([p.source_ids for p in batch], pad)
+        labels, label_mask = pad_sequences([p.target_ids for p in batch], pad)
+        with ActivationCapture(module) as capture:
+            logits = knn.model(
+                input_ids=src.to(knn.device),
+                attention_mask=mask.to(knn.device),
+                decoder_input_ids=decoder_inputs(knn.model, labels).to(knn.device),
+            ).logits
+            assert capture.last is not None
+            queries = capture.last.float().cpu()
+        logp = torch.log_softmax(logits.float().cpu(), dim=-1).gather(2, labels.unsqueeze(2)).squeeze(2)
+        keep = label_mask.bool()
+        q = queries[keep].numpy()
+        distances, ids = knn.retriever.search(q, k_max, np.zeros(len(q), dtype=np.int64))
+        values = np.where(ids >= 0, knn.datastore.values[np.clip(ids, 0, None)], -1)
+        gold = labels[keep].numpy()
+        log_mt.append(logp[keep].numpy())
+        dists.append(np.where(ids >= 0, distances, np.inf).astype(np.float64))
+        matches.append(values == gold[:, None])
+    return np.concatenate(log_mt), np.concatenate(dists), np.concatenate(matches)
+
+
+def grid_log_likelihood(
+    log_p_mt: np.ndarray,
+    distances: np.ndarray,
+    match: np.ndarray,
+    ks: Sequence[int],
+    temperatures: Sequence[float],
+    lambdas: Sequence[float],
+) -> np.ndarray:
+    """Mean ``log P(y_t)`` of the references for every (k, τ, λ): ``[len(ks), len(temps), len(lambdas)]``."""
+    out = np.zeros((len(ks), len(temperatures), len(lambdas)))
+    lam = np.asarray(lambdas, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_lam, log_one_minus = np.log(lam), np.log1p(-lam)
+    for (i, k), (j, tau) in itertools.product(enumerate(ks), enumerate(temperatures)):
+        logits = -distances[:, :k] / tau  # [T, k]; missing neighbours are -inf
+        total = _logsumexp(logits)
+        hit = _logsumexp(np.where(match[:, :k], logits, -np.inf))
+        log_knn = np.where(np.isfinite(total), hit - total, -np.inf)  # [T]
+        mixed = np.logaddexp(log_one_minus[None, :] + log_p_mt[:, None], log_lam[None, :] + log_knn[:, None])
+        out[i, j] = mixed.mean(axis=0)
+    return out
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    peak = np.max(x, axis=1)
+    safe = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(x - safe[:, None]).sum(axis=1)) + safe
+
+
+def tune(
+    knn: KNNMT,
+    sources: Sequence[str],
+    references: Sequence[str],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    confirm: int = 3,
+    batch_size: int = 32,
+    **generate_kwargs: Any,
+) -> TuningResult:
+    """Grid-search k, τ, λ on ``(sources, references)``; the best by dev BLEU is returned (not saved)."""
+    if not sources or len(sources) != len(references):
+        raise UsageError(
+            f"tuning needs aligned dev data: {len(sources)} sources, {len(references)} references"
+        )
+    if min(ks) < 1 or min(temperatures) <= 0 or not all(0 <= x <= 1 for x in lambdas):
+        raise UsageError("ks must be >= 1, temperatures > 0 and lambdas in [0, 1]")
+    log_mt, distances, match = reference_statistics(knn, sources, references, max(ks))
+    grid = grid_log_likelihood(log_mt, distances, match, ks, temperatures, lambdas)
+    base_ll = float(log_mt.mean())
+    order = np.argsort(grid, axis=None)[::-1]
+    candidates: list[KNNConfig] = []
+    for flat in order:
+        i, j, m = np.unravel_index(flat, grid.shape)
+        config = KNNConfig(k=int(ks[i]), temperature=float(temperatures[j]), lambda_=float(lambdas[m]))
+        if config not in candidates:
+            candidates.append(config)
+        if len(candidates) == confirm:
+            break
+    confirmed = []
+    for config in candidates:
+        hyps = knn.translate(sources, knn=config, batch_size=batch_size, **generate_kwargs)
+        result = score(
+            [h.text for h in hyps],
+            references,
+            name=f"k={config.k} T={config.temperature} lambda={config.lambda_}",
+        )
+        confirmed.append(
+            {
+                **config.to_dict(),
+                "bleu": result.bleu,
+                "chrf": result.chrf,
+                "log_likelihood": float(
+                    grid[
+                        ks.index(config.k),
+                        list(temperatures).index(config.temperature),
+                        list(lambdas).index(config.lambda_),
+                    ]
+                ),
+            }
+        )
+        logger.info("dev BLEU %.2f chrF %.2f for %s", result.bleu, result.chrf, config)
+    best_row = max(confirmed, key=lambda r: (r["bleu"], r["log_likelihood"]))
+    best = KNNConfig(k=best_row["k"], lambda_=best_row["lambda_"], temperature=best_row["temperature"])
+    return TuningResult(
+        list(ks),
+        [float(t) for t in temperatures],
+        [float(x) for x in lambdas],
+        grid,
+        len(log_mt),
+        base_ll,
+        confirmed,
+        best,
+    )
+
+
+def plot_grid(result: TuningResult, path: str | Path) -> Path:
+    """Heatmap of the best-over-λ mean log-likelihood for each (k, τ), best cell marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best_over_lambda = result.log_likelihood.max(axis=2)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    image = ax.imshow(best_over_lambda, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(result.temperatures)), [f"{t:g}" for t in result.temperatures])
+    ax.set_yticks(range(len(result.ks)), [str(k) for k in result.ks])
+    ax.set_xlabel("temperature τ")
+    ax.set_ylabel("k")
+    ax.set_title(f"dev token log-likelihood (best λ per cell); plain model {result.base_log_likelihood:.3f}")
+    i, j = result.ks.index(result.best.k), result.temperatures.index(result.best.temperature)
+    ax.scatter([j], [i], marker="*", s=160, c="red", label=f"chosen: λ={result.best.lambda_:g}")
+    for (r, c), value in np.ndenumerate(best_over_lambda):
+        ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

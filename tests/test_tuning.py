@@ -1,0 +1,120 @@
+"""`knnmt tune`: the log-likelihood grid against references, and the tuning loop end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from knnmt.cli import EXIT_OK, main
+from knnmt.config import KNNConfig
+from knnmt.translator import KNNMT
+from knnmt.tuning import grid_log_likelihood, reference_statistics, tune
+
+
+def test_grid_matches_a_per_token_loop() -> None:
+    rng = np.random.default_rng(0)
+    tokens, k_max = 30, 6
+    log_mt = np.log(rng.uniform(0.01, 1.0, tokens))
+    distances = np.sort(rng.uniform(0, 50, (tokens, k_max)), axis=1)
+    distances[3, 4:] = np.inf  # missing neighbours
+    match = rng.random((tokens, k_max)) < 0.4
+    match[5] = False  # no neighbour votes for the reference token
+    ks, temps, lambdas = [1, 3, 6], [1.0, 10.0], [0.0, 0.3, 1.0]
+    grid = grid_log_likelihood(log_mt, distances, match, ks, temps, lambdas)
+    for (i, k), (j, tau), (m, lam) in itertools.product(enumerate(ks), enumerate(temps), enumerate(lambdas)):
+        total = 0.0
+        for t in range(tokens):
+            weights = [np.exp(-d / tau) for d in distances[t, :k] if np.isfinite(d)]
+            hit = sum(np.exp(-d / tau) for d, ok in zip(distances[t, :k], match[t, :k], strict=True) if ok)
+            p_knn = hit / sum(weights) if weights else 0.0
+            p = lam * p_knn + (1 - lam) * np.exp(log_mt[t])
+            total += np.log(p) if p > 0 else -np.inf
+        assert grid[i, j, m] == pytest.approx(total / tokens, rel=1e-9, abs=1e-12)
+
+
+def test_grid_agrees_with_explain(translator: KNNMT, toy_pairs: list[tuple[str, str]]) -> None:
+    """The cheap grid score of one setting equals the mean log P(y_t) the generation path gives."""
+    pairs = toy_pairs[:6]
+    sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
+    config = KNNConfig(k=4, lambda_=0.4, temperature=10.0)
+    log_mt, distances, match = reference_statistics(translator, sources, refs, k_max=8)
+    grid = grid_log_likelihood(log_mt, distances, match, [4], [10.0], [0.4])
+    explained = [tok for s, r in pairs for tok in translator.explain(s, r, config)]
+    assert len(explained) == len(log_mt)
+    expected = np.mean([np.log(tok.p_final) for tok in explained])
+    assert grid[0, 0, 0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_tune_prefers_retrieval_when_the_memory_holds_the_answers(
+    translator: KNNMT, toy_pairs: list[tuple[str, str]]
+) -> None:
+    pairs = toy_pairs[:8]  # in the datastore: retrieval is exactly right, the random model is not
+    result = tune(
+        translator,
+        [s for s, _ in pairs],
+        [t for _, t in pairs],
+        ks=[1, 4],
+        temperatures=[1.0, 100.0],
+        lambdas=[0.0, 0.5, 0.9],
+        confirm=2,
+        max_new_tokens=40,
+    )
+    assert result.log_likelihood.shape == (2, 2, 3)
+    assert result.best.lambda_ > 0
+    assert result.log_likelihood.max() > result.base_log_likelihood
+    assert len(result.confirmed) == 2 and all("bleu" in row for row in result.confirmed)
+    assert max(row["bleu"] for row in result.confirmed) == max(
+        row["bleu"]
+        for row in result.confirmed
+        if row["k"] == result.best.k and row["lambda_"] == result.best.lambda_
+    )
+
+
+def test_cli_tune_saves_the_choice_and_translate_uses_it(
+    toy_dir: Path, marian: tuple[Any, Any], datastore: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    store_dir = tmp_path / "ds"
+    shutil.copytree(datastore.path, store_dir)
+    src, ref = tmp_path / "dev.en", tmp_path / "dev.de"
+    src.write_text("".join(line + "\n" for line in (toy_dir / "corpus.en").read_text().splitlines()[:6]))
+    ref.write_text("".join(line + "\n" for line in (toy_dir / "corpus.de").read_text().splitlines()[:6]))
+    code = main(
+        [
+            "-q",
+            "tune",
+            "--model",
+            str(toy_dir / "model"),
+            "--datastore",
+            str(store_dir),
+            "--source",
+            str(src),
+            "--reference",
+            str(ref),
+            "--ks",
+            "1,2",
+            "--temperatures",
+            "10,100",
+            "--lambdas",
+            "0,0.5,1",
+            "--confirm",
+            "2",
+            "--max-new-tokens",
+            "40",
+        ]
+    )
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "chosen:" in out
+    saved = json.loads((store_dir / "knn.json").read_text())
+    assert saved["k"] in (1, 2) and saved["lambda_"] in (0.0, 0.5, 1.0)
+    assert (store_dir / "tuning.png").stat().st_size > 1000
+    assert json.loads((store_dir / "tuning.json").read_text())["best"] == saved
+    model, tokenizer = marian
+    assert KNNMT.load((model, tokenizer), store_dir).config == KNNConfig.from_dict(saved)
