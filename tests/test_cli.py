@@ -226,3 +226,14 @@ def test_evaluate_reference_count_mismatch(
     )
     assert code == EXIT_USAGE
     assert "2 source sentences but 1 references" in caplog.text
+
+
+def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "demo", "--toy", "--workdir", str(tmp_path), "--limit", "6"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "BLEU signature" in out and "knn-mt" in out
+    html = (tmp_path / "report.html").read_text()
+    assert "<img" in html and "knn-mt" in html
+    built = (tmp_path / "datastore" / "manifest.json").stat().st_mtime_ns
+    assert main(["-q", "demo", "--toy", "--workdir", str(tmp_path), "--limit", "6"]) == EXIT_OK
+    assert (tmp_path / "datastore" / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt

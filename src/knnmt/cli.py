@@ -142,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build, index, translate and score the bundled example end to end")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its datastore and report")
     d.add_argument("--force", action="store_true", help="rebuild everything")
+    d.add_argument("--limit", type=int, default=500, help="test sentences to translate (0 = all)")
+    d.add_argument(
+        "--toy", action="store_true", help="run on the tiny offline toy model even if a real one ships"
+    )
     return parser
 
 
@@ -395,7 +399,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.workdir), force=args.force, progress=not args.quiet)
+    run_demo(
+        Path(args.workdir), force=args.force, progress=not args.quiet, limit=args.limit or None, toy=args.toy
+    )
     return EXIT_OK
 
 

@@ -1,95 +1,264 @@
 """``knnmt demo``: the whole pipeline end to end on the example that ships with knnmt.
 
-Until the bundled English→German model lands, the demo runs on the offline toy world of
-:mod:`knnmt.toy`: a tiny *random* Marian model (its own translations are noise) and a synthetic
-corpus, so what it shows is the mechanics (build, index, retrieve, interpolate, score, explain)
-and how retrieval from a translation memory moves the output towards the domain.
+With the bundled English→German model (``models/opus-knnmt-en-de-small``, trained on software UI
+strings) and the shipped LibreOffice-help corpus (``data/target``), the demo adapts the model to
+the help domain: it builds the datastore and index from the training pairs, translates the test
+set with the plain model and with kNN-MT, and reports BLEU/chrF (sacreBLEU), speed, and examples
+where retrieval changed the output together with their nearest neighbours. Without the bundled
+files (e.g. an installed wheel) it runs the same steps on the offline toy world of :mod:`knnmt.toy`.
+Everything is written to the work directory; a re-run reuses what is already built.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import html
+import io
 import logging
 import time
 from pathlib import Path
+from typing import Any
+
+from sacrebleu.metrics import BLEU
 
 from .build import build_datastore
 from .config import BuildConfig, KNNConfig
-from .corpus import CorpusSpec
+from .corpus import CorpusSpec, read_lines
 from .datastore import MANIFEST, Datastore
-from .evaluation import evaluate, format_table
-from .index import build_index
+from .evaluation import SystemScore, evaluate, format_table
+from .index import INDEX_FILE, build_index
 from .toy import build_toy_model, toy_corpus
-from .translator import KNNMT, load_model
+from .translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
 
 logger = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[2]
+BUNDLED_MODEL = REPO / "models" / "opus-knnmt-en-de-small"
+BUNDLED_DATA = REPO / "data" / "target"
 
-def _write_pairs(pairs: list[tuple[str, str]], stem: Path) -> None:
-    stem.with_suffix(".en").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
-    stem.with_suffix(".de").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+
+@dataclasses.dataclass(frozen=True)
+class DemoInputs:
+    """What the demo runs on."""
+
+    title: str
+    model: str
+    memory: CorpusSpec
+    test_sources: list[str]
+    test_references: list[str]
+    knn: KNNConfig
 
 
-def run_demo(workdir: Path, force: bool = False, progress: bool = True) -> str:
-    """Run the demo in ``workdir`` (reusing what is built unless ``force``); returns the report text."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def _split_tsv(path: Path) -> tuple[list[str], list[str]]:
+    rows = [line.split("\t") for line in read_lines(str(path))]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def bundled_inputs(limit: int | None) -> DemoInputs | None:
+    """The shipped model and LibreOffice-help corpus, when this is a source checkout that has them."""
+    if not (BUNDLED_MODEL / "config.json").is_file() or not (BUNDLED_DATA / "test.tsv").is_file():
+        return None
+    sources, references = _split_tsv(BUNDLED_DATA / "test.tsv")
+    return DemoInputs(
+        title="English→German UI model adapted to LibreOffice help by kNN-MT",
+        model=str(BUNDLED_MODEL),
+        memory=CorpusSpec((str(BUNDLED_DATA / "train.tsv"),), "tsv"),
+        test_sources=sources[:limit],
+        test_references=references[:limit],
+        knn=KNNConfig(k=8, lambda_=0.5, temperature=10.0),
+    )
+
+
+def toy_inputs(workdir: Path, force: bool, limit: int | None) -> DemoInputs:
+    """A tiny random model and a synthetic corpus (the mechanics only: plain scores are noise)."""
     model_dir = workdir / "toy"
     if force or not (model_dir / "model" / "config.json").is_file():
-        logger.info("creating the toy model in %s", model_dir)
         build_toy_model(model_dir, n_sentences=400)
     pairs = list(dict.fromkeys(toy_corpus(3000, seed=7)))
-    memory, test = pairs[:-100], pairs[-100:]
-    test_set = {p[0] for p in test}
-    memory = [p for p in memory if p[0] not in test_set]
-    _write_pairs(memory, workdir / "memory")
-    _write_pairs(test, workdir / "test")
+    test = pairs[-100:][:limit]
+    held_out = {s for s, _ in test}
+    memory = [p for p in pairs[:-100] if p[0] not in held_out]
+    (workdir / "memory.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in memory), encoding="utf-8")
+    return DemoInputs(
+        title="toy world: a random tiny Marian model and a synthetic corpus (mechanics only)",
+        model=str(model_dir / "model"),
+        memory=CorpusSpec((str(workdir / "memory.tsv"),), "tsv"),
+        test_sources=[s for s, _ in test],
+        test_references=[t for _, t in test],
+        knn=KNNConfig(k=8, lambda_=0.8, temperature=100.0),
+    )
 
-    model, tokenizer = load_model(str(model_dir / "model"))
+
+def _examples(
+    knn: KNNMT, base: list[Translation], mixed: list[Translation], refs: list[str], n: int = 4
+) -> list[dict[str, Any]]:
+    """Sentences where kNN-MT changed the output, most improved first, with the tokens retrieval decided."""
+    bleu = BLEU(effective_order=True)
+    changed = []
+    for b, m, r in zip(base, mixed, refs, strict=True):
+        if b.text != m.text:
+            gain = bleu.sentence_score(m.text, [r]).score - bleu.sentence_score(b.text, [r]).score
+            changed.append((gain, b, m, r))
+    changed.sort(key=lambda row: -row[0])
+    out = []
+    for gain, b, m, r in changed[:n]:
+        tokens: list[TokenExplanation] = knn.explain(m.source, m.token_ids)
+        decisive = sorted(tokens, key=lambda t: -(t.p_final - t.p_mt))[:3]
+        out.append(
+            {
+                "source": m.source,
+                "plain": b.text,
+                "knn": m.text,
+                "reference": r,
+                "gain": gain,
+                "tokens": sorted(decisive, key=lambda t: t.position),
+            }
+        )
+    return out
+
+
+def _plot(scores: list[SystemScore]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0), dpi=110)
+    names = [s.name for s in scores]
+    for ax, values, label in (
+        (axes[0], [(s.bleu, s.chrf) for s in scores], "score"),
+        (axes[1], [(s.tokens_per_second,) for s in scores], "target tokens/s"),
+    ):
+        width = 0.8 / len(values[0])
+        for j in range(len(values[0])):
+            ax.bar(
+                [i + j * width for i in range(len(names))],
+                [v[j] for v in values],
+                width=width,
+                label=["BLEU", "chrF"][j] if len(values[0]) > 1 else None,
+            )
+        ax.set_xticks([i + (len(values[0]) - 1) * width / 2 for i in range(len(names))], names)
+        ax.set_ylabel(label)
+        if len(values[0]) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _html(
+    title: str, facts: list[str], scores: list[SystemScore], examples: list[dict[str, Any]], png: bytes
+) -> str:
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(s.name)}</td><td>{s.bleu:.2f}</td><td>{s.chrf:.2f}</td><td>{s.tokens_per_second:.1f}</td>"
+        f"<td>{s.seconds:.1f}</td></tr>"
+        for s in scores
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>knnmt demo</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.2em .6em;text-align:left}"
+        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}.n{color:#555;font-size:90%}"
+        f"</style></head><body><h1>knnmt demo</h1><p>{e(title)}</p><ul>"
+        + "".join(f"<li>{e(f)}</li>" for f in facts)
+        + "</ul>",
+        f"<table><tr><th>system</th><th>BLEU</th><th>chrF</th><th>tok/s</th><th>seconds</th></tr>{rows}</table>",
+        f"<p class='n'>{e(scores[0].bleu_signature)}<br>{e(scores[0].chrf_signature)}</p>",
+        f"<img alt='scores and speed' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
+        "<h2>Where retrieval changed the translation</h2>",
+    ]
+    for ex in examples:
+        parts.append(
+            f"<h3>{e(ex['source'])}</h3><p>plain: {e(ex['plain'])}<br><b>kNN-MT: {e(ex['knn'])}</b>"
+            f"<br>reference: {e(ex['reference'])}</p><ul>"
+        )
+        for tok in ex["tokens"]:
+            neighbours = "".join(
+                f"<li>{e(n.token)} (d={n.distance:.1f}) from “{e(n.target or '')}” "
+                f"(sentence {n.sentence_id}, position {n.position})</li>"
+                for n in tok.neighbours[:3]
+            )
+            parts.append(
+                f"<li><b>{e(tok.token)}</b>: p_MT={tok.p_mt:.3f}, p_kNN={tok.p_knn:.3f}, "
+                f"mixed={tok.p_final:.3f}<ul class='n'>{neighbours}</ul></li>"
+            )
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def run_demo(
+    workdir: Path, force: bool = False, progress: bool = True, limit: int | None = 500, toy: bool = False
+) -> str:
+    """Run the demo in ``workdir`` (reusing what is built unless ``force``); returns the text report.
+
+    ``toy`` forces the offline toy world even where the bundled model is present."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    inputs = (None if toy else bundled_inputs(limit)) or toy_inputs(workdir, force, limit)
+    model, tokenizer = load_model(inputs.model)
     store_dir = workdir / "datastore"
     start = time.perf_counter()
     if force or not (store_dir / MANIFEST).is_file():
         build_datastore(
             model,
             tokenizer,
-            CorpusSpec((str(workdir / "memory.en"), str(workdir / "memory.de")), "text"),
+            inputs.memory,
             store_dir,
             BuildConfig(),
             force=True,
-            model_name="knnmt-toy",
+            model_name=inputs.model,
             progress=progress,
         )
+    else:
+        logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
     store = Datastore.open(store_dir)
-    if force or not (store_dir / "index" / "index.faiss").is_file():
+    if force or not (store_dir / "index" / INDEX_FILE).is_file():
         build_index(store, out=store_dir / "index", progress=progress, force=True)
     build_seconds = time.perf_counter() - start
-    knn = KNNMT.load((model, tokenizer), store_dir, config=KNNConfig(k=8, lambda_=0.8, temperature=100.0))
-    sources, references = [s for s, _ in test], [t for _, t in test]
-    scores, outputs = evaluate(knn, sources, references, batch_size=32, max_new_tokens=48, progress=progress)
+    tuned = store_dir / KNN_CONFIG_FILE
+    config = KNNConfig.load(tuned) if tuned.is_file() else inputs.knn
+    knn = KNNMT.load((model, tokenizer), store_dir, config=config)
+    scores, outputs = evaluate(
+        knn, inputs.test_sources, inputs.test_references, batch_size=32, max_new_tokens=128, progress=progress
+    )
+    facts = [
+        f"model: {inputs.model}",
+        f"datastore: {store.count:,} entries from {store.manifest['sentences']:,} sentence pairs, "
+        f"{store.describe()['bytes_on_disk'] / 2**20:.0f} MB; index {knn.index.factory}; "
+        f"built (or reused) in {build_seconds:.0f} s",
+        f"kNN-MT: k={config.k}, λ={config.lambda_}, τ={config.temperature}"
+        + (" (tuned)" if tuned.is_file() else " (defaults; `knnmt tune` picks better ones)"),
+        f"test: {len(inputs.test_sources)} sentences, greedy decoding, batch 32",
+    ]
+    examples = _examples(knn, outputs["base"], outputs["knn-mt"], inputs.test_references)
     lines = [
-        "knnmt demo (toy world: random tiny Marian model + synthetic corpus)",
-        f"datastore: {store.count} entries from {store.manifest['sentences']} sentences, index "
-        f"{knn.index.factory}, built/loaded in {build_seconds:.1f}s",
+        "knnmt demo: " + inputs.title,
+        *facts,
         "",
         format_table(scores),
         "",
-        "Examples where kNN-MT changed the output:",
+        "Where retrieval changed the translation (most improved first):",
     ]
-    shown = 0
-    for base, mixed, ref in zip(outputs["base"], outputs["knn-mt"], references, strict=True):
-        if base.text == mixed.text or shown == 3:
-            continue
-        shown += 1
+    for ex in examples:
         lines += [
-            f"  source   : {base.source}",
-            f"  plain    : {base.text}",
-            f"  kNN-MT   : {mixed.text}",
-            f"  reference: {ref}",
+            f"  source   : {ex['source']}",
+            f"  plain    : {ex['plain']}",
+            f"  kNN-MT   : {ex['knn']}",
+            f"  reference: {ex['reference']}",
         ]
-        for tok in knn.explain(base.source, mixed.token_ids)[:3]:
+        for tok in ex["tokens"]:
             best = tok.neighbours[0] if tok.neighbours else None
             memo = f"{best.token!r} d={best.distance:.1f} from “{best.target}”" if best else "-"
             lines.append(f"    {tok.token!r}: p_MT={tok.p_mt:.3f} p_kNN={tok.p_knn:.3f}  nearest: {memo}")
         lines.append("")
     report = "\n".join(lines)
     (workdir / "report.txt").write_text(report + "\n", encoding="utf-8")
+    (workdir / "report.html").write_text(
+        _html(inputs.title, facts, scores, examples, _plot(scores)), encoding="utf-8"
+    )
     print(report)
+    print(f"HTML report: {workdir / 'report.html'}")
     return report

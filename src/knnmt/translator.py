@@ -245,6 +245,9 @@ class KNNMT:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         knn_config = self.config if knn is True else (knn or None)
         gen = {**self.generate_defaults, **generate_kwargs}
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and gen.get("max_new_tokens", 0) >= positions:
+            gen["max_new_tokens"] = positions - 1  # beyond, learned/sinusoidal position tables overflow
         if gen.get("num_return_sequences", 1) != 1:
             raise UsageError(
                 "num_return_sequences > 1 is not supported by translate(); call generate() directly"
