@@ -161,6 +161,11 @@ def test_translate_stdin_to_stdout_with_neighbours(
     assert first["neighbours"][0]["sentence_id"] == 0 and first["neighbours"][0]["position"] == 0
 
 
+def _evaluate_args(toy: Path, datastore: Path, src: Path, ref: Path, *extra: str) -> list[str]:
+    return ["-q", "evaluate", "--model", str(toy / "model"), "--datastore", str(datastore),
+            "--source", str(src), "--reference", str(ref), *extra]  # fmt: skip
+
+
 def test_index_then_evaluate_prints_scores_with_signatures(
     toy: Path, datastore: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,28 +178,8 @@ def test_index_then_evaluate_prints_scores_with_signatures(
     src.write_text("".join(line + "\n" for line in (toy / "corpus.en").read_text().splitlines()[:8]))
     ref.write_text("".join(line + "\n" for line in (toy / "corpus.de").read_text().splitlines()[:8]))
     scores_file = toy / "scores.json"
-    code = main(
-        [
-            "-q",
-            "evaluate",
-            "--model",
-            str(toy / "model"),
-            "--datastore",
-            str(datastore),
-            "--source",
-            str(src),
-            "--reference",
-            str(ref),
-            "--k",
-            "1",
-            "--lambda",
-            "1",
-            "--max-new-tokens",
-            "40",
-            "--json",
-            str(scores_file),
-        ]
-    )
+    extra = ["--k", "1", "--lambda", "1", "--max-new-tokens", "40", "--json", str(scores_file)]
+    code = main(_evaluate_args(toy, datastore, src, ref, *extra))
     assert code == EXIT_OK
     out = capsys.readouterr().out
     assert "BLEU signature: nrefs:1" in out and "chrF signature:" in out
@@ -210,20 +195,7 @@ def test_evaluate_reference_count_mismatch(
     src, ref = toy / "m.en", toy / "m.de"
     src.write_text("a\nb\n")
     ref.write_text("a\n")
-    code = main(
-        [
-            "-q",
-            "evaluate",
-            "--model",
-            str(toy / "model"),
-            "--datastore",
-            str(datastore),
-            "--source",
-            str(src),
-            "--reference",
-            str(ref),
-        ]
-    )
+    code = main(_evaluate_args(toy, datastore, src, ref))
     assert code == EXIT_USAGE
     assert "2 source sentences but 1 references" in caplog.text
 
