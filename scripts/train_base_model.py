@@ -578,7 +578,8 @@ print(tok.batch_decode(model.generate(**batch), skip_special_tokens=True))  # be
 
 Size choice: throughput of a few training steps (`--bench`, 4096-token batches, on the shared 2-core machine
 while other jobs ran, so ± noisy): 256/6+3 layers (10.1M params) 206 target tok/s in fp32, 297 with bf16
-autocast; 256/3+3 layers (7.7M) 295 fp32, 318 bf16; 384/6+3 was slower still. bf16 autocast is faster here
+autocast; 256/3+3 layers (7.7M) 295 fp32, 318 bf16 (384/6+3 was stopped unmeasured).
+bf16 autocast is faster here
 (the CPU has AVX512-BF16) and is kept. The deeper encoder cost only ~7% throughput under bf16, so the 6+3
 model was chosen. At ~300 target tokens/s the budget allows well under one epoch, hence the small
 (2048-token) batches and short warm-up, to get more updates.
