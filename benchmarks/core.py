@@ -195,7 +195,14 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
         "rerank": knn.index.rerank,
     }
     for beams in (1, 4):
-        gen = {"num_beams": beams, "max_new_tokens": args.max_new_tokens, "batch_size": 32}
+        # a random model rarely emits </s>, and kNN-MT changes when it does: fix every output at
+        # max_new_tokens so that both systems do the same number of steps and emit the same tokens
+        gen = {
+            "num_beams": beams,
+            "max_new_tokens": args.max_new_tokens,
+            "min_new_tokens": args.max_new_tokens,
+            "batch_size": 32,
+        }
         timed_translate(knn, sources[:32], knn=True, **gen)  # warm-up (page cache, allocator)
         rates: dict[str, list[float]] = {"base": [], "knn": []}
         for _ in range(args.repeats):  # interleaved, so that drifting machine load hits both alike
