@@ -25,7 +25,8 @@ from sacrebleu.metrics import BLEU
 from .build import build_datastore
 from .config import BuildConfig, KNNConfig
 from .corpus import CorpusSpec, read_lines
-from .datastore import MANIFEST, Datastore
+from .datastore import MANIFEST, Datastore, read_manifest
+from .errors import DatastoreError, IncompatibleError
 from .evaluation import SystemScore, evaluate, format_table
 from .index import INDEX_FILE, build_index
 from .toy import build_toy_model, toy_corpus
@@ -201,17 +202,31 @@ def run_demo(
     model, tokenizer = load_model(inputs.model)
     store_dir = workdir / "datastore"
     start = time.perf_counter()
-    if force or not (store_dir / MANIFEST).is_file():
-        build_datastore(
-            model,
-            tokenizer,
-            inputs.memory,
-            store_dir,
-            BuildConfig(),
-            force=True,
-            model_name=inputs.model,
-            progress=progress,
-        )
+    complete = (store_dir / MANIFEST).is_file() and read_manifest(store_dir).get("state") == "complete"
+    if force or not complete:
+        try:  # resumes an interrupted build of the same corpus with the same model
+            build_datastore(
+                model,
+                tokenizer,
+                inputs.memory,
+                store_dir,
+                BuildConfig(),
+                force=force,
+                model_name=inputs.model,
+                progress=progress,
+            )
+        except (DatastoreError, IncompatibleError) as exc:
+            logger.warning("%s; rebuilding the datastore", exc)
+            build_datastore(
+                model,
+                tokenizer,
+                inputs.memory,
+                store_dir,
+                BuildConfig(),
+                force=True,
+                model_name=inputs.model,
+                progress=progress,
+            )
     else:
         logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
     store = Datastore.open(store_dir)

@@ -72,12 +72,18 @@ class Translation:
 
 
 def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """Load a Hugging Face seq2seq model (eval mode) and its tokenizer."""
+    """Load a Hugging Face seq2seq model (eval mode) and its tokenizer.
+
+    ``dtype`` (e.g. ``"bfloat16"``) defaults to float32 on CPU, whatever the checkpoint stores: fp16
+    matrix products on a CPU are many times slower than fp32 ones.
+    """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
+    elif device is None or str(device).startswith("cpu"):
+        kwargs["dtype"] = torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
