@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import io
 import logging
@@ -204,29 +205,15 @@ def run_demo(
     start = time.perf_counter()
     complete = (store_dir / MANIFEST).is_file() and read_manifest(store_dir).get("state") == "complete"
     if force or not complete:
+        build = functools.partial(
+            build_datastore, model, tokenizer, inputs.memory, store_dir, BuildConfig(),
+            model_name=inputs.model, progress=progress,
+        )  # fmt: skip
         try:  # resumes an interrupted build of the same corpus with the same model
-            build_datastore(
-                model,
-                tokenizer,
-                inputs.memory,
-                store_dir,
-                BuildConfig(),
-                force=force,
-                model_name=inputs.model,
-                progress=progress,
-            )
+            build(force=force)
         except (DatastoreError, IncompatibleError) as exc:
             logger.warning("%s; rebuilding the datastore", exc)
-            build_datastore(
-                model,
-                tokenizer,
-                inputs.memory,
-                store_dir,
-                BuildConfig(),
-                force=True,
-                model_name=inputs.model,
-                progress=progress,
-            )
+            build(force=True)
     else:
         logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
     store = Datastore.open(store_dir)
