@@ -50,6 +50,21 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (overrides the saved value)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (overrides the saved value)")
+    p.add_argument(
+        "--retrieval",
+        choices=["index", "subset"],
+        default="index",
+        help="index = search all keys with the faiss index; subset = Subset kNN-MT (knnmt index --subset)",
+    )
+    p.add_argument(
+        "--subset-size", type=int, default=None, help="subset: nearest sentences searched (saved: 512)"
+    )
+    p.add_argument(
+        "--sentence-search", choices=["bm25", "dense"], default=None, help="subset: sentence search"
+    )
+    p.add_argument(
+        "--subset-scorer", choices=["adc", "faiss", "exact"], default=None, help="subset: per-step distances"
+    )
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per generate() call")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest translation in tokens")
@@ -103,6 +118,27 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--rerank", type=int, default=8, help="re-score RERANK x k candidates exactly (0 = off)")
     i.add_argument("--gpu", action="store_true", help="build on GPU when faiss has one")
     i.add_argument("--force", action="store_true", help="replace an existing index")
+    i.add_argument(
+        "--subset", action="store_true", help="build the Subset kNN-MT index (<datastore>/subset) instead"
+    )
+    i.add_argument(
+        "--sentence-search", choices=["bm25", "dense"], default="bm25", help="subset: how sentences are found"
+    )
+    i.add_argument(
+        "--subset-size", type=int, default=512, help="subset: nearest sentences searched per input"
+    )
+    i.add_argument("--pq-m", type=int, default=0, help="subset: PQ bytes per key (0 = dim/8)")
+    i.add_argument("--pq-bits", type=int, default=8, help="subset: bits per PQ code")
+    i.add_argument(
+        "--scorer",
+        choices=["adc", "faiss", "exact"],
+        default="adc",
+        help="subset: default per-step distances",
+    )
+    i.add_argument(
+        "--model", default=None, help="subset with dense search: the datastore's model (default: as recorded)"
+    )
+    i.add_argument("--device", default=None, help="subset with dense search: torch device")
 
     t = sub.add_parser("translate", help="translate a file or stdin to stdout")
     _add_model_args(t)
@@ -181,10 +217,19 @@ def _load_knn(args: argparse.Namespace) -> Any:
 
     model, tokenizer = load_model(args.model, args.device)
     index = None if args.index == "exact" else args.index
+    subset = None
+    if args.retrieval == "subset":
+        from .subset import SubsetSearch
+
+        subset = SubsetSearch(
+            subset_size=args.subset_size, sentence_search=args.sentence_search, scorer=args.subset_scorer
+        )
     return KNNMT.load(
         (model, tokenizer),
         args.datastore,
         index=index,
+        retrieval=args.retrieval,
+        subset=subset,
         config=_knn_config(args, args.datastore),
         nprobe=args.nprobe,
         ef_search=args.ef_search,
@@ -247,8 +292,39 @@ def _cmd_index(args: argparse.Namespace) -> int:
         use_gpu=args.gpu,
     )
     store = Datastore.open(args.datastore)
+    if args.subset:
+        return _index_subset(args, store)
     index = build_index(store, config, args.out, progress=not args.quiet, force=args.force)
     print(json.dumps(index.settings, indent=2))
+    return EXIT_OK
+
+
+def _index_subset(args: argparse.Namespace, store: Any) -> int:
+    from .subset import SubsetConfig, build_subset_index
+    from .translator import load_model
+
+    config = SubsetConfig(
+        sentence_search=args.sentence_search,
+        subset_size=args.subset_size,
+        pq_m=args.pq_m,
+        pq_bits=args.pq_bits,
+        train_size=args.train_size,
+        rerank=args.rerank,
+        scorer=args.scorer,
+    )
+    model = tokenizer = None
+    if args.sentence_search == "dense":
+        model, tokenizer = load_model(args.model or store.manifest["model"]["name"], args.device)
+    subset = build_subset_index(
+        store,
+        config,
+        model=model,
+        tokenizer=tokenizer,
+        out=args.out,
+        progress=not args.quiet,
+        force=args.force,
+    )
+    print(json.dumps(subset.settings, indent=2))
     return EXIT_OK
 
 
@@ -293,7 +369,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(scores))
     print(
         f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
-        f"index={knn.index.factory} beam={args.beam}"
+        f"{_retrieval_name(knn)} beam={args.beam}"
     )
     if args.json:
         Path(args.json).write_text(
@@ -305,6 +381,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         for name, translations in outputs.items():
             (out / f"{name}.txt").write_text("".join(t.text + "\n" for t in translations), encoding="utf-8")
     return EXIT_OK
+
+
+def _retrieval_name(knn: Any) -> str:
+    describe = getattr(knn.retriever, "describe", None)
+    return f"retrieval={describe()}" if describe else f"index={knn.index.factory}"
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -385,6 +466,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if settings.is_file():
         s = json.loads(settings.read_text(encoding="utf-8"))
         info["index"] = {k: s.get(k) for k in ("factory", "ntotal", "nprobe", "ef_search", "build_seconds")}
+    subset_settings = path / "subset" / "subset.json"
+    if subset_settings.is_file():
+        s = json.loads(subset_settings.read_text(encoding="utf-8"))
+        info["subset"] = {k: s.get(k) for k in ("sentence_search", "subset_size", "scorer", "rerank", "pq")}
     knn_file = path / KNN_CONFIG_FILE
     if knn_file.is_file():
         info["knn"] = json.loads(knn_file.read_text(encoding="utf-8"))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from .datastore import Datastore
 from .index import SearchIndex
@@ -20,6 +22,33 @@ class Retriever(Protocol):
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(D [n, k] float32 squared L2, I [n, k] int64 global entry ids, -1 missing)``."""
         ...
+
+
+def prepare_retrieval(
+    retriever: Retriever, model: Any, sources: Sequence[str], inputs: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Give a sentence-dependent retriever its batch before decoding; returns extra ``generate`` kwargs.
+
+    A retriever may define ``prepare(sources, encoder_states=None, attention_mask=None)`` (called once
+    per ``generate`` batch, sources in batch order) and ``needs_encoder_states``. When it needs them,
+    the encoder is run here once and its output is returned as ``{"encoder_outputs": ...}`` so that
+    ``generate`` reuses it instead of encoding again. Retrievers without ``prepare`` cost nothing.
+
+    Args:
+        sources: the batch's source sentences (without model prefix).
+        inputs: the tokenised batch (``input_ids``, ``attention_mask`` ``[B, L]``).
+    """
+    prepare = getattr(retriever, "prepare", None)
+    if prepare is None:
+        return {}
+    if not getattr(retriever, "needs_encoder_states", False):
+        prepare(list(sources))
+        return {}
+    encoder_outputs = model.get_encoder()(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=True
+    )
+    prepare(list(sources), encoder_outputs.last_hidden_state, inputs["attention_mask"])
+    return {"encoder_outputs": encoder_outputs}
 
 
 class IndexRetriever:

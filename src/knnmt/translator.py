@@ -21,7 +21,7 @@ from .generation import knn_generation
 from .index import INDEX_FILE, SearchIndex, exact_index
 from .models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
 from .retrieval import knn_log_probs
-from .search import IndexRetriever, Retriever
+from .search import IndexRetriever, Retriever, prepare_retrieval
 from .teacher_forcing import ActivationCapture, decoder_inputs
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class KNNMT:
             datastore.check_compatible(
                 model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model, self.key_layer)
             )
-        self.index = index if index is not None else exact_index(datastore)
+        self._index = index  # None: an exact index is built on first use (not needed by a given retriever)
         self.config = config or KNNConfig()
         self.retriever = retriever or IndexRetriever(self.index, datastore)
         tokenization = datastore.manifest.get("tokenization", {})
@@ -158,6 +158,13 @@ class KNNMT:
             model, tokenizer, tokenization.get("src_lang"), tokenization.get("tgt_lang")
         )
         self.last_stats: dict[str, int] = {}
+
+    @property
+    def index(self) -> SearchIndex:
+        """The faiss index of vanilla retrieval (if none was given, an exact one built on first use)."""
+        if self._index is None:
+            self._index = exact_index(self.datastore)
+        return self._index
 
     @classmethod
     def load(
@@ -172,13 +179,37 @@ class KNNMT:
         rerank: int | None = None,
         src_lang: str | None = None,
         tgt_lang: str | None = None,
+        retrieval: str = "index",
+        subset: Any = None,
     ) -> KNNMT:
         """Load model, datastore and index; ``index="auto"`` uses ``<datastore>/index`` if built, else exact
         search; ``None`` forces exact search. ``config`` defaults to ``<datastore>/knn.json`` (from tuning)
-        or :class:`KNNConfig` defaults."""
+        or :class:`KNNConfig` defaults.
+
+        ``retrieval="subset"`` uses Subset kNN-MT (:mod:`knnmt.subset`, built by ``knnmt index --subset``)
+        instead of the faiss index; ``subset`` (a :class:`knnmt.subset.SubsetSearch`) overrides its saved
+        search settings."""
         model_obj, tokenizer = load_model(model, device) if isinstance(model, str) else model
         set_languages(model_obj, tokenizer, src_lang, tgt_lang)
         store = Datastore.open(datastore)
+        if config is None:
+            saved = store.path / KNN_CONFIG_FILE
+            config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+        if retrieval == "subset":
+            from .subset import SubsetRetriever, SubsetSearch
+
+            options = subset or SubsetSearch()
+            device_name = str(next(model_obj.parameters()).device)
+            options = dataclasses.replace(
+                options,
+                rerank=options.rerank if rerank is None else rerank,
+                device=options.device or device_name,
+            )
+            return cls(
+                model_obj, tokenizer, store, None, config, SubsetRetriever.load(store, options=options)
+            )
+        if retrieval != "index":
+            raise UsageError(f"retrieval must be 'index' or 'subset', got {retrieval!r}")
         search_index: SearchIndex | None = None
         if index == "auto":
             default = store.path / "index"
@@ -188,9 +219,6 @@ class KNNMT:
                 )
         elif index is not None:
             search_index = SearchIndex.load(index, store, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
-        if config is None:
-            saved = store.path / KNN_CONFIG_FILE
-            config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
         return cls(model_obj, tokenizer, store, search_index, config)
 
     # ---- translation ----------------------------------------------------------------------
@@ -212,6 +240,7 @@ class KNNMT:
             if knn is None:
                 out = self.model.generate(**inputs, **gen)
             else:
+                extra = prepare_retrieval(self.retriever, self.model, sources, inputs)
                 with knn_generation(
                     self.model,
                     self.retriever,
@@ -221,7 +250,7 @@ class KNNMT:
                     finished_ids=self._finished_ids(),
                     key_layer=self.key_layer,
                 ) as proc:
-                    out = self.model.generate(**inputs, logits_processor=[proc], **gen)
+                    out = self.model.generate(**inputs, logits_processor=[proc], **extra, **gen)
                 for key, value in proc.stats.as_dict().items():
                     self.last_stats[key] = self.last_stats.get(key, 0) + value
         sequences = out.sequences if hasattr(out, "sequences") else out
@@ -333,8 +362,11 @@ class KNNMT:
         labels = torch.tensor([label_ids], device=self.device)
         inputs = tok([self.source_prefix + source], return_tensors="pt", truncation=True).to(self.device)
         module = self._key_module()
+        extra = prepare_retrieval(self.retriever, self.model, [source], inputs)
         with ActivationCapture(module) as capture:
-            logits = self.model(**inputs, decoder_input_ids=decoder_inputs(self.model, labels)).logits[0]
+            logits = self.model(
+                **inputs, **extra, decoder_input_ids=decoder_inputs(self.model, labels)
+            ).logits[0]
             assert capture.last is not None
             queries = capture.last[0].float().cpu()
         log_mt = torch.log_softmax(logits.float().cpu(), dim=-1)

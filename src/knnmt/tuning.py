@@ -23,6 +23,7 @@ import torch
 from .config import KNNConfig
 from .errors import UsageError
 from .evaluation import score
+from .search import prepare_retrieval
 from .teacher_forcing import (
     ActivationCapture,
     EncodedPair,
@@ -85,18 +86,25 @@ def reference_statistics(
         batch: list[EncodedPair] = [encoded[i] for i in batch_idx]
         src, mask = pad_sequences([p.source_ids for p in batch], pad)
         labels, label_mask = pad_sequences([p.target_ids for p in batch], pad)
+        src, mask = src.to(knn.device), mask.to(knn.device)
+        # sentence-dependent retrievers (Subset kNN-MT) select each sentence's subset first
+        extra = prepare_retrieval(
+            knn.retriever, knn.model, [p.source for p in batch], {"input_ids": src, "attention_mask": mask}
+        )
         with ActivationCapture(module) as capture:
             logits = knn.model(
-                input_ids=src.to(knn.device),
-                attention_mask=mask.to(knn.device),
+                input_ids=src,
+                attention_mask=mask,
                 decoder_input_ids=decoder_inputs(knn.model, labels).to(knn.device),
+                **extra,
             ).logits
             assert capture.last is not None
             queries = capture.last.float().cpu()
         logp = torch.log_softmax(logits.float().cpu(), dim=-1).gather(2, labels.unsqueeze(2)).squeeze(2)
         keep = label_mask.bool()
         q = queries[keep].numpy()
-        distances, ids = knn.retriever.search(q, k_max, np.zeros(len(q), dtype=np.int64))
+        groups = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep].numpy()  # sentence of each query
+        distances, ids = knn.retriever.search(q, k_max, groups)
         values = np.where(ids >= 0, knn.datastore.values[np.clip(ids, 0, None)], -1)
         gold = labels[keep].numpy()
         log_mt.append(logp[keep].numpy())

@@ -1,0 +1,244 @@
+"""Sentence search for Subset kNN-MT: the datastore sentences whose *source* side is nearest to an input.
+
+Two interchangeable searchers, both stored in a directory and returning ``[B, n]`` int64 global
+sentence ids (``-1`` where fewer than ``n`` were found):
+
+* :class:`BM25SentenceSearch` - lexical, BM25 over lower-cased word tokens (``bm25s``, in process,
+  no server); sentences sharing no word with the input are not returned.
+* :class:`DenseSentenceSearch` - the model's own encoder states mean-pooled over the non-pad tokens
+  and L2-normalised (so nearest by L2 = nearest by cosine), in a faiss index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .datastore import Datastore, write_json_atomic
+from .errors import DatastoreError, UsageError
+from .index import auto_factory, omp_threads
+
+logger = logging.getLogger(__name__)
+
+SENTENCE_SEARCHES: tuple[str, ...] = ("bm25", "dense")
+
+
+class SentenceSearch(Protocol):
+    """Finds the ``n`` datastore sentences nearest to each input sentence."""
+
+    kind: str
+    #: whether :meth:`search` needs sentence embeddings (from the model's encoder) or only the text
+    needs_encoder_states: bool
+
+    def search(self, sources: Sequence[str], embeddings: np.ndarray | None, n: int) -> np.ndarray:
+        """``[len(sources), n]`` int64 sentence ids, best first, ``-1`` where fewer were found.
+
+        Args:
+            sources: the input sentences (without any model-specific prefix).
+            embeddings: ``[len(sources), d]`` float32 from :func:`mean_pool` (dense search only).
+        """
+        ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+def datastore_sources(datastore: Datastore) -> Iterator[str]:
+    """The source side of every datastore sentence, in global sentence-id order."""
+    for shard in datastore.shards:
+        with (shard.path / "sentences.jsonl").open(encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)["src"]
+
+
+# ---- BM25 ------------------------------------------------------------------------------------
+
+
+def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+    """Lower-cased word tokens (2+ word characters), no stemming, no stop-word list (any language)."""
+    import bm25s
+
+    tokens: list[list[str]] = bm25s.tokenize(
+        list(texts), lower=True, stopwords=None, return_ids=False, show_progress=False
+    )
+    return tokens
+
+
+class BM25SentenceSearch:
+    """Lexical sentence search with BM25 (``bm25s``: sparse matrices, in process)."""
+
+    kind = "bm25"
+    needs_encoder_states = False
+
+    def __init__(self, bm25: Any) -> None:
+        self.bm25 = bm25
+        self.count = int(bm25.scores["num_docs"])
+
+    @classmethod
+    def build(cls, sources: Sequence[str], progress: bool = False) -> BM25SentenceSearch:
+        import bm25s
+
+        bm25 = bm25s.BM25()
+        corpus = bm25s.tokenize(list(sources), lower=True, stopwords=None, show_progress=progress)
+        bm25.index(corpus, show_progress=progress)
+        return cls(bm25)
+
+    def search(self, sources: Sequence[str], embeddings: np.ndarray | None, n: int) -> np.ndarray:
+        out = np.full((len(sources), n), -1, dtype=np.int64)
+        if not sources or self.count == 0:
+            return out
+        kk = min(n, self.count)
+        docs, scores = self.bm25.retrieve(
+            bm25_tokens(sources), k=kk, show_progress=False, n_threads=0, sorted=True
+        )
+        docs = np.asarray(docs, dtype=np.int64)
+        out[:, :kk] = np.where(np.asarray(scores) > 0, docs, -1)  # no shared word: not a neighbour
+        return out
+
+    def save(self, directory: Path) -> None:
+        self.bm25.save(str(directory), show_progress=False)
+
+    @classmethod
+    def load(cls, directory: Path) -> BM25SentenceSearch:
+        import bm25s
+
+        try:
+            return cls(bm25s.BM25.load(str(directory), show_progress=False))
+        except (OSError, ValueError, KeyError) as exc:
+            raise DatastoreError(f"cannot read the BM25 sentence index {directory}: {exc}") from None
+
+
+# ---- dense -----------------------------------------------------------------------------------
+
+
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    """L2-normalised mean of encoder states over non-pad tokens.
+
+    Args:
+        states: ``[B, L, d]`` encoder output.
+        attention_mask: ``[B, L]`` (1 for real tokens).
+
+    Returns:
+        ``[B, d]`` float32 numpy array.
+    """
+    mask = attention_mask.to(states.device, dtype=torch.float32).unsqueeze(-1)  # [B, L, 1]
+    summed = (states.float() * mask).sum(1)
+    pooled = summed / mask.sum(1).clamp(min=1.0)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return np.ascontiguousarray(pooled.cpu().numpy(), dtype=np.float32)
+
+
+@torch.inference_mode()
+def embed_sources(
+    model: Any,
+    tokenizer: Any,
+    sources: Sequence[str],
+    *,
+    source_prefix: str = "",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> np.ndarray:
+    """Mean-pooled encoder states of ``sources`` (tokenised as ``KNNMT`` tokenises inputs): ``[n, d]``."""
+    device = next(model.parameters()).device
+    encoder = model.get_encoder()
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out: np.ndarray | None = None
+    bar = tqdm(
+        total=len(sources), unit="sent", desc="embed sources", disable=not progress, dynamic_ncols=True
+    )
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        inputs = tokenizer(
+            [source_prefix + sources[i] for i in rows], return_tensors="pt", padding=True, truncation=True
+        ).to(device)
+        states = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+        pooled = mean_pool(states, inputs["attention_mask"])
+        if out is None:
+            out = np.zeros((len(sources), pooled.shape[1]), dtype=np.float32)
+        out[rows] = pooled
+        bar.update(len(rows))
+    bar.close()
+    if out is None:
+        raise UsageError("no sentences to embed")
+    return out
+
+
+class DenseSentenceSearch:
+    """Sentence search over mean-pooled encoder states in a faiss index (squared L2 on unit vectors)."""
+
+    kind = "dense"
+    needs_encoder_states = True
+    INDEX_FILE = "sentences.faiss"
+
+    def __init__(self, index: Any, nprobe: int = 16) -> None:
+        self.index = index
+        self.count = int(index.ntotal)
+        self.nprobe = nprobe
+        with_params = faiss.ParameterSpace()
+        for name, value in (("nprobe", nprobe), ("efSearch", max(64, nprobe * 8))):
+            with contextlib.suppress(RuntimeError):  # the index has no such parameter (Flat)
+                with_params.set_index_parameter(index, name, value)
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, factory: str = "auto", seed: int = 1234) -> DenseSentenceSearch:
+        """Index ``embeddings`` ``[n, d]``; ``factory="auto"`` is exact (``Flat``) up to 100k sentences."""
+        n, dim = embeddings.shape
+        name = auto_factory(n, dim) if factory == "auto" else factory
+        try:
+            index = faiss.index_factory(dim, name, faiss.METRIC_L2)
+        except RuntimeError as exc:
+            raise UsageError(
+                f"faiss cannot build sentence index {name!r} for dimension {dim}: {exc}"
+            ) from None
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            sample = embeddings[np.sort(rng.choice(n, size=min(n, 100_000), replace=False))]
+            index.train(sample)
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        return cls(index)
+
+    def search(self, sources: Sequence[str], embeddings: np.ndarray | None, n: int) -> np.ndarray:
+        if embeddings is None:
+            raise UsageError("dense sentence search needs the sentences' encoder embeddings")
+        out = np.full((len(embeddings), n), -1, dtype=np.int64)
+        if len(embeddings) == 0 or self.count == 0:
+            return out
+        kk = min(n, self.count)
+        with omp_threads(1):
+            _, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), kk)
+        out[:, :kk] = ids
+        return out
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (self.INDEX_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        tmp.replace(directory / self.INDEX_FILE)
+        write_json_atomic(directory / "settings.json", {"nprobe": self.nprobe, "ntotal": self.count})
+
+    @classmethod
+    def load(cls, directory: Path) -> DenseSentenceSearch:
+        file = directory / cls.INDEX_FILE
+        if not file.is_file():
+            raise DatastoreError(
+                f"dense sentence index {file} is missing; rebuild with `knnmt index --subset`"
+            )
+        settings = json.loads((directory / "settings.json").read_text(encoding="utf-8"))
+        return cls(faiss.read_index(str(file)), nprobe=int(settings.get("nprobe", 16)))
+
+
+def load_sentence_search(kind: str, directory: Path) -> SentenceSearch:
+    """Load the sentence searcher ``kind`` (``"bm25"``/``"dense"``) stored in ``directory``."""
+    if kind == "bm25":
+        return BM25SentenceSearch.load(directory)
+    if kind == "dense":
+        return DenseSentenceSearch.load(directory)
+    raise UsageError(f"unknown sentence search {kind!r}; expected one of {SENTENCE_SEARCHES}")

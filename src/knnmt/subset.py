@@ -1,0 +1,574 @@
+"""Subset kNN-MT (Deguchi et al., ACL 2023): search only the target tokens of the sentences that are
+nearest to the input sentence.
+
+For each source sentence of a ``generate`` call (once, before decoding):
+
+1. a sentence search (:mod:`knnmt.sentence_search`: BM25 or the model's own mean-pooled encoder
+   states) picks the ``n`` datastore sentences whose source side is nearest (default ``n = 512``);
+2. their datastore entries are located through the per-sentence entry ranges stored with the index
+   (``ranges[s] .. ranges[s + 1]``, from the datastore's provenance), typically ``n × 20-30`` keys.
+
+At every decoding step each query is then compared with its own sentence's subset only:
+product-quantisation codes of all keys are stored with the index, the distances are asymmetric
+(look-up tables of query-to-centroid distances summed over the codes, :mod:`knnmt.pq`), and the best
+``rerank · k`` candidates are re-ranked by their exact squared L2 to the stored fp16 keys, so the
+returned distances are exact. The scorer is selectable: ``adc`` (torch, CPU or GPU), ``faiss`` (the
+same ADC in faiss's C++ scanner, CPU) or ``exact`` (the subset's keys gathered once per sentence,
+one matrix product per step).
+
+On disk (``<datastore>/subset/``)::
+
+    subset.json      # settings, datastore fingerprint, PQ and sentence-search build records
+    codebooks.npy    # [M, ksub, dsub] float32 PQ centroids
+    codes.npy        # [N, M] uint8 PQ codes of every key, in entry-id order
+    ranges.npy       # [sentences + 1] int64 first entry id of each global sentence id
+    bm25/ dense/     # the sentence searches built so far (one or both)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import JsonConfig, _check
+from .datastore import Datastore, write_json_atomic
+from .errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
+from .index import omp_threads
+from .pq import PQCodebook
+from .search import exact_rerank
+from .sentence_search import (
+    SENTENCE_SEARCHES,
+    BM25SentenceSearch,
+    DenseSentenceSearch,
+    SentenceSearch,
+    datastore_sources,
+    embed_sources,
+    load_sentence_search,
+    mean_pool,
+)
+
+logger = logging.getLogger(__name__)
+
+SUBSET_DIR = "subset"
+SETTINGS_FILE = "subset.json"
+CODEBOOK_FILE = "codebooks.npy"
+CODES_FILE = "codes.npy"
+RANGES_FILE = "ranges.npy"
+FORMAT = "knnmt-subset"
+VERSION = 1
+SCORERS: tuple[str, ...] = ("adc", "faiss", "exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetConfig(JsonConfig):
+    """How the Subset kNN-MT index is built (and its default search settings)."""
+
+    #: ``"bm25"`` (lexical) or ``"dense"`` (mean-pooled encoder states of the model).
+    sentence_search: str = "bm25"
+    #: Nearest datastore sentences whose target tokens are searched, per input sentence.
+    subset_size: int = 512
+    #: PQ sub-quantisers (bytes per key); 0 = ``dim / 8`` (at most 64, a divisor of ``dim``).
+    pq_m: int = 0
+    #: Bits per PQ code (8 = 256 centroids per sub-quantiser).
+    pq_bits: int = 8
+    #: Keys sampled to train the PQ codebooks.
+    train_size: int = 200_000
+    seed: int = 1234
+    #: Candidates per neighbour re-scored exactly (``rerank · k`` ADC candidates; 0 = trust ADC).
+    rerank: int = 8
+    #: Per-step distance computation: ``adc`` (torch), ``faiss`` (faiss's PQ scanner) or ``exact``.
+    scorer: str = "adc"
+    #: faiss factory of the dense sentence index; ``auto`` = exact up to 100k sentences.
+    dense_factory: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.sentence_search in SENTENCE_SEARCHES,
+            f"sentence_search must be one of {SENTENCE_SEARCHES}, got {self.sentence_search!r}",
+        )
+        _check(self.subset_size >= 1, f"subset_size must be >= 1, got {self.subset_size}")
+        _check(self.pq_m >= 0, f"pq_m must be >= 0 (0 = auto), got {self.pq_m}")
+        _check(1 <= self.pq_bits <= 8, f"pq_bits must be in [1, 8], got {self.pq_bits}")
+        _check(self.train_size >= 256, f"train_size must be >= 256, got {self.train_size}")
+        _check(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+        _check(self.scorer in SCORERS, f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetSearch:
+    """Search-time overrides of the settings saved with a subset index (``None`` = saved value)."""
+
+    subset_size: int | None = None
+    sentence_search: str | None = None
+    scorer: str | None = None
+    rerank: int | None = None
+    #: torch device of the ``adc`` scorer (default: CPU, or the model's device through ``KNNMT.load``).
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.subset_size is None or self.subset_size >= 1,
+            f"subset_size must be >= 1, got {self.subset_size}",
+        )
+        _check(
+            self.sentence_search is None or self.sentence_search in SENTENCE_SEARCHES,
+            f"sentence_search must be one of {SENTENCE_SEARCHES}, got {self.sentence_search!r}",
+        )
+        _check(
+            self.scorer is None or self.scorer in SCORERS,
+            f"scorer must be one of {SCORERS}, got {self.scorer!r}",
+        )
+        _check(self.rerank is None or 0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+
+
+def auto_pq_m(dim: int) -> int:
+    """``dim / 8`` sub-quantisers (8-dimensional sub-vectors), at most 64, a divisor of ``dim``."""
+    m = min(64, max(1, dim // 8))
+    while dim % m:
+        m -= 1
+    return m
+
+
+def sentence_entry_ranges(datastore: Datastore) -> np.ndarray:
+    """``[sentences + 1]`` int64: the entries of global sentence ``s`` are ``ranges[s] .. ranges[s+1]-1``."""
+    parts = [np.zeros(1, dtype=np.int64)]
+    expected = 0
+    for shard in datastore.shards:
+        if shard.first_sentence != expected:
+            raise DatastoreError(
+                f"shard {shard.path} starts at sentence {shard.first_sentence}, expected {expected}: "
+                "sentence ids are not contiguous"
+            )
+        offsets = np.asarray(shard.load("offsets.npy"), dtype=np.int64)
+        if offsets[0] != 0 or offsets[-1] != shard.count:
+            raise DatastoreError(
+                f"{shard.path / 'offsets.npy'}: offsets run {offsets[0]}..{offsets[-1]}, "
+                f"expected 0..{shard.count}"
+            )
+        parts.append(shard.start + offsets[1:])
+        expected += shard.sentences
+    return np.concatenate(parts)
+
+
+def _read_settings(directory: Path) -> dict[str, Any] | None:
+    file = directory / SETTINGS_FILE
+    if not file.is_file():
+        return None
+    try:
+        settings: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatastoreError(f"{file}: corrupt settings ({exc.msg} at line {exc.lineno})") from None
+    if settings.get("format") != FORMAT or settings.get("version") != VERSION:
+        raise DatastoreError(
+            f"{file}: format {settings.get('format')!r} version {settings.get('version')}, "
+            f"expected {FORMAT!r} version {VERSION}"
+        )
+    return settings
+
+
+def _self_hits(search: SentenceSearch, sources: list[str], embeddings: np.ndarray | None, seed: int) -> float:
+    """Fraction of up to 200 sampled datastore sentences whose own text comes back first."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(sources), size=min(200, len(sources)), replace=False))
+    found = search.search(
+        [sources[i] for i in picked], None if embeddings is None else embeddings[picked], 1
+    )[:, 0]
+    hits = [f == i or (f >= 0 and sources[f] == sources[i]) for f, i in zip(found, picked, strict=True)]
+    return float(np.mean(hits))
+
+
+def build_subset_index(
+    datastore: Datastore,
+    config: SubsetConfig | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> SubsetIndex:
+    """Build (or extend) the Subset kNN-MT index of ``datastore``.
+
+    Trains PQ codebooks on a sample of keys and encodes every key (reused when a previous build for
+    the same datastore and PQ settings exists, unless ``force``), stores the entry ranges of every
+    sentence and builds ``config.sentence_search`` over the datastore's source sentences (``dense``
+    needs the ``model`` and ``tokenizer`` the datastore was built with). Building the other sentence
+    search later adds it beside the first; ``config.sentence_search`` becomes the default.
+    """
+    config = config or SubsetConfig()
+    target = Path(out) if out is not None else datastore.path / SUBSET_DIR
+    if datastore.count == 0:
+        raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
+    old = _read_settings(target)
+    if old is not None and old.get("datastore_fingerprint") != datastore.fingerprint and not force:
+        raise DatastoreError(
+            f"the subset index at {target} was built for another datastore (fingerprint "
+            f"{old.get('datastore_fingerprint')}); pass --force to rebuild it"
+        )
+    same_store = old is not None and old.get("datastore_fingerprint") == datastore.fingerprint
+    searches: dict[str, Any] = dict(old["sentence_search"]) if same_store and old else {}
+    if config.sentence_search in searches and not force:
+        raise DatastoreError(
+            f"a {config.sentence_search} subset index already exists at {target}; pass --force to rebuild it"
+        )
+    m = config.pq_m or auto_pq_m(datastore.dim)
+    if datastore.dim % m:
+        raise UsageError(f"pq_m {m} does not divide the key dimension {datastore.dim}")
+    pq_wanted = {"m": m, "nbits": config.pq_bits, "train_size": config.train_size, "seed": config.seed}
+    reuse_pq = (
+        same_store
+        and not force
+        and old is not None
+        and {k: old["pq"].get(k) for k in pq_wanted} == pq_wanted
+        and (target / CODES_FILE).is_file()
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pq_record: dict[str, Any]
+    if reuse_pq and old is not None:
+        pq_record = old["pq"]
+        logger.info("reusing the PQ codes at %s", target)
+    else:
+        searches = {k: v for k, v in searches.items() if k != config.sentence_search}
+        sample = datastore.sample_keys(config.train_size, seed=config.seed)
+        logger.info("training PQ%dx%d on %d keys", m, config.pq_bits, len(sample))
+        book = PQCodebook.train(sample, m, config.pq_bits, seed=config.seed)
+        del sample
+        tmp = target / "codes.tmp.npy"
+        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(datastore.count, m))
+        bar = tqdm(
+            total=datastore.count, unit="key", desc="PQ codes", disable=not progress, dynamic_ncols=True
+        )
+        for lo, keys in datastore.iter_keys():
+            codes[lo : lo + len(keys)] = book.encode(keys)
+            bar.update(len(keys))
+        bar.close()
+        codes.flush()
+        del codes
+        tmp.replace(target / CODES_FILE)
+        book.save(target / CODEBOOK_FILE)
+        pq_record = {
+            **pq_wanted,
+            "trained_on": min(config.train_size, datastore.count),
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+    ranges = sentence_entry_ranges(datastore)
+    np.save(target / "ranges.tmp.npy", ranges)
+    (target / "ranges.tmp.npy").replace(target / RANGES_FILE)
+
+    sources = list(datastore_sources(datastore))
+    if len(sources) != len(ranges) - 1:
+        raise DatastoreError(
+            f"datastore {datastore.path} lists {len(sources)} sentences but its offsets describe "
+            f"{len(ranges) - 1}"
+        )
+    started = time.perf_counter()
+    kind = config.sentence_search
+    search: SentenceSearch
+    embeddings: np.ndarray | None = None
+    record: dict[str, Any] = {}
+    if kind == "bm25":
+        search = BM25SentenceSearch.build(sources, progress=progress)
+    else:
+        if model is None or tokenizer is None:
+            raise UsageError("dense sentence search needs the model and tokenizer (knnmt index --model ...)")
+        prefix = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
+        embeddings = embed_sources(model, tokenizer, sources, source_prefix=prefix, progress=progress)
+        search = DenseSentenceSearch.build(embeddings, config.dense_factory, seed=config.seed)
+        record["factory"] = config.dense_factory
+    directory = target / kind
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    search.save(directory)
+    record.update(
+        sentences=len(sources),
+        build_seconds=round(time.perf_counter() - started, 3),
+        self_hit_at_1=round(_self_hits(search, sources, embeddings, config.seed), 3),
+    )
+    if record["self_hit_at_1"] < 0.9:
+        logger.warning(
+            "%s sentence search finds only %.0f%% of datastore sentences first for their own text",
+            kind,
+            100 * record["self_hit_at_1"],
+        )
+    searches[kind] = record
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "datastore_fingerprint": datastore.fingerprint,
+        "entries": datastore.count,
+        "sentences": len(sources),
+        "dim": datastore.dim,
+        "pq": pq_record,
+        "sentence_search": searches,
+        "default_sentence_search": kind,
+        "subset_size": config.subset_size,
+        "rerank": config.rerank,
+        "scorer": config.scorer,
+        "config": config.to_dict(),
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+    }
+    write_json_atomic(target / SETTINGS_FILE, settings)
+    logger.info(
+        "subset index at %s: PQ%dx%d over %d keys, %s sentence search over %d sentences (self-hit %.3f)",
+        target,
+        m,
+        config.pq_bits,
+        datastore.count,
+        kind,
+        len(sources),
+        record["self_hit_at_1"],
+    )
+    return SubsetIndex.load(target, datastore)
+
+
+class SubsetIndex:
+    """A loaded subset index: PQ codebooks, codes of all keys, sentence entry ranges, sentence searches."""
+
+    def __init__(
+        self,
+        path: Path,
+        settings: dict[str, Any],
+        codebook: PQCodebook,
+        codes: np.ndarray,
+        ranges: np.ndarray,
+    ) -> None:
+        self.path = path
+        self.settings = settings
+        self.codebook = codebook
+        self.codes = codes  # [N, M] uint8, in memory
+        self.ranges = ranges  # [sentences + 1] int64
+        self._searches: dict[str, SentenceSearch] = {}
+
+    @property
+    def sentence_searches(self) -> list[str]:
+        """The sentence searches built for this index."""
+        return sorted(self.settings["sentence_search"])
+
+    def sentence_search(self, kind: str | None = None) -> SentenceSearch:
+        """The sentence search ``kind`` (default: the saved default), loaded on first use."""
+        kind = kind or str(self.settings["default_sentence_search"])
+        if kind not in self.settings["sentence_search"]:
+            raise UsageError(
+                f"the subset index at {self.path} has no {kind} sentence search (built: "
+                f"{', '.join(self.sentence_searches)}); build it with "
+                f"`knnmt index --subset --sentence-search {kind}`"
+            )
+        if kind not in self._searches:
+            self._searches[kind] = load_sentence_search(kind, self.path / kind)
+        return self._searches[kind]
+
+    def entries_of(self, sentence_ids: np.ndarray) -> np.ndarray:
+        """Sorted int64 entry ids of all target tokens of ``sentence_ids`` (``-1`` ids ignored)."""
+        sids = np.asarray(sentence_ids, dtype=np.int64)
+        sids = sids[sids >= 0]
+        starts = self.ranges[sids]
+        lengths = self.ranges[sids + 1] - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        first = np.cumsum(lengths) - lengths
+        entries = np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
+        entries.sort()
+        return entries
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, datastore: Datastore, device: str | torch.device = "cpu"
+    ) -> SubsetIndex:
+        """Load the subset index at ``directory``, checking that it was built for ``datastore``."""
+        path = Path(directory)
+        settings = _read_settings(path)
+        if settings is None:
+            raise DatastoreError(
+                f"no subset index at {path} (expected {SETTINGS_FILE}); run `knnmt index --subset`"
+            )
+        if settings.get("datastore_fingerprint") != datastore.fingerprint:
+            raise IncompatibleError(
+                f"subset index {path} was built for another datastore (fingerprint "
+                f"{settings.get('datastore_fingerprint')}, {settings.get('entries')} entries); datastore "
+                f"{datastore.path} has fingerprint {datastore.fingerprint} and {datastore.count} entries. "
+                "Rebuild it with `knnmt index --subset --force`"
+            )
+        codebook = PQCodebook.load(path / CODEBOOK_FILE, device)
+        try:
+            codes = np.load(path / CODES_FILE)
+            ranges = np.load(path / RANGES_FILE)
+        except (OSError, ValueError) as exc:
+            raise DatastoreError(f"subset index {path} is incomplete or corrupt: {exc}") from None
+        if codes.shape != (datastore.count, codebook.m) or codes.dtype != np.uint8:
+            raise DatastoreError(
+                f"{path / CODES_FILE}: expected shape {(datastore.count, codebook.m)} uint8, "
+                f"found {codes.shape} {codes.dtype}"
+            )
+        if codebook.dim != datastore.dim:
+            raise IncompatibleError(
+                f"subset index {path} has dimension {codebook.dim}, datastore {datastore.dim}"
+            )
+        if ranges.shape != (int(settings["sentences"]) + 1,) or int(ranges[-1]) != datastore.count:
+            raise DatastoreError(
+                f"{path / RANGES_FILE}: expected {int(settings['sentences']) + 1} offsets ending at "
+                f"{datastore.count}, found {ranges.shape[0]}"
+            )
+        return cls(path, settings, codebook, codes, ranges)
+
+
+@dataclasses.dataclass
+class _Subset:
+    """The per-sentence state of one ``generate`` batch row."""
+
+    entries: np.ndarray  # [S] int64 sorted entry ids
+    flat_codes: torch.Tensor | None = None  # adc: [S * M] int64 LUT offsets
+    faiss_index: Any = None  # faiss: IndexPQ over the subset's codes
+    keys: torch.Tensor | None = None  # exact: [S, dim] float32
+    norms: torch.Tensor | None = None  # exact: [S] squared norms
+
+
+class SubsetRetriever:
+    """Subset kNN-MT retriever (see the module docstring). Call :meth:`prepare` with the source sentences
+    of a batch before searching; ``groups[i]`` of :meth:`search` indexes those sentences.
+
+    Not thread-safe: one prepared batch at a time.
+    """
+
+    def __init__(self, index: SubsetIndex, datastore: Datastore, options: SubsetSearch | None = None) -> None:
+        options = options or SubsetSearch()
+        self.index = index
+        self.datastore = datastore
+        saved = index.settings
+        self.subset_size = int(options.subset_size or saved["subset_size"])
+        self.kind = options.sentence_search or str(saved["default_sentence_search"])
+        self.scorer = options.scorer or str(saved["scorer"])
+        self.rerank = int(saved["rerank"] if options.rerank is None else options.rerank)
+        self.device = torch.device(options.device or "cpu")
+        if self.scorer == "adc" and index.codebook.centroids.device != self.device:
+            index.codebook = PQCodebook(index.codebook.centroids.cpu().numpy(), self.device)
+        self.sentences = index.sentence_search(self.kind)  # fails early when not built
+        self._subsets: list[_Subset] | None = None
+        #: sentence ids of the last prepared batch, ``[B, subset_size]`` (-1 padded)
+        self.last_sentence_ids: np.ndarray | None = None
+
+    @classmethod
+    def load(
+        cls, datastore: Datastore, directory: str | Path | None = None, options: SubsetSearch | None = None
+    ) -> SubsetRetriever:
+        """The retriever of the subset index at ``directory`` (default ``<datastore>/subset``)."""
+        options = options or SubsetSearch()
+        path = Path(directory) if directory is not None else datastore.path / SUBSET_DIR
+        return cls(SubsetIndex.load(path, datastore), datastore, options)
+
+    @property
+    def needs_encoder_states(self) -> bool:
+        return self.sentences.needs_encoder_states
+
+    def describe(self) -> str:
+        return f"subset(n={self.subset_size}, {self.kind}, {self.scorer}, rerank={self.rerank})"
+
+    # ---- per batch ------------------------------------------------------------------------
+    def prepare(
+        self,
+        sources: Sequence[str],
+        encoder_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Select the subset of each source sentence of the coming ``generate`` batch.
+
+        Args:
+            sources: ``B`` source sentences (without model prefix), in batch order.
+            encoder_states: ``[B, L, d]`` encoder output (dense sentence search only).
+            attention_mask: ``[B, L]`` of the encoder input.
+        """
+        embeddings = None
+        if self.needs_encoder_states:
+            if encoder_states is None or attention_mask is None:
+                raise UsageError("dense sentence search needs the batch's encoder states and attention mask")
+            embeddings = mean_pool(encoder_states, attention_mask)
+        sentence_ids = self.sentences.search(list(sources), embeddings, self.subset_size)
+        self.last_sentence_ids = sentence_ids
+        book = self.index.codebook
+        subsets = []
+        for row in sentence_ids:
+            subset = _Subset(self.index.entries_of(row))
+            if self.scorer == "adc":
+                subset.flat_codes = book.flat_codes(self.index.codes[subset.entries])
+            elif self.scorer == "faiss":
+                subset.faiss_index = book.faiss_index(self.index.codes[subset.entries])
+            else:
+                keys = torch.from_numpy(self.datastore.get_keys(subset.entries))
+                subset.keys, subset.norms = keys, (keys**2).sum(-1)
+            subsets.append(subset)
+        self._subsets = subsets
+
+    def subset_sizes(self) -> list[int]:
+        """Entries in each prepared sentence's subset."""
+        return [len(s.entries) for s in self._subsets or []]
+
+    # ---- per step -------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(D [n, k] exact squared L2, I [n, k] entry ids, -1 missing)``; query ``i`` searches the subset
+        of prepared sentence ``groups[i]``."""
+        if self._subsets is None:
+            raise KnnmtError("SubsetRetriever.search called before prepare(sources): no subsets selected")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        g = np.asarray(groups, dtype=np.int64)
+        if len(g) != len(q):
+            raise KnnmtError(f"{len(q)} queries but {len(g)} group ids")
+        if len(g) and (g.min() < 0 or g.max() >= len(self._subsets)):
+            raise KnnmtError(f"group ids must be in [0, {len(self._subsets)}), got {g.min()}..{g.max()}")
+        exact = self.scorer == "exact" or self.rerank <= 0
+        width = k if exact else k * self.rerank
+        cand = np.full((len(q), width), -1, dtype=np.int64)
+        approx = np.full((len(q), width), np.inf, dtype=np.float32)
+        luts = None
+        if self.scorer == "adc" and len(q):
+            luts = self.index.codebook.luts(torch.from_numpy(q).to(self.device))  # [n, M, ksub]
+        for group in np.unique(g):
+            rows = np.nonzero(g == group)[0]
+            subset = self._subsets[group]
+            size = len(subset.entries)
+            if size == 0:
+                continue
+            c = min(width, size)
+            if self.scorer == "adc":
+                assert luts is not None and subset.flat_codes is not None
+                dist = self.index.codebook.adc(
+                    luts[torch.from_numpy(rows).to(self.device)], subset.flat_codes
+                )
+                top = torch.topk(dist, c, dim=1, largest=False, sorted=False)
+                d_local, local = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            elif self.scorer == "faiss":
+                with omp_threads(1):
+                    d_local, local = subset.faiss_index.search(q[rows], c)
+            else:
+                assert subset.keys is not None and subset.norms is not None
+                qt = torch.from_numpy(q[rows])
+                dist = subset.norms[None, :] - 2 * qt @ subset.keys.T
+                top = torch.topk(dist, c, dim=1, largest=False, sorted=False)
+                local = top.indices.numpy()
+                d_local = ((subset.keys[top.indices] - qt[:, None, :]) ** 2).sum(-1).numpy()
+            cand[rows, :c] = subset.entries[local]
+            approx[rows, :c] = d_local
+        if self.scorer != "exact" and self.rerank > 0:
+            return exact_rerank(self.datastore, q, cand, k)
+        return _sort(approx, cand, k)
+
+
+def _sort(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` columns of ``(distances, ids)`` sorted by distance (``-1``/``inf`` last)."""
+    distances = np.where(ids >= 0, distances, np.inf).astype(np.float32)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    d = np.take_along_axis(distances, order, axis=1)
+    i = np.where(np.isfinite(d), np.take_along_axis(ids, order, axis=1), -1)
+    return d, i
