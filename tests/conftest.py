@@ -284,3 +284,66 @@ def make_corpus(tmp_path: Path) -> Callable[..., CorpusSpec]:
         return write_text_corpus(tmp_path / "corpora", pairs, name)
 
     return make
+
+
+# ---- retrieval modes (vanilla index and Subset kNN-MT) ----------------------------------------
+
+#: Every retrieval mode the generation oracles run for.
+RETRIEVAL_MODES = ("index", "subset-bm25", "subset-dense")
+#: Subset size of the oracle tests: small enough that sentences search different subsets.
+ORACLE_SUBSET_SIZE = 32
+
+
+def build_test_subset(store: Datastore, model: Any, tokenizer: Any, out: Path | None = None) -> Path:
+    """A Subset kNN-MT index with both sentence searches (4-bit PQ: fast to train) over ``store``."""
+    from knnmt.subset import SUBSET_DIR, SubsetConfig, build_subset_index
+
+    target = out or store.path / SUBSET_DIR
+    build_subset_index(store, SubsetConfig(pq_bits=4), out=target, progress=False)
+    build_subset_index(
+        store,
+        SubsetConfig(sentence_search="dense", pq_bits=4),
+        model=model,
+        tokenizer=tokenizer,
+        out=target,
+        progress=False,
+    )
+    return target
+
+
+def translator_for(
+    mode: str,
+    model: Any,
+    tokenizer: Any,
+    store: Datastore,
+    subset_dir: Path | None = None,
+    subset_size: int = ORACLE_SUBSET_SIZE,
+    **kwargs: Any,
+) -> KNNMT:
+    """A :class:`KNNMT` over ``store`` retrieving with ``mode`` (one of :data:`RETRIEVAL_MODES`)."""
+    from knnmt.subset import SubsetRetriever, SubsetSearch
+
+    if mode == "index":
+        return KNNMT(model, tokenizer, store, **kwargs)
+    options = SubsetSearch(sentence_search=mode.removeprefix("subset-"), subset_size=subset_size)
+    retriever = SubsetRetriever.load(store, subset_dir, options)
+    return KNNMT(model, tokenizer, store, retriever=retriever, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def subset_dir(
+    marian: tuple[Any, Any], datastore: Datastore, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Subset kNN-MT index (BM25 and dense) of the session datastore, stored outside it."""
+    model, tokenizer = marian
+    return build_test_subset(datastore, model, tokenizer, tmp_path_factory.mktemp("subset") / "subset")
+
+
+@pytest.fixture(scope="session", params=RETRIEVAL_MODES)
+def any_translator(request: pytest.FixtureRequest, marian: tuple[Any, Any], datastore: Datastore) -> KNNMT:
+    """The session translator for each retrieval mode (vanilla exact index, Subset kNN-MT BM25/dense)."""
+    model, tokenizer = marian
+    if request.param == "index":
+        translator: KNNMT = request.getfixturevalue("translator")
+        return translator
+    return translator_for(request.param, model, tokenizer, datastore, request.getfixturevalue("subset_dir"))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import strip_pad
+from conftest import RETRIEVAL_MODES, build_test_subset, strip_pad, translator_for
 from knnmt.build import build_datastore
 from knnmt.config import BuildConfig, KNNConfig
 from knnmt.generation import knn_generation
@@ -25,11 +25,17 @@ from knnmt.translator import KNNMT
 REFERENCES = toy_corpus(30, seed=5)
 
 
-def _recover(model: Any, tokenizer: Any, make_corpus: Any, tmp_path: Path, **gen: Any) -> None:
+def _recover(
+    model: Any, tokenizer: Any, make_corpus: Any, tmp_path: Path, retrieval: str = "index", **gen: Any
+) -> None:
     spec = make_corpus(REFERENCES)
     store = build_datastore(model, tokenizer, spec, tmp_path / "ds", BuildConfig(), progress=False)
     assert store.manifest["sentences"] == len(REFERENCES)
-    knn = KNNMT(model, tokenizer, store, config=KNNConfig(lambda_=1.0, k=1))
+    if retrieval != "index":  # Subset kNN-MT: each source must find its own sentence among 4
+        build_test_subset(store, model, tokenizer)
+    knn = translator_for(
+        retrieval, model, tokenizer, store, config=KNNConfig(lambda_=1.0, k=1), subset_size=4
+    )
     sources = [s for s, _ in REFERENCES]
     out = knn.translate(sources, batch_size=8, max_new_tokens=60, **gen)
     expected = tokenizer(text_target=[t for _, t in REFERENCES])["input_ids"]
@@ -43,9 +49,12 @@ def _recover(model: Any, tokenizer: Any, make_corpus: Any, tmp_path: Path, **gen
     assert all(p.text != t for p, (_, t) in zip(plain, REFERENCES[:4], strict=True))
 
 
-def test_marian_reproduces_references(marian, make_corpus, tmp_path: Path) -> None:
+@pytest.mark.parametrize("retrieval", RETRIEVAL_MODES)
+def test_marian_reproduces_references(marian, make_corpus, tmp_path: Path, retrieval: str) -> None:
     model, tokenizer = marian
-    _recover(model, tokenizer, make_corpus, tmp_path)
+    _recover(model, tokenizer, make_corpus, tmp_path, retrieval)
+    if retrieval != "index":
+        return
     # and the detokenised text is the reference sentence itself
     store_out = KNNMT(
         model,
@@ -58,9 +67,10 @@ def test_marian_reproduces_references(marian, make_corpus, tmp_path: Path) -> No
     assert [t.text for t in store_out] == [t for _, t in REFERENCES[:5]]
 
 
-def test_t5_reproduces_references(t5, make_corpus, tmp_path: Path) -> None:
+@pytest.mark.parametrize("retrieval", RETRIEVAL_MODES)
+def test_t5_reproduces_references(t5, make_corpus, tmp_path: Path, retrieval: str) -> None:
     model, tokenizer = t5
-    _recover(model, tokenizer, make_corpus, tmp_path)
+    _recover(model, tokenizer, make_corpus, tmp_path, retrieval)
 
 
 def test_m2m100_reproduces_references(m2m100, make_corpus, tmp_path: Path) -> None:

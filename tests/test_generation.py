@@ -47,7 +47,12 @@ def _sources(toy_pairs: list[tuple[str, str]], n: int, offset: int = 0) -> list[
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_lambda_zero_equals_plain_generate(translator, marian, toy_pairs, knn_steps, num_beams: int) -> None:
+def test_lambda_zero_equals_plain_generate(
+    any_translator, marian, toy_pairs, knn_steps, num_beams: int
+) -> None:
+    """For every retrieval mode (``any_translator``): Subset kNN-MT's dense sentence search runs the encoder
+    itself and hands its output to ``generate``, which must not change anything either."""
+    translator = any_translator
     model, tokenizer = marian
     sources = _sources(toy_pairs, 12)
     gen = {"num_beams": num_beams, **GEN}
@@ -71,7 +76,9 @@ def test_lambda_zero_equals_plain_generate(translator, marian, toy_pairs, knn_st
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_batch_of_one_equals_batch_of_many(translator, marian, toy_pairs, num_beams: int) -> None:
+def test_batch_of_one_equals_batch_of_many(any_translator, marian, toy_pairs, num_beams: int) -> None:
+    """For every retrieval mode: Subset kNN-MT selects each sentence's own subset whatever its batch."""
+    translator = any_translator
     _, tokenizer = marian
     sources = _sources(toy_pairs, 7, offset=20)
     config = KNNConfig(lambda_=0.5, k=4)
