@@ -115,6 +115,8 @@ class SubsetSearch:
     rerank: int | None = None
     #: torch device of the ``adc`` scorer (default: CPU, or the model's device through ``KNNMT.load``).
     device: str | None = None
+    #: directory of the subset index (default ``<datastore>/subset``).
+    path: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -430,7 +432,7 @@ class _Subset:
     """The per-sentence state of one ``generate`` batch row."""
 
     entries: np.ndarray  # [S] int64 sorted entry ids
-    flat_codes: torch.Tensor | None = None  # adc: [S * M] int64 LUT offsets
+    flat_codes: torch.Tensor | None = None  # adc: [S * M] int32 LUT offsets
     faiss_index: Any = None  # faiss: IndexPQ over the subset's codes
     keys: torch.Tensor | None = None  # exact: [S, dim] float32
     norms: torch.Tensor | None = None  # exact: [S] squared norms
@@ -459,6 +461,14 @@ class SubsetRetriever:
         self._subsets: list[_Subset] | None = None
         #: sentence ids of the last prepared batch, ``[B, subset_size]`` (-1 padded)
         self.last_sentence_ids: np.ndarray | None = None
+        #: time spent selecting subsets and searching them, and how much was searched (benchmarks)
+        self.stats: dict[str, float] = {
+            "prepare_seconds": 0.0,
+            "search_seconds": 0.0,
+            "sentences": 0,
+            "subset_entries": 0,
+            "queries": 0,
+        }
 
     @classmethod
     def load(
@@ -466,6 +476,8 @@ class SubsetRetriever:
     ) -> SubsetRetriever:
         """The retriever of the subset index at ``directory`` (default ``<datastore>/subset``)."""
         options = options or SubsetSearch()
+        if directory is None and options.path is not None:
+            directory = options.path
         path = Path(directory) if directory is not None else datastore.path / SUBSET_DIR
         return cls(SubsetIndex.load(path, datastore), datastore, options)
 
@@ -490,6 +502,7 @@ class SubsetRetriever:
             encoder_states: ``[B, L, d]`` encoder output (dense sentence search only).
             attention_mask: ``[B, L]`` of the encoder input.
         """
+        started = time.perf_counter()
         embeddings = None
         if self.needs_encoder_states:
             if encoder_states is None or attention_mask is None:
@@ -510,6 +523,9 @@ class SubsetRetriever:
                 subset.keys, subset.norms = keys, (keys**2).sum(-1)
             subsets.append(subset)
         self._subsets = subsets
+        self.stats["prepare_seconds"] += time.perf_counter() - started
+        self.stats["sentences"] += len(subsets)
+        self.stats["subset_entries"] += sum(len(s.entries) for s in subsets)
 
     def subset_sizes(self) -> list[int]:
         """Entries in each prepared sentence's subset."""
@@ -521,6 +537,15 @@ class SubsetRetriever:
         of prepared sentence ``groups[i]``."""
         if self._subsets is None:
             raise KnnmtError("SubsetRetriever.search called before prepare(sources): no subsets selected")
+        started = time.perf_counter()
+        try:
+            return self._search(queries, k, groups)
+        finally:
+            self.stats["search_seconds"] += time.perf_counter() - started
+            self.stats["queries"] += len(queries)
+
+    def _search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self._subsets is not None
         q = np.ascontiguousarray(queries, dtype=np.float32)
         g = np.asarray(groups, dtype=np.int64)
         if len(g) != len(q):
