@@ -459,6 +459,7 @@ class SubsetRetriever:
             index.codebook = PQCodebook(index.codebook.centroids.cpu().numpy(), self.device)
         self.sentences = index.sentence_search(self.kind)  # fails early when not built
         self._subsets: list[_Subset] | None = None
+        self._entries: np.ndarray | None = None
         #: sentence ids of the last prepared batch, ``[B, subset_size]`` (-1 padded)
         self.last_sentence_ids: np.ndarray | None = None
         #: time spent selecting subsets and searching them, and how much was searched (benchmarks)
@@ -523,6 +524,10 @@ class SubsetRetriever:
                 subset.keys, subset.norms = keys, (keys**2).sum(-1)
             subsets.append(subset)
         self._subsets = subsets
+        widest = max([len(s.entries) for s in subsets], default=0)
+        self._entries = np.full((len(subsets), widest), -1, dtype=np.int64)  # [B, widest] padded
+        for row, subset in enumerate(subsets):
+            self._entries[row, : len(subset.entries)] = subset.entries
         self.stats["prepare_seconds"] += time.perf_counter() - started
         self.stats["sentences"] += len(subsets)
         self.stats["subset_entries"] += sum(len(s.entries) for s in subsets)
@@ -545,49 +550,64 @@ class SubsetRetriever:
             self.stats["queries"] += len(queries)
 
     def _search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        assert self._subsets is not None
+        subsets = self._subsets
+        assert subsets is not None and self._entries is not None
         q = np.ascontiguousarray(queries, dtype=np.float32)
         g = np.asarray(groups, dtype=np.int64)
         if len(g) != len(q):
             raise KnnmtError(f"{len(q)} queries but {len(g)} group ids")
-        if len(g) and (g.min() < 0 or g.max() >= len(self._subsets)):
-            raise KnnmtError(f"group ids must be in [0, {len(self._subsets)}), got {g.min()}..{g.max()}")
-        exact = self.scorer == "exact" or self.rerank <= 0
-        width = k if exact else k * self.rerank
-        cand = np.full((len(q), width), -1, dtype=np.int64)
-        approx = np.full((len(q), width), np.inf, dtype=np.float32)
-        luts = None
-        if self.scorer == "adc" and len(q):
-            luts = self.index.codebook.luts(torch.from_numpy(q).to(self.device))  # [n, M, ksub]
-        for group in np.unique(g):
-            rows = np.nonzero(g == group)[0]
-            subset = self._subsets[group]
-            size = len(subset.entries)
-            if size == 0:
-                continue
-            c = min(width, size)
-            if self.scorer == "adc":
-                assert luts is not None and subset.flat_codes is not None
-                dist = self.index.codebook.adc(
-                    luts[torch.from_numpy(rows).to(self.device)], subset.flat_codes
-                )
-                top = torch.topk(dist, c, dim=1, largest=False, sorted=False)
-                d_local, local = top.values.cpu().numpy(), top.indices.cpu().numpy()
-            elif self.scorer == "faiss":
-                with omp_threads(1):
-                    d_local, local = subset.faiss_index.search(q[rows], c)
-            else:
-                assert subset.keys is not None and subset.norms is not None
-                qt = torch.from_numpy(q[rows])
-                dist = subset.norms[None, :] - 2 * qt @ subset.keys.T
-                top = torch.topk(dist, c, dim=1, largest=False, sorted=False)
-                local = top.indices.numpy()
-                d_local = ((subset.keys[top.indices] - qt[:, None, :]) ** 2).sum(-1).numpy()
-            cand[rows, :c] = subset.entries[local]
-            approx[rows, :c] = d_local
-        if self.scorer != "exact" and self.rerank > 0:
-            return exact_rerank(self.datastore, q, cand, k)
-        return _sort(approx, cand, k)
+        if len(g) and (g.min() < 0 or g.max() >= len(subsets)):
+            raise KnnmtError(f"group ids must be in [0, {len(subsets)}), got {g.min()}..{g.max()}")
+        n = len(q)
+        if n == 0:
+            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+        # rows sorted by sentence: each sentence's queries are one contiguous slice [lo, hi)
+        order = np.argsort(g, kind="stable")
+        gs, qs = g[order], q[order]
+        present, starts, counts = np.unique(gs, return_index=True, return_counts=True)
+        width = k if self.scorer == "exact" or self.rerank <= 0 else k * self.rerank
+        widest = max(len(subsets[s].entries) for s in present)
+        if widest == 0:
+            return np.full((n, k), np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
+        c = min(width, widest)
+        if self.scorer == "faiss":
+            approx = np.full((n, c), np.inf, dtype=np.float32)
+            local = np.zeros((n, c), dtype=np.int64)
+            with omp_threads(1):
+                for sentence, lo, count in zip(present, starts, counts, strict=True):
+                    subset = subsets[sentence]
+                    cc = min(c, len(subset.entries))
+                    if cc:
+                        d, i = subset.faiss_index.search(qs[lo : lo + count], cc)
+                        approx[lo : lo + count, :cc], local[lo : lo + count, :cc] = d, i
+        else:  # adc / exact: distances to every subset entry in one padded [n, widest] buffer, one top-k
+            dist = torch.full((n, widest), float("inf"), device=self.device)
+            qt = torch.from_numpy(qs).to(self.device)
+            book = self.index.codebook
+            luts = book.luts(qt).reshape(n, -1) if self.scorer == "adc" else None  # [n, M * ksub]
+            for sentence, lo, count in zip(present, starts, counts, strict=True):
+                subset = subsets[sentence]
+                size = len(subset.entries)
+                if size == 0:
+                    continue
+                if luts is not None:
+                    assert subset.flat_codes is not None
+                    picked = luts[lo : lo + count].index_select(1, subset.flat_codes)
+                    dist[lo : lo + count, :size] = picked.view(count, size, book.m).sum(-1)
+                else:
+                    assert subset.keys is not None and subset.norms is not None
+                    dist[lo : lo + count, :size] = subset.norms - 2 * qt[lo : lo + count] @ subset.keys.T
+            top = torch.topk(dist, c, dim=1, largest=False, sorted=False)
+            approx, local = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        cand = self._entries[gs[:, None], local]  # [n, c] entry ids
+        cand[~np.isfinite(approx)] = -1
+        if self.scorer == "exact" or self.rerank > 0:  # exact squared L2 to the stored keys
+            distances, ids = exact_rerank(self.datastore, qs, cand, k)
+        else:
+            distances, ids = _sort(approx, cand, k)
+        out_d, out_i = np.empty_like(distances), np.empty_like(ids)
+        out_d[order], out_i[order] = distances, ids
+        return out_d, out_i
 
 
 def _sort(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
