@@ -243,6 +243,7 @@ def build_subset_index(
         logger.info("reusing the PQ codes at %s", target)
     else:
         searches = {k: v for k, v in searches.items() if k != config.sentence_search}
+        (target / SETTINGS_FILE).unlink(missing_ok=True)  # an interrupted rebuild leaves no index, not a mix
         sample = datastore.sample_keys(config.train_size, seed=config.seed)
         logger.info("training PQ%dx%d on %d keys", m, config.pq_bits, len(sample))
         book = PQCodebook.train(sample, m, config.pq_bits, seed=config.seed)
