@@ -212,6 +212,8 @@ def build_subset_index(
     target = Path(out) if out is not None else datastore.path / SUBSET_DIR
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
+    if config.sentence_search == "dense" and (model is None or tokenizer is None):
+        raise UsageError("dense sentence search needs the model and tokenizer (knnmt index --model ...)")
     old = _read_settings(target)
     if old is not None and old.get("datastore_fingerprint") != datastore.fingerprint and not force:
         raise DatastoreError(
@@ -284,8 +286,6 @@ def build_subset_index(
     if kind == "bm25":
         search = BM25SentenceSearch.build(sources, progress=progress)
     else:
-        if model is None or tokenizer is None:
-            raise UsageError("dense sentence search needs the model and tokenizer (knnmt index --model ...)")
         prefix = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
         embeddings = embed_sources(model, tokenizer, sources, source_prefix=prefix, progress=progress)
         search = DenseSentenceSearch.build(embeddings, config.dense_factory, seed=config.seed)
