@@ -23,6 +23,7 @@ from .errors import (
 )
 from .index import SearchIndex, build_index, exact_index
 from .models import register_architecture, supported_architectures
+from .subset import SubsetConfig, SubsetRetriever, SubsetSearch, build_subset_index
 from .translator import KNNMT, Translation, load_model
 
 __all__ = [
@@ -37,12 +38,16 @@ __all__ = [
     "KNNConfig",
     "KnnmtError",
     "SearchIndex",
+    "SubsetConfig",
+    "SubsetRetriever",
+    "SubsetSearch",
     "Translation",
     "UnsupportedModelError",
     "UsageError",
     "__version__",
     "build_datastore",
     "build_index",
+    "build_subset_index",
     "exact_index",
     "load_model",
     "register_architecture",
