@@ -55,25 +55,27 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
     if args.datastore:
         return Datastore.open(args.datastore)
     out = WORK / "datastore"
+    config = BuildConfig(max_tokens=6000)
     if (out / "manifest.json").is_file():
         store = Datastore.open(out)
-        if store.count >= args.min_entries:
-            return store
-    config = BuildConfig(max_tokens=6000)
-    store = build_datastore(
-        model, tokenizer, CorpusSpec((str(TRAIN),), "tsv"), out, config, force=True, model_name=str(MODEL)
-    )
-    if store.count < args.min_entries:
-        general = GENERAL if GENERAL.is_file() else Path("/work/main/data/general/train.tsv")
-        per_sentence = store.count / max(1, store.manifest["sentences"])
+    else:
+        spec = CorpusSpec((str(TRAIN),), "tsv")
+        store = build_datastore(model, tokenizer, spec, out, config, force=True, model_name=str(MODEL))
+    general = GENERAL if GENERAL.is_file() else Path("/work/main/data/general/train.tsv")
+    lines: list[str] | None = None
+    while store.count < args.min_entries:  # append general-domain chunks, in order, until large enough
+        lines = lines or general.read_text(encoding="utf-8").splitlines()
+        parts = [c for c in store.manifest["corpora"] if "general-part" in c["paths"][0]]
+        used = sum(int(c["sentences"]) + int(c.get("skipped_empty", 0)) for c in parts)
+        if used >= len(lines):
+            raise SystemExit(f"the general corpus is used up at {store.count} entries")
+        last = parts[-1] if parts else None
+        per_sentence = store.count / store.manifest["sentences"] if last is None else 10.0
         need = int((args.min_entries - store.count) / per_sentence * 1.05) + 1
-        part = WORK / "general-part.tsv"
-        part.write_text(
-            "".join(line + "\n" for line in general.read_text().splitlines()[:need]), encoding="utf-8"
-        )
-        store = build_datastore(
-            model, tokenizer, CorpusSpec((str(part),), "tsv"), out, config, append=True, model_name=str(MODEL)
-        )
+        part = WORK / f"general-part-{used}.tsv"
+        part.write_text("".join(line + "\n" for line in lines[used : used + need]), encoding="utf-8")
+        spec = CorpusSpec((str(part),), "tsv")
+        store = build_datastore(model, tokenizer, spec, out, config, append=True, model_name=str(MODEL))
     return store
 
 

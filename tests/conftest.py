@@ -289,7 +289,8 @@ def make_corpus(tmp_path: Path) -> Callable[..., CorpusSpec]:
 # ---- retrieval modes (vanilla index and Subset kNN-MT) ----------------------------------------
 
 #: Every retrieval mode the generation oracles run for.
-RETRIEVAL_MODES = ("index", "subset-bm25", "subset-dense")
+#: ``subset-{sentence search}-{scorer}``: both sentence searches and both PQ scorers are covered.
+RETRIEVAL_MODES = ("index", "subset-bm25-faiss", "subset-dense-adc")
 #: Subset size of the oracle tests: small enough that sentences search different subsets.
 ORACLE_SUBSET_SIZE = 32
 
@@ -325,7 +326,8 @@ def translator_for(
 
     if mode == "index":
         return KNNMT(model, tokenizer, store, **kwargs)
-    options = SubsetSearch(sentence_search=mode.removeprefix("subset-"), subset_size=subset_size)
+    _, search, scorer = mode.split("-")
+    options = SubsetSearch(sentence_search=search, scorer=scorer, subset_size=subset_size)
     retriever = SubsetRetriever.load(store, subset_dir, options)
     return KNNMT(model, tokenizer, store, retriever=retriever, **kwargs)
 

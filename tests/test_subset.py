@@ -274,7 +274,7 @@ def test_saved_settings_and_identity_check(sentences, tmp_path: Path) -> None:
     settings = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
     assert settings["datastore_fingerprint"] == store.fingerprint
     assert settings["pq"]["m"] == 8 and settings["pq"]["nbits"] == 8
-    assert settings["subset_size"] == 512 and settings["scorer"] == "adc" and settings["rerank"] == 8
+    assert settings["subset_size"] == 512 and settings["scorer"] == "auto" and settings["rerank"] == 8
     assert settings["sentence_search"]["bm25"]["self_hit_at_1"] == 1.0
     assert np.load(out / "codes.npy").shape == (store.count, 8)
 
@@ -365,7 +365,7 @@ def test_load_with_subset_retrieval(marian, datastore, subset_dir, tmp_path: Pat
     assert tokens and all(len(t.neighbours) == 4 for t in tokens)
     chosen = set(retriever.last_sentence_ids[0].tolist())
     assert all(n.sentence_id in chosen for t in tokens for n in t.neighbours)
-    assert retriever.describe() == "subset(n=16, dense, adc, rerank=8)"
+    assert retriever.describe() == "subset(n=16, dense, faiss, rerank=8)"  # auto: faiss on a CPU
 
 
 def test_tuning_statistics_use_each_sentences_subset(marian, datastore, subset_dir, toy_pairs) -> None:
@@ -427,7 +427,7 @@ def test_cli_subset_index_and_evaluate(
     code = main(["-q", "evaluate", *common, *test_args, *subset_args])
     out = capsys.readouterr().out
     assert code == 0
-    assert "retrieval=subset(n=4, bm25, adc, rerank=8)" in out
+    assert "retrieval=subset(n=4, bm25, faiss, rerank=8)" in out  # auto: faiss on a CPU
     knn_row = next(line for line in out.splitlines() if line.startswith("knn-mt"))
     assert float(knn_row.split()[1]) == 100.0  # λ = 1, k = 1 over a datastore holding the references
     assert main(["-q", "info", str(store.path), "--json"]) == 0

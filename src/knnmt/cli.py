@@ -63,7 +63,10 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
         "--sentence-search", choices=["bm25", "dense"], default=None, help="subset: sentence search"
     )
     p.add_argument(
-        "--subset-scorer", choices=["adc", "faiss", "exact"], default=None, help="subset: per-step distances"
+        "--subset-scorer",
+        choices=["auto", "adc", "faiss", "exact"],
+        default=None,
+        help="subset: per-step distances (auto = faiss on CPU, adc on GPU)",
     )
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per generate() call")
@@ -131,8 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--pq-bits", type=int, default=8, help="subset: bits per PQ code")
     i.add_argument(
         "--scorer",
-        choices=["adc", "faiss", "exact"],
-        default="adc",
+        choices=["auto", "adc", "faiss", "exact"],
+        default="auto",
         help="subset: default per-step distances",
     )
     i.add_argument(

@@ -95,12 +95,16 @@ class BM25SentenceSearch:
         out = np.full((len(sources), n), -1, dtype=np.int64)
         if not sources or self.count == 0:
             return out
-        kk = min(n, self.count)
-        docs, scores = self.bm25.retrieve(
-            bm25_tokens(sources), k=kk, show_progress=False, n_threads=0, sorted=True
-        )
-        docs = np.asarray(docs, dtype=np.int64)
-        out[:, :kk] = np.where(np.asarray(scores) > 0, docs, -1)  # no shared word: not a neighbour
+        for row, tokens in enumerate(bm25_tokens(sources)):
+            if not tokens:
+                continue
+            scores = self.bm25.get_scores(tokens)  # [count]; 0 for sentences sharing no word
+            # top n among the sentences sharing a word (a selection over all, mostly-zero scores is slow)
+            hits = np.flatnonzero(scores > 0)
+            if len(hits) > n:
+                hits = hits[np.argpartition(-scores[hits], n - 1)[:n]]
+            best = hits[np.lexsort((hits, -scores[hits]))]  # by score, ties by sentence id
+            out[row, : len(best)] = best
         return out
 
     def save(self, directory: Path) -> None:

@@ -67,7 +67,7 @@ CODES_FILE = "codes.npy"
 RANGES_FILE = "ranges.npy"
 FORMAT = "knnmt-subset"
 VERSION = 1
-SCORERS: tuple[str, ...] = ("adc", "faiss", "exact")
+SCORERS: tuple[str, ...] = ("auto", "adc", "faiss", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,10 @@ class SubsetConfig(JsonConfig):
     seed: int = 1234
     #: Candidates per neighbour re-scored exactly (``rerank · k`` ADC candidates; 0 = trust ADC).
     rerank: int = 8
-    #: Per-step distance computation: ``adc`` (torch), ``faiss`` (faiss's PQ scanner) or ``exact``.
-    scorer: str = "adc"
+    #: Per-step distances: ``adc`` (torch look-up tables, CPU or GPU), ``faiss`` (the same ADC in faiss's
+    #: C++ PQ scanner, CPU), ``exact`` (matrix product with the subset's keys) or ``auto`` (``faiss`` on
+    #: a CPU, where it measured 4x faster than torch ADC; ``adc`` on a GPU).
+    scorer: str = "auto"
     #: faiss factory of the dense sentence index; ``auto`` = exact up to 100k sentences.
     dense_factory: str = "auto"
 
@@ -375,7 +377,7 @@ class SubsetIndex:
 
     def entries_of(self, sentence_ids: np.ndarray) -> np.ndarray:
         """Sorted int64 entry ids of all target tokens of ``sentence_ids`` (``-1`` ids ignored)."""
-        sids = np.asarray(sentence_ids, dtype=np.int64)
+        sids = np.sort(np.asarray(sentence_ids, dtype=np.int64))  # sorted sentences: sorted entries
         sids = sids[sids >= 0]
         starts = self.ranges[sids]
         lengths = self.ranges[sids + 1] - starts
@@ -383,9 +385,7 @@ class SubsetIndex:
         if total == 0:
             return np.zeros(0, dtype=np.int64)
         first = np.cumsum(lengths) - lengths
-        entries = np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
-        entries.sort()
-        return entries
+        return np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
 
     @classmethod
     def load(
@@ -456,6 +456,8 @@ class SubsetRetriever:
         self.scorer = options.scorer or str(saved["scorer"])
         self.rerank = int(saved["rerank"] if options.rerank is None else options.rerank)
         self.device = torch.device(options.device or "cpu")
+        if self.scorer == "auto":
+            self.scorer = "faiss" if self.device.type == "cpu" else "adc"
         if self.scorer == "adc" and index.codebook.centroids.device != self.device:
             index.codebook = PQCodebook(index.codebook.centroids.cpu().numpy(), self.device)
         self.sentences = index.sentence_search(self.kind)  # fails early when not built
