@@ -399,9 +399,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(
+    report = run_demo(
         Path(args.workdir), force=args.force, progress=not args.quiet, limit=args.limit or None, toy=args.toy
     )
+    print(report)
+    print(f"HTML report: {Path(args.workdir) / 'report.html'}")
     return EXIT_OK
 
 
