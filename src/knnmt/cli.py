@@ -43,6 +43,13 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=None, help="softmax temperature of p_kNN (default 100)"
     )
     p.add_argument(
+        "--half-distance",
+        type=float,
+        default=None,
+        help="adaptive λ: retrieval's weight halves when the neighbours are this far (squared L2) "
+        "and fades for text unlike the memory (default: saved, else constant λ)",
+    )
+    p.add_argument(
         "--rerank",
         type=int,
         default=None,
@@ -132,8 +139,19 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--confirm", type=int, default=3, help="best grid points confirmed by decoding BLEU")
     u.add_argument("--plot", default=None, help="heatmap PNG (default: <datastore>/tuning.png)")
     u.add_argument("--no-save", action="store_true", help="report only; do not write <datastore>/knn.json")
-    u.add_argument("--ood-source", default=None, help="out-of-domain test source: report the BLEU cost there")
-    u.add_argument("--ood-reference", default=None, help="out-of-domain test references")
+    u.add_argument(
+        "--half-distances",
+        default="auto",
+        help="comma-separated half distances, 'none' = constant λ (default auto: none and percentiles of "
+        "the dev set's nearest-neighbour distance)",
+    )
+    u.add_argument(
+        "--ood-source",
+        default=None,
+        help="out-of-domain dev source: ranks the grid by in- and out-of-domain likelihood together and "
+        "reports the BLEU cost there",
+    )
+    u.add_argument("--ood-reference", default=None, help="out-of-domain dev references")
 
     n = sub.add_parser("info", help="describe a datastore and its index")
     n.add_argument("datastore", help="datastore directory")
@@ -170,7 +188,12 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
     changes = {
         k: v
-        for k, v in {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}.items()
+        for k, v in {
+            "k": args.k,
+            "lambda_": args.lambda_,
+            "temperature": args.temperature,
+            "half_distance": args.half_distance,
+        }.items()
         if v is not None
     }
     return KNNConfig(**{**base.to_dict(), **changes})
@@ -293,7 +316,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(scores))
     print(
         f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
-        f"index={knn.index.factory} beam={args.beam}"
+        f"half-distance={knn.config.half_distance} index={knn.index.factory} beam={args.beam}"
     )
     if args.json:
         Path(args.json).write_text(
@@ -323,6 +346,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     knn = _load_knn(args)
     lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else list(DEFAULT_LAMBDAS)
     ks = [int(k) for k in _floats(args.ks, "--ks")]
+    halves: list[float | None] | None = None
+    if args.half_distances.strip().lower() != "auto":
+        halves = [
+            None if x.strip().lower() == "none" else _floats(x, "--half-distances")[0]
+            for x in args.half_distances.split(",")
+            if x.strip()
+        ]
+    if bool(args.ood_source) != bool(args.ood_reference):
+        raise UsageError("--ood-source and --ood-reference go together")
+    ood_sources = read_lines(args.ood_source) if args.ood_source else []
+    ood_references = read_lines(args.ood_reference) if args.ood_reference else []
     result = tune(
         knn,
         sources,
@@ -330,18 +364,29 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         ks=ks,
         temperatures=_floats(args.temperatures, "--temperatures"),
         lambdas=lambdas,
+        half_distances=halves,
+        ood_sources=ood_sources,
+        ood_references=ood_references,
         confirm=args.confirm,
         batch_size=args.batch_size,
         **_gen_kwargs(args),
     )
     for row in result.confirmed:
+        half = row["half_distance"]
+        ood = f" ood-token-LL={row['ood_log_likelihood']:.4f}" if "ood_log_likelihood" in row else ""
         print(
             f"k={row['k']:<3} T={row['temperature']:<7g} lambda={row['lambda_']:<5g} "
-            f"token-LL={row['log_likelihood']:.4f} dev BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
+            f"half-distance={'none' if half is None else f'{half:g}':<6} "
+            f"token-LL={row['log_likelihood']:.4f}{ood} dev BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
         )
     print(f"plain model token-LL={result.base_log_likelihood:.4f} over {result.tokens} reference tokens")
+    if result.ood_base_log_likelihood is not None:
+        print(f"plain model out-of-domain token-LL={result.ood_base_log_likelihood:.4f}")
     best = result.best
-    print(f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature}")
+    print(
+        f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature} "
+        f"half-distance={best.half_distance}"
+    )
     datastore = Path(args.datastore)
     plot = plot_grid(result, args.plot or datastore / "tuning.png")
     (datastore / "tuning.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -358,7 +403,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             **_gen_kwargs(args),
         )
-        print("out-of-domain test:")
+        print("out-of-domain dev:")
         print(format_table(scores))
     return EXIT_OK
 
