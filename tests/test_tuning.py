@@ -136,3 +136,19 @@ def test_cli_tune_saves_the_choice_and_translate_uses_it(
     assert json.loads((store_dir / "tuning.json").read_text())["best"] == saved
     model, tokenizer = marian
     assert KNNMT.load((model, tokenizer), store_dir).config == KNNConfig.from_dict(saved)
+
+
+def test_tune_prefers_the_smallest_k_within_the_tolerance(
+    translator: KNNMT, toy_pairs: list[tuple[str, str]]
+) -> None:
+    pairs = toy_pairs[:6]
+    kwargs: dict[str, Any] = dict(temperatures=[10.0], lambdas=[0.5, 0.9], confirm=1, max_new_tokens=20)
+    loose = tune(
+        translator, [s for s, _ in pairs], [t for _, t in pairs], ks=[2, 8], k_tolerance=1e9, **kwargs
+    )
+    assert loose.best.k == 2  # any k is "close enough": the cheapest wins
+    strict = tune(
+        translator, [s for s, _ in pairs], [t for _, t in pairs], ks=[2, 8], k_tolerance=0.0, **kwargs
+    )
+    best_k = [2, 8][int(np.argmax(strict.log_likelihood.reshape(2, -1).max(axis=1)))]
+    assert strict.best.k == best_k

@@ -137,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--temperatures", default="1,3,10,30,100,300,1000", help="comma-separated temperatures")
     u.add_argument("--lambdas", default=None, help="comma-separated lambdas (default 0, 0.05, ..., 1)")
     u.add_argument("--confirm", type=int, default=3, help="best grid points confirmed by decoding BLEU")
+    u.add_argument(
+        "--k-tolerance",
+        type=float,
+        default=0.005,
+        help="prefer the smallest k whose log-likelihood is within this many nats/token of the best "
+        "(retrieval cost grows with k; 0 = the most likely k)",
+    )
     u.add_argument("--plot", default=None, help="heatmap PNG (default: <datastore>/tuning.png)")
     u.add_argument("--no-save", action="store_true", help="report only; do not write <datastore>/knn.json")
     u.add_argument(
@@ -368,6 +375,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         ood_sources=ood_sources,
         ood_references=ood_references,
         confirm=args.confirm,
+        k_tolerance=args.k_tolerance,
         batch_size=args.batch_size,
         **_gen_kwargs(args),
     )

@@ -179,6 +179,7 @@ def tune(
     ood_sources: Sequence[str] = (),
     ood_references: Sequence[str] = (),
     confirm: int = 3,
+    k_tolerance: float = 0.005,
     batch_size: int = 32,
     **generate_kwargs: Any,
 ) -> TuningResult:
@@ -188,7 +189,9 @@ def tune(
     ``half_distances=None`` tries :func:`auto_half_distances`. With ``ood_sources``/``ood_references``
     (out-of-domain *dev* text, which retrieval should leave alone) the grid is ranked by the mean of
     the in-domain and the out-of-domain log-likelihood, so that settings which only help in-domain at
-    a cost elsewhere lose.
+    a cost elsewhere lose. Retrieval's cost grows with k, so only settings with k up to the smallest
+    k whose best mean log-likelihood is within ``k_tolerance`` (nats per token) of the grid's best are
+    confirmed (0 = always the most likely k).
     """
     if not sources or len(sources) != len(references):
         raise UsageError(
@@ -213,11 +216,18 @@ def tune(
         ood_grid = grid_log_likelihood(ood_mt, ood_d, ood_match, ks, temperatures, lambdas, halves)
         ood_base = float(ood_mt.mean())
         objective = (grid + ood_grid) / 2
+    # search cost grows with k: the smallest k within ``k_tolerance`` of the best likelihood wins
+    best_per_k = objective.reshape(len(ks), -1).max(axis=1)
+    k_limit = min(
+        k for k, value in zip(ks, best_per_k, strict=True) if value >= best_per_k.max() - k_tolerance
+    )
     order = np.argsort(objective, axis=None, kind="stable")[::-1]
     candidates: list[tuple[KNNConfig, tuple[int, ...]]] = []
     for flat in order:
         cell = tuple(int(x) for x in np.unravel_index(flat, grid.shape))
         i, j, m, h = cell
+        if ks[i] > k_limit:
+            continue
         config = KNNConfig(
             k=int(ks[i]),
             temperature=float(temperatures[j]),
