@@ -335,4 +335,4 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
     assert {"/translate", "/memory", "/memory/{sentence_id}", "/health", "/metrics"} <= set(schema["paths"])
     page = client.get("/")
     assert page.status_code == 200 and "<html" in page.text.lower() and "/translate" in page.text
-    assert np.isfinite(float(client.get("/metrics").text.split("knnmt_uptime_seconds ")[1].split()[0]))
+    assert np.isfinite(float(client.get("/metrics").text.split("\nknnmt_uptime_seconds ")[1].split()[0]))
