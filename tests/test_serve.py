@@ -247,7 +247,7 @@ def test_memory_survives_restart_and_compaction(open_service, marian, new_pairs,
             ids.append(r.json()["ids"][0])
         assert c.delete(f"/memory/{ids[1]}", headers=AUTH).status_code == 200
     assert service.memory.side_entries > 0
-    service.close()
+    service.close(compact=False)  # as after a crash: the saved index covers only the first shards
 
     # restart: the saved index covers a prefix of the shards; the added pairs go to the side index
     service = open_service(path, index="auto")
@@ -265,11 +265,30 @@ def test_memory_survives_restart_and_compaction(open_service, marian, new_pairs,
         assert service.memory.side_entries == 0 and service.memory.compactions == 1
         assert _texts(c, [new_pairs[0][0]], **EXACT) == [new_pairs[0][1]]
         assert "knnmt_memory_compactions 1" in c.get("/metrics").text
-    service.close()
+        extra = c.post(
+            "/memory",
+            headers=AUTH,
+            json={"pairs": [{"source": new_pairs[3][0], "target": new_pairs[3][1]}]},
+        )
+        assert extra.status_code == 201
+    service.close()  # a clean stop compacts the new pair too
     # the compacted index was saved: the plain library loads datastore + index again
     knn = KNNMT.load(marian, path, config=KNNConfig(k=1, lambda_=1.0))
     assert knn.index.ntotal == knn.datastore.count
-    assert knn.translate([new_pairs[0][0]])[0].text == new_pairs[0][1]
+    assert [t.text for t in knn.translate([new_pairs[0][0], new_pairs[3][0]])] == [
+        new_pairs[0][1],
+        new_pairs[3][1],
+    ]
+
+
+def test_serve_refuses_writes_without_token(toy_dir, datastore, monkeypatch, caplog) -> None:
+    from knnmt.cli import main
+    from knnmt.service.app import TOKEN_ENV
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    argv = ["serve", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
+    assert main(argv) == 2
+    assert "no token is set" in caplog.text and "--read-only" in caplog.text
 
 
 def test_unfinished_shards_are_ignored_and_cleaned(open_service, datastore, tmp_path) -> None:

@@ -152,8 +152,15 @@ class Service:
             raise
         return cls(translator, memory, config)
 
-    def close(self) -> None:
+    def close(self, compact: bool = True) -> None:
+        """Finish queued work, fold the side index into the saved index (``compact``), release the lock.
+
+        After a clean close the datastore's saved index covers every entry again, so ``knnmt translate``
+        loads it; after a crash the next server start (or ``knnmt index --force``) takes care of that.
+        """
         self.worker.close()
+        if compact and self.config.writes and self.memory.index_dir is not None:
+            self.memory.compact(wait=True)
         self.memory.close()
 
     def add_pairs(self, pairs: list[tuple[str, str]], key: str | None) -> AddResult:
