@@ -355,3 +355,34 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "<html" in page.text.lower() and "/translate" in page.text
     assert np.isfinite(float(client.get("/metrics").text.split("\nknnmt_uptime_seconds ")[1].split()[0]))
+
+
+@pytest.mark.parametrize("removed_sentences", [0, 120, 360])  # 360 of 400: most rows need a re-fetch
+def test_live_retriever_equals_exact_search_without_removed_entries(datastore, removed_sentences) -> None:
+    import faiss
+
+    from knnmt.index import SearchIndex
+    from knnmt.service.memory import LiveRetriever, _State
+
+    rng = np.random.default_rng(0)
+    split = datastore.shards[1].start  # main index: first shard; side index: the rest
+    main = faiss.IndexFlatL2(datastore.dim)
+    main.add(datastore.get_keys(np.arange(split)))
+    side = faiss.IndexFlatL2(datastore.dim)
+    side.add(datastore.get_keys(np.arange(split, datastore.count)))
+    sentences, _ = datastore.provenance(np.arange(datastore.count))
+    removed = np.isin(sentences, rng.choice(datastore.manifest["sentences"], removed_sentences, replace=False))
+    state = _State(
+        datastore, SearchIndex(main, {"factory": "Flat"}), split, side, removed, int(removed.sum())
+    )
+    queries = datastore.get_keys(rng.choice(datastore.count, 50)) + rng.normal(0, 0.5, (50, datastore.dim))
+    queries = queries.astype(np.float32)
+    k = 6
+    dist, ids = LiveRetriever(state).search(queries, k, np.zeros(50, dtype=np.int64))
+
+    keys = datastore.get_keys(np.arange(datastore.count))
+    exact = ((queries[:, None, :] - keys[None]) ** 2).sum(-1)
+    exact[:, removed] = np.inf
+    expected = np.sort(exact, axis=1)[:, :k]
+    assert (ids >= 0).all() and not removed[ids].any()
+    np.testing.assert_allclose(dist, expected, rtol=1e-4, atol=1e-3)

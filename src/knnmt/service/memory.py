@@ -109,11 +109,33 @@ class LiveRetriever:
         self.state = state
 
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``queries [n, dim]`` float32 -> ``(D [n, k] float32, I [n, k] int64)``, ``-1``/``inf`` padded."""
+        """``queries [n, dim]`` float32 -> ``(D [n, k] float32, I [n, k] int64)``, ``-1``/``inf`` padded.
+
+        With removed entries, ``k + min(removed, 2k)`` candidates are fetched first; rows left with fewer
+        than ``k`` after filtering are searched again with 4x more, until full or everything is fetched.
+        """
         s = self.state  # one snapshot for the whole search
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        total = s.main_count + int(s.side.ntotal)
+        fetch = k + min(s.removed_count, 2 * k)
+        dist, ids = self._search(s, q, fetch, groups, k)
+        while s.removed_count and fetch < min(total, k + s.removed_count):
+            short = (ids >= 0).sum(axis=1) < min(k, total)
+            if not short.any():
+                break
+            fetch = min(fetch * 4, k + min(s.removed_count, OVERFETCH_CAP))
+            d2, i2 = self._search(s, q[short], fetch, groups[short], k)
+            dist[short], ids[short] = d2, i2
+            if fetch == k + min(s.removed_count, OVERFETCH_CAP):
+                break
+        return dist, ids
+
+    @staticmethod
+    def _search(
+        s: _State, q: np.ndarray, fetch: int, groups: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``fetch`` candidates from main and side each, removed ones dropped, the ``k`` nearest kept."""
         n = len(q)
-        fetch = k + min(s.removed_count, OVERFETCH_CAP)
         parts_d: list[np.ndarray] = []
         parts_i: list[np.ndarray] = []
         if s.main_count:
