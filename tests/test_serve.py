@@ -385,4 +385,4 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     exact[:, removed] = np.inf
     expected = np.sort(exact, axis=1)[:, :k]
     assert (ids >= 0).all() and not removed[ids].any()
-    np.testing.assert_allclose(dist, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dist, expected, rtol=5e-3)  # faiss: float32 ‖q‖² + ‖k‖² − 2q·k
