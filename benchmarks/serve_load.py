@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,36 +31,15 @@ from typing import Any
 import httpx
 import numpy as np
 
+from knnmt.service.process import spawn_server
+
 logger = logging.getLogger("serve_load")
 logging.getLogger("httpx").setLevel(logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start(model: str, datastore: str, extra: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "knnmt.cli", "-q", "serve", "--model", model, "--datastore", datastore]
-    command += ["--port", str(port), "--read-only", *extra]
-    process = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    process.kill()
-    raise RuntimeError(f"server did not start in 300 s; see {log}")
+    return spawn_server(model, datastore, ["--read-only", *extra], log, timeout=300)
 
 
 def _metric(text: str, name: str) -> float:

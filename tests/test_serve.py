@@ -371,7 +371,8 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     side = faiss.IndexFlatL2(datastore.dim)
     side.add(datastore.get_keys(np.arange(split, datastore.count)))
     sentences, _ = datastore.provenance(np.arange(datastore.count))
-    removed = np.isin(sentences, rng.choice(datastore.manifest["sentences"], removed_sentences, replace=False))
+    gone = rng.choice(datastore.manifest["sentences"], removed_sentences, replace=False)
+    removed = np.isin(sentences, gone)
     state = _State(
         datastore, SearchIndex(main, {"factory": "Flat"}), split, side, removed, int(removed.sum())
     )

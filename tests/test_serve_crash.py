@@ -7,9 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,43 +17,15 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-import knnmt  # noqa: E402
 from knnmt.datastore import Datastore  # noqa: E402
+from knnmt.service.process import spawn_server  # noqa: E402
 from knnmt.toy import toy_corpus  # noqa: E402
 
 TOKEN = "crash-test-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(
-    model: Path, datastore: Path, token_file: Path, log: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``knnmt serve`` in a subprocess; returns it and its base URL once ``/health`` answers."""
-    port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(knnmt.__file__).parents[1]), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "knnmt.cli", "-q", "serve", "--model", str(model)]
-    command += ["--datastore", str(datastore), "--port", str(port), "--token-file", str(token_file)]
-    handle = log.open("ab")
-    process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"server did not answer /health in 120 s: {log.read_text()[-3000:]}")
+def start_server(model: Path, datastore: Path, token_file: Path, log: Path) -> tuple[Any, str]:
+    return spawn_server(model, datastore, ["--token-file", str(token_file)], log)
 
 
 def test_sigkill_during_appends_loses_nothing_acknowledged(toy_dir, datastore, toy_pairs, tmp_path) -> None:
