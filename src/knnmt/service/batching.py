@@ -19,6 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 from ..config import KNNConfig, _check
 from ..errors import KnnmtError
 from ..translator import KNNMT, Translation
@@ -42,11 +44,15 @@ class BatchConfig:
     max_wait_ms: float = 5.0
     #: Jobs waiting at most; beyond, requests are refused with 503.
     max_queue: int = 1024
+    #: torch intra-op (OpenMP) threads of the model thread; 0 = as many as the thread creating the worker
+    #: has (OpenMP settings are per thread: a new thread would otherwise start with all cores).
+    threads: int = 0
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_batch <= 1024, f"max_batch must be in [1, 1024], got {self.max_batch}")
         _check(0 <= self.max_wait_ms <= 1000, f"max_wait_ms must be in [0, 1000], got {self.max_wait_ms}")
         _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        _check(self.threads >= 0, f"threads must be >= 0 (0 = the creating thread's), got {self.threads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,7 @@ class BatchWorker:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.config.max_queue)
         self._pending: list[Any] = []
         self._special = set(translator.tokenizer.all_special_ids)
+        self._threads = self.config.threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="knnmt-model", daemon=True)
         self._thread.start()
 
@@ -140,6 +147,7 @@ class BatchWorker:
         )
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             job = self._next(None)
             if job is _STOP:

@@ -45,7 +45,7 @@ from ..build import _Rate, _write_shard
 from ..config import BuildConfig
 from ..datastore import MANIFEST, Datastore, manifest_fingerprint, unlisted_shards, write_json_atomic
 from ..errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index
+from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
 from ..models import model_max_length
 from ..search import IndexRetriever
 from ..teacher_forcing import KeyExtractor, encode_pairs
@@ -143,7 +143,8 @@ class LiveRetriever:
             parts_d.append(d)
             parts_i.append(i)
         if s.side.ntotal:
-            d, i = s.side.search(q, min(fetch, int(s.side.ntotal)))
+            with omp_threads(int(s.main.settings.get("search_threads", 1))):  # as the main index searches
+                d, i = s.side.search(q, min(fetch, int(s.side.ntotal)))
             parts_d.append(d)
             parts_i.append(np.where(i >= 0, i + s.main_count, -1))
         if not parts_i:
