@@ -132,6 +132,14 @@ def test_limits_give_413_and_422_with_messages(client) -> None:
     assert too_long.json()["detail"] == "sentences 1 has 201 characters; the limit is 200"
     body = client.post("/translate", content=b'{"sentences": ["' + b"a" * 30_000 + b'"]}')
     assert body.status_code == 413 and "20000 bytes" in body.json()["detail"]
+    chunked = client.post("/translate", content=iter([b'{"sentences": ["', b"a" * 30_000, b'"]}']))
+    assert chunked.status_code == 413  # no Content-Length: counted while reading
+    small = client.post(
+        "/translate",
+        content=iter([b'{"sentences": ', b'["open the file"]}']),
+        headers={"Content-Type": "application/json"},
+    )
+    assert small.status_code == 200, small.text
     assert client.post("/translate", json={"sentences": []}).status_code == 422
     assert client.post("/translate", json={"sentences": ["  "]}).status_code == 422
     bad_lambda = client.post("/translate", json={"sentences": ["a"], "lambda": 1.5})
