@@ -145,6 +145,12 @@ def test_limits_give_413_and_422_with_messages(client) -> None:
     bad_lambda = client.post("/translate", json={"sentences": ["a"], "lambda": 1.5})
     assert bad_lambda.status_code == 422 and "lambda" in bad_lambda.text
     assert client.post("/translate", json={"sentences": ["a"], "colour": 1}).status_code == 422
+    infinite = client.post(
+        "/translate",
+        content=b'{"sentences": ["a"], "temperature": 1e999}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert infinite.status_code == 422 and "temperature must be a positive number" in infinite.text
     beam = client.post("/translate", json={"sentences": ["a"], "beam": 99})
     assert beam.status_code == 422 and "beam 99 is above the limit 8" in beam.text
     pairs = client.post("/memory", headers=AUTH, json={"pairs": [{"source": "a", "target": "b"}] * 5})

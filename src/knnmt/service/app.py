@@ -393,11 +393,14 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
         if max_new > config.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {max_new} is above the limit {config.max_new_tokens}")
         base = service.translator.config
-        knn = KNNConfig(
-            k=request.k if request.k is not None else base.k,
-            lambda_=request.lambda_ if request.lambda_ is not None else base.lambda_,
-            temperature=request.temperature if request.temperature is not None else base.temperature,
-        )
+        try:
+            knn = KNNConfig(
+                k=request.k if request.k is not None else base.k,
+                lambda_=request.lambda_ if request.lambda_ is not None else base.lambda_,
+                temperature=request.temperature if request.temperature is not None else base.temperature,
+            )
+        except UsageError as exc:
+            raise HTTPException(422, str(exc)) from None
         options = GenerationOptions(knn if request.knn else None, request.beam, max_new)
         start = time.perf_counter()
         try:
