@@ -401,3 +401,29 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     expected = np.sort(exact, axis=1)[:, :k]
     assert (ids >= 0).all() and not removed[ids].any()
     np.testing.assert_allclose(dist, expected, rtol=5e-3)  # faiss: float32 ‖q‖² + ‖k‖² − 2q·k
+
+
+def test_failed_append_leaves_nothing_behind(open_service, new_pairs, monkeypatch) -> None:
+    """A failure after the shard is written but before the manifest commits (what a crash there leaves):
+    nothing is acknowledged, the datastore opens unchanged, and the next append takes the slot."""
+    import knnmt.service.memory as memory_module
+
+    service = open_service()
+    before = service.memory.store.count
+
+    def crash(path: Path, payload: dict[str, Any]) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(memory_module, "write_json_atomic", crash)
+    with pytest.raises(OSError, match="disk on fire"):
+        service.memory.add([new_pairs[0]], "key-a")
+    monkeypatch.undo()
+    name = f"{len(service.memory.store.manifest['shards']):05d}"
+    assert (service.memory.store.path / "shards" / name).is_dir()  # written, never committed
+    assert Datastore.open(service.memory.store.path).count == before
+    assert service.memory.store.count == before and service.memory.side_entries == 0
+
+    result = service.memory.add([new_pairs[1]], "key-a")  # the key was never used
+    assert result.ids == [service.memory.store.manifest["sentences"] - 1] and not result.replayed
+    assert service.memory.get(result.ids[0])["src"] == new_pairs[1][0]
+    assert Datastore.open(service.memory.store.path).count == before + result.entries
