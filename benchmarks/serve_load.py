@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--modes", default="unbatched,batched")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the server's model (0: default)"
+    )
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of sequential requests first")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -169,6 +172,8 @@ def main() -> None:
         "batched": ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
         "unbatched": ["--no-batching"],
     }
+    if args.threads:
+        modes = {name: [*extra, "--threads", str(args.threads)] for name, extra in modes.items()}
     body = {"max_new_tokens": args.max_new_tokens}
     results = []
     for name in args.modes.split(","):

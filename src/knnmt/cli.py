@@ -153,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=16, help="sentences per generate call")
     v.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
     v.add_argument("--no-batching", action="store_true", help="one request per generate call")
+    v.add_argument("--threads", type=int, default=0, help="torch threads of the model (0 = torch default)")
     v.add_argument("--max-sentences", type=int, default=64, help="sentences (or pairs) per request")
     v.add_argument("--max-chars", type=int, default=1000, help="characters per sentence")
     v.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
@@ -421,9 +422,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .service import BatchConfig, ServeConfig, Service, read_token, run_server
 
     batch = (
-        BatchConfig(max_batch=1, max_wait_ms=0)
+        BatchConfig(max_batch=1, max_wait_ms=0, threads=args.threads)
         if args.no_batching
-        else BatchConfig(max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms)
+        else BatchConfig(max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.threads)
     )
     config = ServeConfig(
         token=None if args.read_only else read_token(args.token_file, os.environ),
