@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------------
 
 HEADER = (
-    "Project-Id-Version: test 1.0\nLanguage: de\nMIME-Version: 1.0\nContent-Type: text/plain; charset={cs}\n"
+    "Project-Id-Version: test 1.0\nLanguage: de\nMIME-Version: 1.0\n"
+    "Content-Type: text/plain; charset={cs}\n"
 )
 
 
@@ -138,16 +139,8 @@ def test_extract_pairs_filters_and_cleans() -> None:
     assert ("Bold text & more", "Fetter Text & mehr") in pairs  # markup stripped, entity decoded
     srcs = [s for s, _ in pairs]
     assert srcs.count("Save") == 1  # two contexts, one pair: deduplicated
-    for dropped in (
-        "Untranslated message",
-        "OK",
-        "<br/>",
-        "12.5",
-        "%s: %d",
-        "{0}",
-        "translator-credits",
-        "Your names",
-    ):
+    for dropped in ("Untranslated message", "OK", "<br/>", "12.5", "%s: %d", "{0}", "translator-credits",
+                    "Your names"):
         assert dropped not in srcs and normalise(dropped) not in srcs
     assert result.stats["untranslated"] == 1
     assert result.stats["identical"] == 1
@@ -159,24 +152,16 @@ def test_extract_pairs_filters_and_cleans() -> None:
 
 
 def test_accelerators_qt_and_libreoffice_styles() -> None:
-    qt = [
-        ("&Open", "Ö&ffnen"),
-        ("&Save As...", "Speichern &unter ..."),
-        ("Drag && Drop", "Ziehen && Ablegen"),
-        ("R&D department", "R&D-Abteilung"),
-        ("Use &amp; to join", "Verwenden Sie &amp; zum Verbinden"),
-    ]
+    qt = [("&Open", "Ö&ffnen"), ("&Save As...", "Speichern &unter ..."),
+          ("Drag && Drop", "Ziehen && Ablegen"), ("R&D department", "R&D-Abteilung"),
+          ("Use &amp; to join", "Verwenden Sie &amp; zum Verbinden")]
     pairs = pairs_of(catalog(qt))
     assert ("Open", "Öffnen") in pairs
     assert ("Save As...", "Speichern unter ...") in pairs
     assert ("Drag & Drop", "Ziehen & Ablegen") in pairs
     assert ("Use & to join", "Verwenden Sie & zum Verbinden") in pairs
-    lo = [
-        ("~Save", "~Speichern"),
-        ("Sa~ve As", "Speichern ~unter"),
-        ("Open ~/Documents", "~/Documents öffnen"),
-        ("E~xit", "~Beenden"),
-    ]
+    lo = [("~Save", "~Speichern"), ("Sa~ve As", "Speichern ~unter"),
+          ("Open ~/Documents", "~/Documents öffnen"), ("E~xit", "~Beenden")]
     pairs = pairs_of(catalog(lo))
     assert ("Save", "Speichern") in pairs
     assert ("Save As", "Speichern unter") in pairs
@@ -185,13 +170,9 @@ def test_accelerators_qt_and_libreoffice_styles() -> None:
 
 def test_accelerators_leave_identifiers_alone() -> None:
     # snake_case identifiers are copied verbatim; "_" is a real accelerator in the other entries.
-    gtk = [
-        ("_Quit", "_Beenden"),
-        ("_Help", "_Hilfe"),
-        ("_Edit", "_Bearbeiten"),
-        ("Set max_size first", "Zuerst max_size setzen"),
-        ("Value of MAX_PATH_LEN", "Wert von MAX_PATH_LEN"),
-    ]
+    gtk = [("_Quit", "_Beenden"), ("_Help", "_Hilfe"), ("_Edit", "_Bearbeiten"),
+           ("Set max_size first", "Zuerst max_size setzen"),
+           ("Value of MAX_PATH_LEN", "Wert von MAX_PATH_LEN")]
     pairs = pairs_of(catalog(gtk))
     assert ("Set max_size first", "Zuerst max_size setzen") in pairs
     assert ("Value of MAX_PATH_LEN", "Wert von MAX_PATH_LEN") in pairs
@@ -207,36 +188,20 @@ def test_accelerators_leave_identifiers_alone() -> None:
     ("src", "tgt", "markers", "expected"),
     [
         # the pair itself shows an accelerator (both sides marked, different words)
-        (
-            'Replace prefi&x with "Re:"',
-            "Präfi&x durch „Re:“ ersetzen",
-            "",
-            ('Replace prefix with "Re:"', "Präfix durch „Re:“ ersetzen"),
-        ),
+        ('Replace prefi&x with "Re:"', 'Präfi&x durch „Re:“ ersetzen', "",
+         ('Replace prefix with "Re:"', 'Präfix durch „Re:“ ersetzen')),
         # a marker that starts a word is an accelerator even in a catalog not known to use it
         ("_View", "Ansicht", "", ("View", "Ansicht")),
         ("/_Address/_Delete", "/_Adresse/_Löschen", "_", ("/Address/Delete", "/Adresse/Löschen")),
         # literal uses survive
         ("B&W: Fuji Acros", "S/W: Fuji Acros", "_", ("B&W: Fuji Acros", "S/W: Fuji Acros")),
-        (
-            "Generate AT&T-style stubs",
-            "Stubs im AT&T-Stil erzeugen",
-            "&",
-            ("Generate AT&T-style stubs", "Stubs im AT&T-Stil erzeugen"),
-        ),
+        ("Generate AT&T-style stubs", "Stubs im AT&T-Stil erzeugen", "&",
+         ("Generate AT&T-style stubs", "Stubs im AT&T-Stil erzeugen")),
         ("Balance at ~a", "Saldo am ~a", "_", ("Balance at ~a", "Saldo am ~a")),  # Lisp format directive
-        (
-            "not setting _NET_WM_PID.",
-            "setzt _NET_WM_PID nicht",
-            "&",
-            ("not setting _NET_WM_PID.", "setzt _NET_WM_PID nicht"),
-        ),
-        (
-            "Automatic _underline_",
-            "Automatisch _unterstrichen_",
-            "_",
-            ("Automatic _underline_", "Automatisch _unterstrichen_"),
-        ),
+        ("not setting _NET_WM_PID.", "setzt _NET_WM_PID nicht", "&",
+         ("not setting _NET_WM_PID.", "setzt _NET_WM_PID nicht")),
+        ("Automatic _underline_", "Automatisch _unterstrichen_", "_",
+         ("Automatic _underline_", "Automatisch _unterstrichen_")),
         ("Delete Page Header", "~Seitenkopf löschen", "~", ("Delete Page Header", "Seitenkopf löschen")),
         ("Filter&regeln", "Filter&regeln", "", ("Filter&regeln", "Filter&regeln")),
     ],
@@ -247,15 +212,8 @@ def test_accelerator_rules(src: str, tgt: str, markers: str, expected: tuple[str
 
 def test_entities_need_semicolons_and_invisibles_go() -> None:
     assert normalise("Filter&regeln &amp; &lt;b&gt; &#228;") == "Filter&regeln & <b> ä"
-    _header, entries = parse_mo(
-        catalog(
-            [
-                ("_From which print:", "_\u200b\u200bDruckbereich:"),
-                ("_Open", "Ö_ffnen"),
-                ("_Close", "_Schließen"),
-            ]
-        )
-    )
+    _header, entries = parse_mo(catalog([("_From which print:", "_\u200b\u200bDruckbereich:"),
+                                         ("_Open", "Ö_ffnen"), ("_Close", "_Schließen")]))
     assert ("From which print:", "Druckbereich:") in extract_pairs(entries).pairs
 
 
@@ -374,13 +332,8 @@ def test_split_is_deterministic_and_groupwise() -> None:
     items = _items()
 
     def run(data: list[tuple[str, str]]) -> GroupSplit[tuple[str, str]]:
-        return split_by_group(
-            data,
-            group_of=lambda x: x[0],
-            sizes=[("test", 100), ("dev", 50)],
-            key_of=lambda x: x[1],
-            max_per_group=20,
-        )
+        return split_by_group(data, group_of=lambda x: x[0], sizes=[("test", 100), ("dev", 50)],
+                              key_of=lambda x: x[1], max_per_group=20)
 
     first = run(items)
     shuffled = items[:]
@@ -409,14 +362,8 @@ def test_split_is_deterministic_and_groupwise() -> None:
 
 def test_split_eligibility_and_size_limits() -> None:
     items = _items(n_groups=40, per_group=10) + [("huge", f"h{i}") for i in range(500)]
-    result = split_by_group(
-        items,
-        group_of=lambda x: x[0],
-        sizes=[("test", 30)],
-        key_of=lambda x: x[1],
-        max_group_size=100,
-        eligible=lambda x: not x[1].endswith("-0"),
-    )
+    result = split_by_group(items, group_of=lambda x: x[0], sizes=[("test", 30)], key_of=lambda x: x[1],
+                            max_group_size=100, eligible=lambda x: not x[1].endswith("-0"))
     assert "huge" not in result.groups["test"]
     assert all(not s.endswith("-0") for _, s in result.splits["test"])
     with pytest.raises(ValueError):
@@ -455,18 +402,8 @@ def test_general_packages_exclude_games_education_science() -> None:
     names = general_package_names()
     assert len(names) > 100 and len(names) == len(set(names))
     assert [n for n in names if exclusion_reason(n)] == []
-    for held_out in (
-        "kstars-data",
-        "marble-data",
-        "stellarium",
-        "kgeography-data",
-        "parley-data",
-        "gcompris-qt",
-        "wesnoth-1.16-data",
-        "sugar-write-activity",
-        "kalzium-data",
-        "step",
-    ):
+    for held_out in ("kstars-data", "marble-data", "stellarium", "kgeography-data", "parley-data",
+                     "gcompris-qt", "wesnoth-1.16-data", "sugar-write-activity", "kalzium-data", "step"):
         assert exclusion_reason(held_out), held_out
     assert exclusion_reason("anything", "games")
     assert exclusion_reason("anything", "contrib/science")
@@ -481,10 +418,8 @@ def test_split_group_and_licence_summary() -> None:
     assert split_group("kf5-messagelib") == "kf5-messagelib"
     assert split_group("kwallet-kf5") == "kwallet-kf5"
     assert split_group("wxwidgets3.2") == "wxwidgets3.2"
-    dep5 = (
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\nFiles: *\n"
-        "License: GPL-2+ or LGPL-3\n\nFiles: po/*\nLicense: GPL-2+\n"
-    )
+    dep5 = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\nFiles: *\n" \
+           "License: GPL-2+ or LGPL-3\n\nFiles: po/*\nLicense: GPL-2+\n"
     assert summarise_licence(dep5) == "GPL-2+, LGPL-3"
     assert summarise_licence("This is free software under the GNU General Public License v2.") == "GPL"
     assert summarise_licence("All rights reserved.") == "unknown"
@@ -495,11 +430,8 @@ def test_split_group_and_licence_summary() -> None:
 def test_find_catalogs_in_tree_and_zip(tmp_path: Path) -> None:
     root = tmp_path / "tree"
     mo = catalog([("Open", "Öffnen")])
-    for rel in (
-        "usr/share/locale/de/LC_MESSAGES/app.mo",
-        "usr/share/locale/fr/LC_MESSAGES/app.mo",
-        "usr/share/locale/de/LC_MESSAGES/iso_639.mo",
-    ):
+    for rel in ("usr/share/locale/de/LC_MESSAGES/app.mo", "usr/share/locale/fr/LC_MESSAGES/app.mo",
+                "usr/share/locale/de/LC_MESSAGES/iso_639.mo"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(mo)
     z = root / "usr/share/app/locales.zip"
