@@ -416,6 +416,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_knn_config(args: argparse.Namespace) -> Any:
+    """The datastore's saved kNN settings (or the defaults) with serve's --k/--lambda/--temperature."""
+    import dataclasses
+
+    from .config import KNNConfig
+    from .translator import KNN_CONFIG_FILE
+
+    saved = Path(args.datastore) / KNN_CONFIG_FILE
+    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+    changes = {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -440,7 +453,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.datastore,
         config,
         index=None if args.index == "exact" else args.index,
-        knn_config=_knn_config(args, args.datastore),
+        knn_config=_serve_knn_config(args),
         device=args.device,
     )
     logger.info("serving %s on http://%s:%d/ (API docs at /docs)", args.datastore, args.host, args.port)

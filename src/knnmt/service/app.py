@@ -394,7 +394,8 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
             raise HTTPException(422, f"max_new_tokens {max_new} is above the limit {config.max_new_tokens}")
         base = service.translator.config
         try:
-            knn = KNNConfig(
+            knn = dataclasses.replace(  # other settings of the datastore's config are kept
+                base,
                 k=request.k if request.k is not None else base.k,
                 lambda_=request.lambda_ if request.lambda_ is not None else base.lambda_,
                 temperature=request.temperature if request.temperature is not None else base.temperature,
