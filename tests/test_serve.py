@@ -305,6 +305,16 @@ def test_serve_refuses_writes_without_token(toy_dir, datastore, monkeypatch, cap
     assert "no token is set" in caplog.text and "--read-only" in caplog.text
 
 
+def test_one_writer_per_datastore(open_service) -> None:
+    from knnmt.errors import DatastoreError
+
+    first = open_service()
+    with pytest.raises(DatastoreError, match="already opened for writing"):
+        open_service()
+    first.close()
+    open_service().close()  # the lock is released on close
+
+
 def test_unfinished_shards_are_ignored_and_cleaned(open_service, datastore, tmp_path) -> None:
     path = tmp_path / "served"
     shutil.copytree(datastore.path, path)

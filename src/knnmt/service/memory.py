@@ -453,7 +453,9 @@ class LiveMemory:
             lo, hi = _sentence_entries(state.store, sentence_id)
             if sentence_id not in self._tombstones:
                 tombstones = self._tombstones | {sentence_id}
-                (self.path / MEMORY_DIR).mkdir(exist_ok=True)
+                if not (self.path / MEMORY_DIR).is_dir():
+                    (self.path / MEMORY_DIR).mkdir()
+                    _fsync_dir(self.path)
                 write_json_atomic(self.path / MEMORY_DIR / TOMBSTONES, {"sentences": sorted(tombstones)})
                 self._tombstones = tombstones
                 removed = state.removed.copy()
