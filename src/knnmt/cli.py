@@ -164,6 +164,26 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("datastore", help="datastore directory")
     n.add_argument("--json", action="store_true", help="machine-readable output")
 
+    v = sub.add_parser("serve", help="HTTP translation-memory service with a web page (FastAPI)")
+    _add_model_args(v)
+    v.add_argument("--datastore", required=True, help="datastore directory (grows with POST /memory)")
+    v.add_argument("--index", default="auto", help="index directory; 'auto' = <datastore>/index if built")
+    v.add_argument("--k", type=int, default=None, help="default neighbours (default: knn.json or 8)")
+    v.add_argument("--lambda", dest="lambda_", type=float, default=None, help="default weight of p_kNN")
+    v.add_argument("--temperature", type=float, default=None, help="default temperature of p_kNN")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token-file", default=None, help="bearer token for writes (default: $KNNMT_SERVE_TOKEN)")
+    v.add_argument("--read-only", action="store_true", help="no writes: POST/DELETE /memory answer 403")
+    v.add_argument("--max-batch", type=int, default=16, help="sentences per generate call")
+    v.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    v.add_argument("--no-batching", action="store_true", help="one request per generate call")
+    v.add_argument("--threads", type=int, default=0, help="torch threads of the model (0 = torch default)")
+    v.add_argument("--max-sentences", type=int, default=64, help="sentences (or pairs) per request")
+    v.add_argument("--max-chars", type=int, default=1000, help="characters per sentence")
+    v.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
+    v.add_argument("--compact-every", type=int, default=4096, help="side-index entries before compaction")
+
     d = sub.add_parser("demo", help="build, index, translate and score the bundled example end to end")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its datastore and report")
     d.add_argument("--force", action="store_true", help="rebuild everything")
@@ -449,6 +469,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_knn_config(args: argparse.Namespace) -> Any:
+    """The datastore's saved kNN settings (or the defaults) with serve's --k/--lambda/--temperature."""
+    import dataclasses
+
+    from .config import KNNConfig
+    from .translator import KNN_CONFIG_FILE
+
+    saved = Path(args.datastore) / KNN_CONFIG_FILE
+    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+    changes = {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .service import BatchConfig, ServeConfig, Service, read_token, run_server
+
+    batch = (
+        BatchConfig(max_batch=1, max_wait_ms=0, threads=args.threads)
+        if args.no_batching
+        else BatchConfig(max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.threads)
+    )
+    config = ServeConfig(
+        token=None if args.read_only else read_token(args.token_file, os.environ),
+        writes=not args.read_only,
+        max_body_bytes=args.max_body_bytes,
+        max_sentences=args.max_sentences,
+        max_chars=args.max_chars,
+        compact_every=args.compact_every,
+        batch=batch,
+    )
+    service = Service.open(
+        args.model,
+        args.datastore,
+        config,
+        index=None if args.index == "exact" else args.index,
+        knn_config=_serve_knn_config(args),
+        device=args.device,
+    )
+    logger.info("serving %s on http://%s:%d/ (API docs at /docs)", args.datastore, args.host, args.port)
+    run_server(service, args.host, args.port, log_level="warning" if args.quiet else "info")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -468,6 +533,7 @@ COMMANDS = {
     "info": _cmd_info,
     "tune": _cmd_tune,
     "demo": _cmd_demo,
+    "serve": _cmd_serve,
 }
 
 
