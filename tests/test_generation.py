@@ -13,7 +13,7 @@ from conftest import strip_pad
 from knnmt import generation
 from knnmt.config import KNNConfig
 from knnmt.models import key_module
-from knnmt.retrieval import interpolate, knn_log_probs
+from knnmt.retrieval import interpolate, knn_log_probs, retrieval_weights
 from knnmt.teacher_forcing import ActivationCapture
 
 GEN = {"max_new_tokens": 32}
@@ -124,18 +124,23 @@ def _reference_step(
         np.where(ids >= 0, translator.datastore.values[np.clip(ids, 0, None)], -1)
     ).long()
     log_knn = knn_log_probs(torch.from_numpy(distances), values, config.temperature)
-    expected = interpolate(torch.log_softmax(scores.float(), dim=-1), values, log_knn, config.lambda_)
+    lam = retrieval_weights(
+        torch.from_numpy(distances), values, config.lambda_, config.temperature, config.half_distance
+    )
+    expected = interpolate(torch.log_softmax(scores.float(), dim=-1), values, log_knn, lam)
     if input_ids.shape[1] > 1:  # finished rows (last token eos/pad) are passed through untouched
         done = torch.tensor([int(t) in finished for t in input_ids[:, -1]])
         expected[done] = scores[done].float()
     return queries, expected
 
 
-@pytest.mark.parametrize("num_beams", [4, 1])
-def test_each_hypothesis_uses_its_own_query(translator, marian, toy_pairs, knn_steps, num_beams: int) -> None:
+@pytest.mark.parametrize(("num_beams", "half_distance"), [(4, None), (1, None), (4, 5.0)])
+def test_each_hypothesis_uses_its_own_query(
+    translator, marian, toy_pairs, knn_steps, num_beams: int, half_distance: float | None
+) -> None:
     model, tokenizer = marian
     sources = _sources(toy_pairs, 3, offset=40)
-    config = KNNConfig(lambda_=0.5, k=4, temperature=10.0)
+    config = KNNConfig(lambda_=0.5, k=4, temperature=10.0, half_distance=half_distance)
     translator.translate(
         sources,
         knn=config,

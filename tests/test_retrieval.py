@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnmt.retrieval import interpolate, knn_log_probs
+from knnmt.retrieval import interpolate, knn_log_probs, retrieval_weights
 
 
 def test_knn_log_probs_hand_computed_softmax() -> None:
@@ -128,3 +128,30 @@ def test_interpolate_edge_cases(mixing_case) -> None:
     mixed = interpolate(log_p_mt, tokens, log_p_knn, 0.3)
     for row in (0, 2, 3, 5):
         assert mixed[row].exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_per_row_lambda_equals_each_rows_own_scalar_mix(mixing_case) -> None:
+    log_p_mt, tokens, log_p_knn = mixing_case
+    lams = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0, 0.7])
+    out = interpolate(log_p_mt, tokens, log_p_knn, lams)
+    for row, lam in enumerate(lams.tolist()):
+        alone = interpolate(log_p_mt[row : row + 1], tokens[row : row + 1], log_p_knn[row : row + 1], lam)
+        torch.testing.assert_close(out[row : row + 1], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_retrieval_weights_follow_the_virtual_neighbour_formula() -> None:
+    distances = torch.tensor([[1.0, 4.0, 9.0], [50.0, 60.0, 70.0], [2.0, 3.0, 0.0]])
+    values = torch.tensor([[5, 6, -1], [1, 2, 3], [-1, -1, -1]])
+    tau, lam, half = 10.0, 0.8, 20.0
+    got = retrieval_weights(distances, values, lam, tau, half)
+    for row in range(3):
+        s = sum(
+            np.exp(-d / tau)
+            for d, v in zip(distances[row].tolist(), values[row].tolist(), strict=True)
+            if v >= 0
+        )
+        want = lam * s / (s + np.exp(-half / tau))
+        assert got[row].item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert got[0] > 0.7 and got[1] < 0.06 and got[2] == 0.0  # near: ≈ λ; far: ≈ 0; none: 0
+    # without a half distance the weight is the constant λ
+    assert torch.equal(retrieval_weights(distances, values, lam, tau, None), torch.full((3,), lam))

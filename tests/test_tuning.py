@@ -24,30 +24,45 @@ def test_grid_matches_a_per_token_loop() -> None:
     distances[3, 4:] = np.inf  # missing neighbours
     match = rng.random((tokens, k_max)) < 0.4
     match[5] = False  # no neighbour votes for the reference token
-    ks, temps, lambdas = [1, 3, 6], [1.0, 10.0], [0.0, 0.3, 1.0]
-    grid = grid_log_likelihood(log_mt, distances, match, ks, temps, lambdas)
-    for (i, k), (j, tau), (m, lam) in itertools.product(enumerate(ks), enumerate(temps), enumerate(lambdas)):
+    ks, temps, lambdas, halves = [1, 3, 6], [1.0, 10.0], [0.0, 0.3, 1.0], [None, 5.0, 40.0]
+    grid = grid_log_likelihood(log_mt, distances, match, ks, temps, lambdas, halves)
+    assert grid.shape == (3, 2, 3, 3)
+    for (i, k), (j, tau), (m, lam), (h, half) in itertools.product(
+        enumerate(ks), enumerate(temps), enumerate(lambdas), enumerate(halves)
+    ):
         total = 0.0
         for t in range(tokens):
             weights = [np.exp(-d / tau) for d in distances[t, :k] if np.isfinite(d)]
             hit = sum(np.exp(-d / tau) for d, ok in zip(distances[t, :k], match[t, :k], strict=True) if ok)
             p_knn = hit / sum(weights) if weights else 0.0
-            p = lam * p_knn + (1 - lam) * np.exp(log_mt[t])
+            s = sum(weights)
+            lam_t = lam if half is None else lam * s / (s + np.exp(-half / tau))
+            rest = (
+                1 - lam if half is None else (1 - lam) + lam * np.exp(-half / tau) / (s + np.exp(-half / tau))
+            )
+            p = lam_t * p_knn + rest * np.exp(log_mt[t])  # rest = 1 - lam_t, without cancellation
             total += np.log(p) if p > 0 else -np.inf
-        assert grid[i, j, m] == pytest.approx(total / tokens, rel=1e-9, abs=1e-12)
+        assert grid[i, j, m, h] == pytest.approx(total / tokens, rel=1e-9, abs=1e-12)
 
 
 def test_grid_agrees_with_explain(translator: KNNMT, toy_pairs: list[tuple[str, str]]) -> None:
     """The cheap grid score of one setting equals the mean log P(y_t) the generation path gives."""
     pairs = toy_pairs[:6]
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-    config = KNNConfig(k=4, lambda_=0.4, temperature=10.0)
     log_mt, distances, match = reference_statistics(translator, sources, refs, k_max=8)
-    grid = grid_log_likelihood(log_mt, distances, match, [4], [10.0], [0.4])
-    explained = [tok for s, r in pairs for tok in translator.explain(s, r, config)]
-    assert len(explained) == len(log_mt)
-    expected = np.mean([np.log(tok.p_final) for tok in explained])
-    assert grid[0, 0, 0] == pytest.approx(expected, rel=1e-4)
+    half = float(np.median(distances[:, 0]))  # λ then varies from step to step
+    grid = grid_log_likelihood(log_mt, distances, match, [4], [10.0], [0.4], [None, half])
+    for h, config in enumerate(
+        [
+            KNNConfig(k=4, lambda_=0.4, temperature=10.0),
+            KNNConfig(k=4, lambda_=0.4, temperature=10.0, half_distance=half),
+        ]
+    ):
+        explained = [tok for s, r in pairs for tok in translator.explain(s, r, config)]
+        assert len(explained) == len(log_mt)
+        expected = np.mean([np.log(tok.p_final) for tok in explained])
+        assert grid[0, 0, 0, h] == pytest.approx(expected, rel=1e-4)
+    assert grid[0, 0, 0, 0] != pytest.approx(grid[0, 0, 0, 1], rel=1e-3)
 
 
 def test_tune_prefers_retrieval_when_the_memory_holds_the_answers(
@@ -64,7 +79,10 @@ def test_tune_prefers_retrieval_when_the_memory_holds_the_answers(
         confirm=2,
         max_new_tokens=40,
     )
-    assert result.log_likelihood.shape == (2, 2, 3)
+    assert result.log_likelihood.shape == (2, 2, 3, len(result.half_distances))
+    assert (
+        result.half_distances[0] is None and len(result.half_distances) > 1
+    )  # auto: constant λ + percentiles
     assert result.best.lambda_ > 0
     assert result.log_likelihood.max() > result.base_log_likelihood
     assert len(result.confirmed) == 2 and all("bleu" in row for row in result.confirmed)
@@ -118,3 +136,19 @@ def test_cli_tune_saves_the_choice_and_translate_uses_it(
     assert json.loads((store_dir / "tuning.json").read_text())["best"] == saved
     model, tokenizer = marian
     assert KNNMT.load((model, tokenizer), store_dir).config == KNNConfig.from_dict(saved)
+
+
+def test_tune_prefers_the_smallest_k_within_the_tolerance(
+    translator: KNNMT, toy_pairs: list[tuple[str, str]]
+) -> None:
+    pairs = toy_pairs[:6]
+    kwargs: dict[str, Any] = dict(temperatures=[10.0], lambdas=[0.5, 0.9], confirm=1, max_new_tokens=20)
+    loose = tune(
+        translator, [s for s, _ in pairs], [t for _, t in pairs], ks=[2, 8], k_tolerance=1e9, **kwargs
+    )
+    assert loose.best.k == 2  # any k is "close enough": the cheapest wins
+    strict = tune(
+        translator, [s for s, _ in pairs], [t for _, t in pairs], ks=[2, 8], k_tolerance=0.0, **kwargs
+    )
+    best_k = [2, 8][int(np.argmax(strict.log_likelihood.reshape(2, -1).max(axis=1)))]
+    assert strict.best.k == best_k

@@ -43,6 +43,13 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=None, help="softmax temperature of p_kNN (default 100)"
     )
     p.add_argument(
+        "--half-distance",
+        type=float,
+        default=None,
+        help="adaptive λ: retrieval's weight halves when the neighbours are this far (squared L2) "
+        "and fades for text unlike the memory (default: saved, else constant λ)",
+    )
+    p.add_argument(
         "--rerank",
         type=int,
         default=None,
@@ -169,14 +176,52 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--temperatures", default="1,3,10,30,100,300,1000", help="comma-separated temperatures")
     u.add_argument("--lambdas", default=None, help="comma-separated lambdas (default 0, 0.05, ..., 1)")
     u.add_argument("--confirm", type=int, default=3, help="best grid points confirmed by decoding BLEU")
+    u.add_argument(
+        "--k-tolerance",
+        type=float,
+        default=0.005,
+        help="prefer the smallest k whose log-likelihood is within this many nats/token of the best "
+        "(retrieval cost grows with k; 0 = the most likely k)",
+    )
     u.add_argument("--plot", default=None, help="heatmap PNG (default: <datastore>/tuning.png)")
     u.add_argument("--no-save", action="store_true", help="report only; do not write <datastore>/knn.json")
-    u.add_argument("--ood-source", default=None, help="out-of-domain test source: report the BLEU cost there")
-    u.add_argument("--ood-reference", default=None, help="out-of-domain test references")
+    u.add_argument(
+        "--half-distances",
+        default="auto",
+        help="comma-separated half distances, 'none' = constant λ (default auto: none and percentiles of "
+        "the dev set's nearest-neighbour distance)",
+    )
+    u.add_argument(
+        "--ood-source",
+        default=None,
+        help="out-of-domain dev source: ranks the grid by in- and out-of-domain likelihood together and "
+        "reports the BLEU cost there",
+    )
+    u.add_argument("--ood-reference", default=None, help="out-of-domain dev references")
 
     n = sub.add_parser("info", help="describe a datastore and its index")
     n.add_argument("datastore", help="datastore directory")
     n.add_argument("--json", action="store_true", help="machine-readable output")
+
+    v = sub.add_parser("serve", help="HTTP translation-memory service with a web page (FastAPI)")
+    _add_model_args(v)
+    v.add_argument("--datastore", required=True, help="datastore directory (grows with POST /memory)")
+    v.add_argument("--index", default="auto", help="index directory; 'auto' = <datastore>/index if built")
+    v.add_argument("--k", type=int, default=None, help="default neighbours (default: knn.json or 8)")
+    v.add_argument("--lambda", dest="lambda_", type=float, default=None, help="default weight of p_kNN")
+    v.add_argument("--temperature", type=float, default=None, help="default temperature of p_kNN")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token-file", default=None, help="bearer token for writes (default: $KNNMT_SERVE_TOKEN)")
+    v.add_argument("--read-only", action="store_true", help="no writes: POST/DELETE /memory answer 403")
+    v.add_argument("--max-batch", type=int, default=16, help="sentences per generate call")
+    v.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    v.add_argument("--no-batching", action="store_true", help="one request per generate call")
+    v.add_argument("--threads", type=int, default=0, help="torch threads of the model (0 = torch default)")
+    v.add_argument("--max-sentences", type=int, default=64, help="sentences (or pairs) per request")
+    v.add_argument("--max-chars", type=int, default=1000, help="characters per sentence")
+    v.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
+    v.add_argument("--compact-every", type=int, default=4096, help="side-index entries before compaction")
 
     d = sub.add_parser("demo", help="build, index, translate and score the bundled example end to end")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its datastore and report")
@@ -209,7 +254,12 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
     changes = {
         k: v
-        for k, v in {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}.items()
+        for k, v in {
+            "k": args.k,
+            "lambda_": args.lambda_,
+            "temperature": args.temperature,
+            "half_distance": args.half_distance,
+        }.items()
         if v is not None
     }
     return KNNConfig(**{**base.to_dict(), **changes})
@@ -372,7 +422,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(scores))
     print(
         f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
-        f"{_retrieval_name(knn)} beam={args.beam}"
+        f"half-distance={knn.config.half_distance} {_retrieval_name(knn)} beam={args.beam}"
     )
     if args.json:
         Path(args.json).write_text(
@@ -407,6 +457,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     knn = _load_knn(args)
     lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else list(DEFAULT_LAMBDAS)
     ks = [int(k) for k in _floats(args.ks, "--ks")]
+    halves: list[float | None] | None = None
+    if args.half_distances.strip().lower() != "auto":
+        halves = [
+            None if x.strip().lower() == "none" else _floats(x, "--half-distances")[0]
+            for x in args.half_distances.split(",")
+            if x.strip()
+        ]
+    if bool(args.ood_source) != bool(args.ood_reference):
+        raise UsageError("--ood-source and --ood-reference go together")
+    ood_sources = read_lines(args.ood_source) if args.ood_source else []
+    ood_references = read_lines(args.ood_reference) if args.ood_reference else []
     result = tune(
         knn,
         sources,
@@ -414,18 +475,30 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         ks=ks,
         temperatures=_floats(args.temperatures, "--temperatures"),
         lambdas=lambdas,
+        half_distances=halves,
+        ood_sources=ood_sources,
+        ood_references=ood_references,
         confirm=args.confirm,
+        k_tolerance=args.k_tolerance,
         batch_size=args.batch_size,
         **_gen_kwargs(args),
     )
     for row in result.confirmed:
+        half = row["half_distance"]
+        ood = f" ood-token-LL={row['ood_log_likelihood']:.4f}" if "ood_log_likelihood" in row else ""
         print(
             f"k={row['k']:<3} T={row['temperature']:<7g} lambda={row['lambda_']:<5g} "
-            f"token-LL={row['log_likelihood']:.4f} dev BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
+            f"half-distance={'none' if half is None else f'{half:g}':<6} "
+            f"token-LL={row['log_likelihood']:.4f}{ood} dev BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
         )
     print(f"plain model token-LL={result.base_log_likelihood:.4f} over {result.tokens} reference tokens")
+    if result.ood_base_log_likelihood is not None:
+        print(f"plain model out-of-domain token-LL={result.ood_base_log_likelihood:.4f}")
     best = result.best
-    print(f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature}")
+    print(
+        f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature} "
+        f"half-distance={best.half_distance}"
+    )
     datastore = Path(args.datastore)
     plot = plot_grid(result, args.plot or datastore / "tuning.png")
     (datastore / "tuning.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -442,7 +515,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             **_gen_kwargs(args),
         )
-        print("out-of-domain test:")
+        print("out-of-domain dev:")
         print(format_table(scores))
     return EXIT_OK
 
@@ -484,12 +557,59 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_knn_config(args: argparse.Namespace) -> Any:
+    """The datastore's saved kNN settings (or the defaults) with serve's --k/--lambda/--temperature."""
+    import dataclasses
+
+    from .config import KNNConfig
+    from .translator import KNN_CONFIG_FILE
+
+    saved = Path(args.datastore) / KNN_CONFIG_FILE
+    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+    changes = {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .service import BatchConfig, ServeConfig, Service, read_token, run_server
+
+    batch = (
+        BatchConfig(max_batch=1, max_wait_ms=0, threads=args.threads)
+        if args.no_batching
+        else BatchConfig(max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.threads)
+    )
+    config = ServeConfig(
+        token=None if args.read_only else read_token(args.token_file, os.environ),
+        writes=not args.read_only,
+        max_body_bytes=args.max_body_bytes,
+        max_sentences=args.max_sentences,
+        max_chars=args.max_chars,
+        compact_every=args.compact_every,
+        batch=batch,
+    )
+    service = Service.open(
+        args.model,
+        args.datastore,
+        config,
+        index=None if args.index == "exact" else args.index,
+        knn_config=_serve_knn_config(args),
+        device=args.device,
+    )
+    logger.info("serving %s on http://%s:%d/ (API docs at /docs)", args.datastore, args.host, args.port)
+    run_server(service, args.host, args.port, log_level="warning" if args.quiet else "info")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(
+    report = run_demo(
         Path(args.workdir), force=args.force, progress=not args.quiet, limit=args.limit or None, toy=args.toy
     )
+    print(report)
+    print(f"HTML report: {Path(args.workdir) / 'report.html'}")
     return EXIT_OK
 
 
@@ -501,6 +621,7 @@ COMMANDS = {
     "info": _cmd_info,
     "tune": _cmd_tune,
     "demo": _cmd_demo,
+    "serve": _cmd_serve,
 }
 
 

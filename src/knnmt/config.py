@@ -51,11 +51,19 @@ class KNNConfig(JsonConfig):
     ``P(y) = lambda_ * p_kNN(y) + (1 - lambda_) * p_MT(y)`` with
     ``p_kNN(y) ∝ Σ_{i: v_i = y} exp(-d_i / temperature)`` over the ``k`` nearest keys
     (``d_i`` squared L2 distance).
+
+    ``half_distance`` makes λ depend on how near the neighbours are (``None``: the constant λ of the
+    formula above). The model counts as one more, virtual, neighbour at squared distance
+    ``half_distance``: with ``S = Σ_i exp(-d_i / temperature)`` the weight of retrieval at a step is
+    ``λ_q = lambda_ · S / (S + exp(-half_distance / temperature))``, so it is ``lambda_`` when the
+    neighbours are much nearer than ``half_distance``, half of it when they weigh as much as one
+    neighbour at that distance, and falls towards 0 (the plain model) for text unlike the memory.
     """
 
     k: int = 8
     lambda_: float = 0.5
     temperature: float = 100.0
+    half_distance: float | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -66,6 +74,10 @@ class KNNConfig(JsonConfig):
         _check(
             math.isfinite(self.temperature) and self.temperature > 0,
             f"temperature must be a positive number, got {self.temperature!r}",
+        )
+        _check(
+            self.half_distance is None or (math.isfinite(self.half_distance) and self.half_distance >= 0),
+            f"half_distance must be a squared distance >= 0 or None, got {self.half_distance!r}",
         )
 
 

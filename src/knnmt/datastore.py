@@ -76,6 +76,26 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """Identity of a datastore's content from its manifest (model, layer, count, shards, corpora)."""
+    import hashlib
+
+    parts = [manifest["model"]["fingerprint"], str(manifest["key"]["layer"]), str(manifest["count"])]
+    parts += [f"{s['name']}:{s['count']}" for s in manifest["shards"]]
+    parts += [str(c.get("sha256")) for c in manifest["corpora"]]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def unlisted_shards(path: Path, manifest: dict[str, Any]) -> list[Path]:
+    """Directories under ``path/shards`` that the manifest does not list: ``*.tmp`` shards being written,
+    or finished ones whose manifest update never happened (a crash). Readers ignore them."""
+    listed = {s["name"] for s in manifest["shards"]}
+    root = path / "shards"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and d.name not in listed)
+
+
 @dataclass(frozen=True)
 class Shard:
     """Read-only view of one finished shard (arrays memory-mapped)."""
@@ -135,6 +155,8 @@ class Datastore:
                 "run the same `knnmt build` again to resume it"
             )
         store = cls(p, manifest)
+        for orphan in unlisted_shards(p, manifest):  # a crash between writing a shard and the manifest
+            logger.warning("ignoring %s: a shard directory the manifest does not list (unfinished)", orphan)
         if verify:
             store.verify()
         return store
@@ -175,12 +197,7 @@ class Datastore:
     def fingerprint(self) -> str:
         """Identity of the datastore's content (model, layer, count, shards, corpus checksums): indexes
         record it."""
-        import hashlib
-
-        parts = [self.manifest["model"]["fingerprint"], self.key_layer, str(self.count)]
-        parts += [f"{s['name']}:{s['count']}" for s in self.manifest["shards"]]
-        parts += [str(c.get("sha256")) for c in self.manifest["corpora"]]
-        return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+        return manifest_fingerprint(self.manifest)
 
     def check_compatible(self, model_fingerprint: str, tokenizer_fingerprint: str, dim: int) -> None:
         """Raise :class:`IncompatibleError` unless this datastore was built with that model and tokenizer."""

@@ -17,6 +17,7 @@ import functools
 import html
 import io
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .datastore import MANIFEST, Datastore, read_manifest
 from .errors import DatastoreError, IncompatibleError
 from .evaluation import SystemScore, evaluate, format_table
 from .index import INDEX_FILE, build_index
+from .models import key_dim, model_fingerprint, tokenizer_fingerprint
 from .toy import build_toy_model, toy_corpus
 from .translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
 
@@ -50,6 +52,8 @@ class DemoInputs:
     test_sources: list[str]
     test_references: list[str]
     knn: KNNConfig
+    #: A ``knn.json`` chosen by ``knnmt tune`` for this model and memory, used instead of ``knn``.
+    tuned: Path | None = None
 
 
 def _split_tsv(path: Path) -> tuple[list[str], list[str]]:
@@ -69,6 +73,7 @@ def bundled_inputs(limit: int | None) -> DemoInputs | None:
         test_sources=sources[:limit],
         test_references=references[:limit],
         knn=KNNConfig(k=8, lambda_=0.5, temperature=10.0),
+        tuned=tuned if (tuned := BUNDLED_DATA / KNN_CONFIG_FILE).is_file() else None,
     )
 
 
@@ -204,6 +209,14 @@ def run_demo(
     store_dir = workdir / "datastore"
     start = time.perf_counter()
     complete = (store_dir / MANIFEST).is_file() and read_manifest(store_dir).get("state") == "complete"
+    if complete and not force:
+        try:  # a datastore of another model (e.g. the bundled one was retrained) is rebuilt
+            Datastore.open(store_dir).check_compatible(
+                model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model)
+            )
+        except IncompatibleError as exc:
+            logger.warning("%s; rebuilding the datastore", exc)
+            force = True
     if force or not complete:
         build = functools.partial(
             build_datastore, model, tokenizer, inputs.memory, store_dir, BuildConfig(),
@@ -221,6 +234,8 @@ def run_demo(
         build_index(store, out=store_dir / "index", progress=progress, force=True)
     build_seconds = time.perf_counter() - start
     tuned = store_dir / KNN_CONFIG_FILE
+    if not tuned.is_file() and inputs.tuned is not None:
+        shutil.copyfile(inputs.tuned, tuned)  # the setting `knnmt tune` chose for the bundled model
     config = KNNConfig.load(tuned) if tuned.is_file() else inputs.knn
     knn = KNNMT.load((model, tokenizer), store_dir, config=config)
     scores, outputs = evaluate(
@@ -232,6 +247,7 @@ def run_demo(
         f"{store.describe()['bytes_on_disk'] / 2**20:.0f} MB; index {knn.index.factory}; "
         f"built (or reused) in {build_seconds:.0f} s",
         f"kNN-MT: k={config.k}, λ={config.lambda_}, τ={config.temperature}"
+        + (f", half-distance {config.half_distance:g}" if config.half_distance is not None else "")
         + (" (tuned)" if tuned.is_file() else " (defaults; `knnmt tune` picks better ones)"),
         f"test: {len(inputs.test_sources)} sentences, greedy decoding, batch 32",
     ]
@@ -261,6 +277,5 @@ def run_demo(
     (workdir / "report.html").write_text(
         _html(inputs.title, facts, scores, examples, _plot(scores)), encoding="utf-8"
     )
-    print(report)
-    print(f"HTML report: {workdir / 'report.html'}")
+    logger.info("HTML report: %s", workdir / "report.html")
     return report

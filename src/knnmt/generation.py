@@ -20,7 +20,7 @@ from transformers import LogitsProcessor
 from .config import KNNConfig
 from .errors import KnnmtError
 from .models import key_module
-from .retrieval import interpolate, knn_log_probs
+from .retrieval import interpolate, knn_log_probs, retrieval_weights
 from .search import Retriever
 from .teacher_forcing import ActivationCapture
 
@@ -108,7 +108,13 @@ class KNNLogitsProcessor(LogitsProcessor):
         device = scores.device
         act_dev = act_rows.to(device)
         log_mt = torch.log_softmax(scores[act_dev].float(), dim=-1)
-        mixed = interpolate(log_mt, tokens.to(device), log_knn.to(device), self.config.lambda_)
+        cfg = self.config
+        lam = (
+            cfg.lambda_
+            if cfg.half_distance is None
+            else retrieval_weights(dist_t, tokens, cfg.lambda_, cfg.temperature, cfg.half_distance)
+        )
+        mixed = interpolate(log_mt, tokens.to(device), log_knn.to(device), lam)
         if act_rows.numel() == rows:
             return mixed  # type: ignore[return-value]
         out = scores.float().clone()

@@ -20,7 +20,7 @@ from .errors import KnnmtError, UsageError
 from .generation import knn_generation
 from .index import INDEX_FILE, SearchIndex, exact_index
 from .models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
-from .retrieval import knn_log_probs
+from .retrieval import knn_log_probs, retrieval_weights
 from .search import IndexRetriever, Retriever, prepare_retrieval
 from .teacher_forcing import ActivationCapture, decoder_inputs
 
@@ -56,6 +56,8 @@ class TokenExplanation:
     top_mt: list[tuple[str, float]]
     top_knn: list[tuple[str, float]]
     neighbours: list[Neighbour]
+    #: the weight λ of ``p_kNN`` at this step (constant unless ``half_distance`` is set)
+    weight: float = 0.0
 
 
 @dataclasses.dataclass
@@ -374,6 +376,9 @@ class KNNMT:
         distances, ids = self.retriever.search(queries.numpy(), k, np.zeros(len(label_ids), dtype=np.int64))
         values = torch.from_numpy(np.where(ids >= 0, self.datastore.values[np.clip(ids, 0, None)], -1)).long()
         log_knn = knn_log_probs(torch.from_numpy(distances), values, config.temperature)
+        weights = retrieval_weights(
+            torch.from_numpy(distances), values, config.lambda_, config.temperature, config.half_distance
+        ).tolist()  # λ of each step
         sent_ids, positions = self.datastore.provenance(ids)
         cache: dict[int, dict[str, Any]] = {}
         out: list[TokenExplanation] = []
@@ -411,7 +416,8 @@ class KNNMT:
                     token_id=token_id,
                     p_mt=p_mt,
                     p_knn=p_knn,
-                    p_final=config.lambda_ * p_knn + (1 - config.lambda_) * p_mt,
+                    p_final=weights[t] * p_knn + (1 - weights[t]) * p_mt,
+                    weight=weights[t],
                     top_mt=[
                         (tok.convert_ids_to_tokens(int(i)), float(v.exp()))
                         for v, i in zip(top_mt.values, top_mt.indices, strict=True)

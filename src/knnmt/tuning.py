@@ -48,16 +48,23 @@ class TuningResult:
     ks: list[int]
     temperatures: list[float]
     lambdas: list[float]
-    #: ``[len(ks), len(temperatures), len(lambdas)]`` mean log-likelihood per reference token.
+    half_distances: list[float | None]
+    #: ``[len(ks), len(temperatures), len(lambdas), len(half_distances)]`` mean log-likelihood per
+    #: reference token.
     log_likelihood: np.ndarray
     tokens: int
     base_log_likelihood: float
     confirmed: list[dict[str, Any]]
     best: KNNConfig
+    #: the same grid on the out-of-domain dev set, when one was given
+    ood_log_likelihood: np.ndarray | None = None
+    ood_base_log_likelihood: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["log_likelihood"] = self.log_likelihood.round(5).tolist()
+        if self.ood_log_likelihood is not None:
+            data["ood_log_likelihood"] = self.ood_log_likelihood.round(5).tolist()
         data["best"] = self.best.to_dict()
         return data
 
@@ -120,19 +127,34 @@ def grid_log_likelihood(
     ks: Sequence[int],
     temperatures: Sequence[float],
     lambdas: Sequence[float],
+    half_distances: Sequence[float | None] = (None,),
 ) -> np.ndarray:
-    """Mean ``log P(y_t)`` of the references for every (k, τ, λ): ``[len(ks), len(temps), len(lambdas)]``."""
-    out = np.zeros((len(ks), len(temperatures), len(lambdas)))
+    """Mean ``log P(y_t)`` of the references for every (k, τ, λ, half_distance).
+
+    Returns:
+        ``[len(ks), len(temperatures), len(lambdas), len(half_distances)]``; ``None`` in
+        ``half_distances`` is the constant λ of the paper's formula (see :class:`KNNConfig`).
+    """
+    out = np.zeros((len(ks), len(temperatures), len(lambdas), len(half_distances)))
     lam = np.asarray(lambdas, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        log_lam, log_one_minus = np.log(lam), np.log1p(-lam)
     for (i, k), (j, tau) in itertools.product(enumerate(ks), enumerate(temperatures)):
         logits = -distances[:, :k] / tau  # [T, k]; missing neighbours are -inf
-        total = _logsumexp(logits)
+        total = _logsumexp(logits)  # [T] log S
         hit = _logsumexp(np.where(match[:, :k], logits, -np.inf))
         log_knn = np.where(np.isfinite(total), hit - total, -np.inf)  # [T]
-        mixed = np.logaddexp(log_one_minus[None, :] + log_p_mt[:, None], log_lam[None, :] + log_knn[:, None])
-        out[i, j] = mixed.mean(axis=0)
+        for h, half in enumerate(half_distances):
+            with np.errstate(divide="ignore"):
+                if half is None:
+                    log_w = np.broadcast_to(np.log(lam)[None, :], (len(log_p_mt), len(lam)))
+                    log_1mw = np.broadcast_to(np.log1p(-lam)[None, :], log_w.shape)
+                else:  # λ_q = λ·S/(S + w0), w0 = exp(-half/τ); 1 - λ_q = (1 - λ) + λ·w0/(S + w0)
+                    norm = np.logaddexp(total, -half / tau)  # [T]
+                    log_w = np.log(lam)[None, :] + (total - norm)[:, None]  # [T, L]
+                    log_1mw = np.logaddexp(
+                        np.log1p(-lam)[None, :], np.log(lam)[None, :] + (-half / tau - norm)[:, None]
+                    )
+                mixed = np.logaddexp(log_1mw + log_p_mt[:, None], log_w + log_knn[:, None])
+            out[i, j, :, h] = mixed.mean(axis=0)
     return out
 
 
@@ -143,6 +165,16 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
         return np.log(np.exp(x - safe[:, None]).sum(axis=1)) + safe
 
 
+def auto_half_distances(distances: np.ndarray) -> list[float | None]:
+    """Candidate ``half_distance`` values from the data: ``None`` (constant λ) and the 10th, 25th,
+    50th, 75th and 90th percentiles of the dev set's nearest-neighbour squared distance."""
+    nearest = distances[:, 0][np.isfinite(distances[:, 0])]
+    if not len(nearest):
+        return [None]
+    values = sorted({float(f"{v:.3g}") for v in np.percentile(nearest, [10, 25, 50, 75, 90])})
+    return [None, *values]
+
+
 def tune(
     knn: KNNMT,
     sources: Sequence[str],
@@ -151,63 +183,97 @@ def tune(
     ks: Sequence[int] = DEFAULT_KS,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    half_distances: Sequence[float | None] | None = None,
+    ood_sources: Sequence[str] = (),
+    ood_references: Sequence[str] = (),
     confirm: int = 3,
+    k_tolerance: float = 0.005,
     batch_size: int = 32,
     **generate_kwargs: Any,
 ) -> TuningResult:
-    """Grid-search k, τ, λ on ``(sources, references)``; the best by dev BLEU is returned (not saved)."""
+    """Grid-search k, τ, λ and ``half_distance`` on ``(sources, references)``; the best by dev BLEU
+    among the best few by log-likelihood is returned (not saved).
+
+    ``half_distances=None`` tries :func:`auto_half_distances`. With ``ood_sources``/``ood_references``
+    (out-of-domain *dev* text, which retrieval should leave alone) the grid is ranked by the mean of
+    the in-domain and the out-of-domain log-likelihood, so that settings which only help in-domain at
+    a cost elsewhere lose. Retrieval's cost grows with k, so only settings with k up to the smallest
+    k whose best mean log-likelihood is within ``k_tolerance`` (nats per token) of the grid's best are
+    confirmed (0 = always the most likely k).
+    """
     if not sources or len(sources) != len(references):
         raise UsageError(
             f"tuning needs aligned dev data: {len(sources)} sources, {len(references)} references"
         )
+    if len(ood_sources) != len(ood_references):
+        raise UsageError(
+            "out-of-domain dev data is not aligned: "
+            f"{len(ood_sources)} sources, {len(ood_references)} references"
+        )
     if min(ks) < 1 or min(temperatures) <= 0 or not all(0 <= x <= 1 for x in lambdas):
         raise UsageError("ks must be >= 1, temperatures > 0 and lambdas in [0, 1]")
     log_mt, distances, match = reference_statistics(knn, sources, references, max(ks))
-    grid = grid_log_likelihood(log_mt, distances, match, ks, temperatures, lambdas)
+    halves = list(half_distances) if half_distances is not None else auto_half_distances(distances)
+    grid = grid_log_likelihood(log_mt, distances, match, ks, temperatures, lambdas, halves)
     base_ll = float(log_mt.mean())
-    order = np.argsort(grid, axis=None)[::-1]
-    candidates: list[KNNConfig] = []
+    objective = grid
+    ood_grid: np.ndarray | None = None
+    ood_base: float | None = None
+    if ood_sources:
+        ood_mt, ood_d, ood_match = reference_statistics(knn, ood_sources, ood_references, max(ks))
+        ood_grid = grid_log_likelihood(ood_mt, ood_d, ood_match, ks, temperatures, lambdas, halves)
+        ood_base = float(ood_mt.mean())
+        objective = (grid + ood_grid) / 2
+    # search cost grows with k: the smallest k within ``k_tolerance`` of the best likelihood wins
+    best_per_k = objective.reshape(len(ks), -1).max(axis=1)
+    k_limit = min(
+        k for k, value in zip(ks, best_per_k, strict=True) if value >= best_per_k.max() - k_tolerance
+    )
+    order = np.argsort(objective, axis=None, kind="stable")[::-1]
+    candidates: list[tuple[KNNConfig, tuple[int, ...]]] = []
     for flat in order:
-        i, j, m = np.unravel_index(flat, grid.shape)
-        config = KNNConfig(k=int(ks[i]), temperature=float(temperatures[j]), lambda_=float(lambdas[m]))
-        if config not in candidates:
-            candidates.append(config)
+        cell = tuple(int(x) for x in np.unravel_index(flat, grid.shape))
+        i, j, m, h = cell
+        if ks[i] > k_limit:
+            continue
+        config = KNNConfig(
+            k=int(ks[i]),
+            temperature=float(temperatures[j]),
+            lambda_=float(lambdas[m]),
+            half_distance=halves[h],
+        )
+        if all(config != c for c, _ in candidates):
+            candidates.append((config, cell))
         if len(candidates) == confirm:
             break
     confirmed = []
-    for config in candidates:
+    for config, cell in candidates:
         hyps = knn.translate(sources, knn=config, batch_size=batch_size, **generate_kwargs)
-        result = score(
-            [h.text for h in hyps],
-            references,
-            name=f"k={config.k} T={config.temperature} lambda={config.lambda_}",
-        )
-        confirmed.append(
-            {
-                **config.to_dict(),
-                "bleu": result.bleu,
-                "chrf": result.chrf,
-                "log_likelihood": float(
-                    grid[
-                        ks.index(config.k),
-                        list(temperatures).index(config.temperature),
-                        list(lambdas).index(config.lambda_),
-                    ]
-                ),
-            }
-        )
+        result = score([h.text for h in hyps], references, name=str(config))
+        row = {
+            **config.to_dict(),
+            "bleu": result.bleu,
+            "chrf": result.chrf,
+            "log_likelihood": float(grid[cell]),
+        }
+        if ood_grid is not None:
+            row["ood_log_likelihood"] = float(ood_grid[cell])
+        confirmed.append(row)
         logger.info("dev BLEU %.2f chrF %.2f for %s", result.bleu, result.chrf, config)
     best_row = max(confirmed, key=lambda r: (r["bleu"], r["log_likelihood"]))
-    best = KNNConfig(k=best_row["k"], lambda_=best_row["lambda_"], temperature=best_row["temperature"])
+    best = KNNConfig.from_dict({f.name: best_row[f.name] for f in dataclasses.fields(KNNConfig)})
     return TuningResult(
         list(ks),
         [float(t) for t in temperatures],
         [float(x) for x in lambdas],
+        halves,
         grid,
         len(log_mt),
         base_ll,
         confirmed,
         best,
+        ood_grid,
+        ood_base,
     )
 
 
@@ -218,16 +284,21 @@ def plot_grid(result: TuningResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best_over_lambda = result.log_likelihood.max(axis=2)
+    best_over_lambda = result.log_likelihood.max(axis=(2, 3))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     image = ax.imshow(best_over_lambda, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(result.temperatures)), [f"{t:g}" for t in result.temperatures])
     ax.set_yticks(range(len(result.ks)), [str(k) for k in result.ks])
     ax.set_xlabel("temperature τ")
     ax.set_ylabel("k")
-    ax.set_title(f"dev token log-likelihood (best λ per cell); plain model {result.base_log_likelihood:.3f}")
+    ax.set_title(
+        f"dev token log-likelihood (best λ, half-distance per cell); plain {result.base_log_likelihood:.3f}",
+        fontsize=9,
+    )
     i, j = result.ks.index(result.best.k), result.temperatures.index(result.best.temperature)
-    ax.scatter([j], [i], marker="*", s=160, c="red", label=f"chosen: λ={result.best.lambda_:g}")
+    half = result.best.half_distance
+    label = f"chosen: λ={result.best.lambda_:g}" + (f", half-distance {half:g}" if half is not None else "")
+    ax.scatter([j], [i], marker="*", s=160, c="red", label=label)
     for (r, c), value in np.ndenumerate(best_over_lambda):
         ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
     ax.legend(loc="upper right", fontsize=8)

@@ -1,0 +1,275 @@
+"""Speed benchmark (issue 5): kNN-MT decoding speed per retrieval mode, and how it grows with the datastore.
+
+One command (results in runs/bench-speed/results.json, a Markdown table on stdout, a PNG plot)::
+
+    .venv/bin/python benchmarks/speed.py
+
+What it measures, side by side in one run, on the same target-domain test sentences with the bundled
+model (``models/opus-knnmt-en-de-small``):
+
+* modes: the plain model; vanilla kNN-MT with the default index (``auto``: IVF-PQ + exact re-rank);
+  vanilla kNN-MT with exact search (Flat, the quality reference); Subset kNN-MT with lexical (BM25)
+  and dense (mean-pooled encoder states) sentence search, where available;
+* target tokens/s (greedy and beam 4, batch 32), the ratio to the plain model, BLEU and chrF, and
+  recall@k of each mode's neighbours against exact search on teacher-forced test queries;
+* the same at several datastore sizes (``--sizes``, in entries): the memory is LibreOffice help
+  (data/target/train.tsv) followed by the general-domain UI corpus (data/general/train.tsv; run
+  ``scripts/make_corpora.py`` first) and repeated until the largest size is reached; smaller sizes are
+  prefixes of it (whole shards), so every size has its own index.
+
+Everything built is cached under runs/bench-speed/ (``--rebuild`` starts over). Timings are best of
+``--repeats`` interleaved runs (machine load drifts; see docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from knnmt.build import build_datastore  # noqa: E402
+from knnmt.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
+from knnmt.corpus import CorpusSpec  # noqa: E402
+from knnmt.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
+from knnmt.evaluation import score  # noqa: E402
+from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
+from knnmt.search import IndexRetriever, Retriever  # noqa: E402
+from knnmt.teacher_forcing import KeyExtractor, encode_pairs  # noqa: E402
+from knnmt.translator import KNNMT, load_model, timed_translate, tokens_per_second  # noqa: E402
+
+logger = logging.getLogger("bench-speed")
+
+WORK = ROOT / "runs" / "bench-speed"
+MODEL = ROOT / "models" / "opus-knnmt-en-de-small"
+TARGET = ROOT / "data" / "target"
+GENERAL = ROOT / "data" / "general"
+
+
+# ---- memory of every size --------------------------------------------------------------------------
+def full_datastore(model: Any, tokenizer: Any, want: int) -> Datastore:
+    """The biggest memory: target train, general train, then again, until >= ``want`` entries (cached)."""
+    path = WORK / "memory"
+    corpora = [TARGET / "train.tsv", GENERAL / "train.tsv"]
+    missing = [str(p) for p in corpora if not p.is_file()]
+    if missing:
+        raise SystemExit(f"missing corpus {missing}: run `python scripts/make_corpora.py --out data` first")
+    config = BuildConfig(shard_sentences=20000)
+    if (path / MANIFEST).is_file() and read_manifest(path).get("state") == "complete":
+        store = Datastore.open(path)
+    else:
+        store = build_datastore(
+            model, tokenizer, CorpusSpec((str(corpora[0]),), "tsv"), path, config,
+            model_name=str(MODEL), progress=True, force=True,
+        )  # fmt: skip
+    i = 1
+    while store.count < want:
+        spec = CorpusSpec((str(corpora[i % len(corpora)]),), "tsv")
+        store = build_datastore(model, tokenizer, spec, path, config, append=True, progress=True)
+        i += 1
+    return store
+
+
+def prefix_view(store: Datastore, size: int) -> Datastore:
+    """A datastore made of ``store``'s first whole shards holding >= ``size`` entries (shards linked, not
+    copied); cached in runs/bench-speed/view-<size>/."""
+    manifest = dict(store.manifest)
+    shards, count, sentences = [], 0, 0
+    for info in manifest["shards"]:
+        if count >= size:
+            break
+        shards.append(info)
+        count += int(info["count"])
+        sentences += int(info["sentences"])
+    path = WORK / f"view-{size}"
+    (path / "shards").mkdir(parents=True, exist_ok=True)
+    for info in shards:
+        link = path / "shards" / info["name"]
+        if not link.exists():
+            link.symlink_to((store.path / "shards" / info["name"]).resolve(), target_is_directory=True)
+    manifest.update(shards=shards, count=count, sentences=sentences, view_of=str(store.path))
+    if not (path / MANIFEST).is_file() or read_manifest(path)["count"] != count:
+        write_json_atomic(path / MANIFEST, manifest)
+    return Datastore.open(path)
+
+
+def default_index(store: Datastore) -> SearchIndex:
+    if (store.path / "index" / INDEX_FILE).is_file():
+        return SearchIndex.load(store.path / "index", store)
+    return build_index(store, IndexConfig(), out=store.path / "index", progress=True, force=True)
+
+
+# ---- modes ----------------------------------------------------------------------------------------
+#: name -> function(store, exact retriever) returning the mode's retriever (``None``: plain model)
+Mode = Callable[[Datastore, Retriever], Retriever | None]
+
+
+def modes(names: list[str]) -> dict[str, Mode]:
+    available: dict[str, Mode] = {
+        "plain": lambda store, exact: None,
+        "vanilla": lambda store, exact: IndexRetriever(default_index(store), store),
+        "exact": lambda store, exact: exact,
+    }
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; available: {sorted(available)}")
+    return {n: available[n] for n in names}
+
+
+# ---- measurements ---------------------------------------------------------------------------------
+def test_queries(model: Any, tokenizer: Any, sources: list[str], references: list[str], n: int) -> np.ndarray:
+    """``[n, dim]`` decoder queries of the teacher-forced test references (a fixed random sample)."""
+    rows = [(i, i + 1, s, r) for i, (s, r) in enumerate(zip(sources, references, strict=True))]
+    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths="test")
+    extractor = KeyExtractor(model, tokenizer.pad_token_id)
+    queries = torch.cat([k for i in range(0, len(encoded), 32) for k in extractor(encoded[i : i + 32])])
+    pick = torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[:n]
+    return queries[pick].float().numpy()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(os.cpu_count() or 2)
+    model, tokenizer = load_model(str(MODEL))
+    rows = [line.split("\t") for line in (TARGET / "test.tsv").read_text(encoding="utf-8").splitlines()]
+    sources = [r[0] for r in rows][: args.sentences]
+    references = [r[1] for r in rows][: args.sentences]
+    sizes = sorted(args.sizes)
+    full = full_datastore(model, tokenizer, max(sizes))
+    config = (
+        KNNConfig.load(args.knn_config) if args.knn_config else KNNConfig(k=8, lambda_=0.5, temperature=10.0)
+    )
+    queries = test_queries(model, tokenizer, sources, references, args.recall_queries)
+    results: list[dict[str, Any]] = []
+    for size in sizes:
+        store = prefix_view(full, size)
+        logger.info("size %d: view of %d entries", size, store.count)
+        exact = IndexRetriever(exact_index(store), store)
+        exact_ids = exact.search(queries, config.k, np.zeros(len(queries), dtype=np.int64))[1]
+        retrievers = {name: make(store, exact) for name, make in modes(args.modes).items()}
+        if store.count > args.exact_max_size:  # Flat search grows linearly: the reference at small sizes only
+            retrievers.pop("exact", None)
+        translator = KNNMT(model, tokenizer, store, config=config)
+        for beams in args.beams:
+            gen = {"num_beams": beams, "max_new_tokens": 128, "batch_size": 32}
+            timed_translate(translator, sources[:32], knn=False, **gen)  # warm-up
+            best: dict[str, float] = {}
+            outputs: dict[str, list[Any]] = {}
+            for repeat in range(args.repeats):  # interleaved: drifting machine load hits every mode alike
+                for name, retriever in retrievers.items():
+                    if name == "exact" and (repeat > 0 or beams > 1):
+                        continue  # the quality reference: decoded once, greedy
+                    if retriever is not None:
+                        translator.retriever = retriever
+                    hyps, secs = timed_translate(translator, sources, knn=retriever is not None, **gen)
+                    rate = tokens_per_second(hyps, secs, tokenizer)
+                    best[name] = max(best.get(name, 0.0), rate)
+                    outputs[name] = hyps
+            for name, retriever in retrievers.items():
+                if name not in outputs:
+                    continue
+                quality = score([h.text for h in outputs[name]], references, name)
+                row: dict[str, Any] = {
+                    "size": store.count,
+                    "mode": name,
+                    "beam": beams,
+                    "tok_s": round(best[name], 1),
+                    "ratio": round(best[name] / best["plain"], 3) if "plain" in best else None,
+                    "bleu": round(quality.bleu, 2),
+                    "chrf": round(quality.chrf, 2),
+                }
+                if retriever is not None:
+                    ids = retriever.search(queries, config.k, np.zeros(len(queries), dtype=np.int64))[1]
+                    row[f"recall@{config.k}"] = round(recall_at_k(ids, exact_ids), 3)
+                results.append(row)
+                logger.info("%s", row)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "knn": config.to_dict(),
+        "sentences": len(sources),
+        "rows": results,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    k = report["knn"]["k"]
+    lines = [
+        f"| entries | mode | beam | tok/s | × plain | BLEU | chrF | recall@{k} |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        recall = r.get(f"recall@{k}")
+        lines.append(
+            f"| {r['size']:,} | {r['mode']} | {r['beam']} | {r['tok_s']:,.0f} | {r['ratio'] or 1:.2f} | "
+            f"{r['bleu']:.2f} | {r['chrf']:.2f} | {'-' if recall is None else f'{recall:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    beams = sorted({r["beam"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(beams), figsize=(5.5 * len(beams), 3.8), dpi=110, squeeze=False)
+    for ax, beam in zip(axes[0], beams, strict=True):
+        for mode in dict.fromkeys(r["mode"] for r in report["rows"]):
+            pts = sorted(
+                (r["size"], r["tok_s"]) for r in report["rows"] if r["mode"] == mode and r["beam"] == beam
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_xlabel("datastore entries")
+        ax.set_ylabel("target tokens/s")
+        ax.set_title(f"{'greedy' if beam == 1 else f'beam {beam}'}, batch 32")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500_000, 1_000_000, 2_000_000, 4_000_000])
+    parser.add_argument("--modes", nargs="+", default=["plain", "vanilla", "exact"])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--sentences", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--exact-max-size", type=int, default=2_500_000, help="largest size decoded with Flat"
+    )
+    parser.add_argument("--recall-queries", type=int, default=2000)
+    parser.add_argument("--knn-config", help="knn.json to use (default k=8, λ=0.5, τ=10)")
+    parser.add_argument("--out", default=str(WORK / "results.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    WORK.mkdir(parents=True, exist_ok=True)
+    report = measure(args)
+    out = Path(args.out)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(report, out.with_suffix(".png"))
+    print(table(report))
+    print(f"\n{out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""Live translation memory: add parallel pairs to a datastore while it is being searched.
+
+A served datastore is the on-disk datastore (see :mod:`knnmt.datastore`) plus
+
+* a **main index**: the saved faiss index (``<datastore>/index``), which may cover only the first
+  shards (a *prefix*) of the datastore, or an in-memory exact index of everything when none is saved;
+* a **side index**: an exact ``IndexFlatL2`` over the entries the main index does not cover (pairs
+  added through :meth:`LiveMemory.add`), searched together with the main index;
+* **tombstones**: sentence ids removed from retrieval (``<datastore>/memory/tombstones.json``);
+  their entries are filtered out of search results, which over-fetch so ``k`` stays full;
+* **compaction**: a background thread copies the main index, adds the side entries to the copy,
+  saves it (when the main index is a saved one) and swaps it in.
+
+Durability: an added batch of pairs becomes one new shard, written to ``shards/NNNNN.tmp``, fsynced,
+renamed, and committed by the atomic rename of ``manifest.json``; only then is it acknowledged. The
+shard's manifest entry records the request's idempotency key, so key and data commit together and a
+retried request adds nothing twice. Shard directories the manifest does not list (a crash mid-append)
+are removed when the memory is opened.
+
+Threads: :meth:`LiveMemory.add` runs the model (teacher forcing), so it must run on the thread that
+owns the model; :meth:`delete`, :meth:`get` and compaction may run anywhere. Searches read an
+immutable :class:`_State` snapshot, so they never lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..build import _Rate, _write_shard
+from ..config import BuildConfig
+from ..datastore import MANIFEST, Datastore, manifest_fingerprint, unlisted_shards, write_json_atomic
+from ..errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
+from ..models import model_max_length
+from ..search import IndexRetriever
+from ..teacher_forcing import KeyExtractor, encode_pairs
+
+logger = logging.getLogger(__name__)
+
+MEMORY_DIR = "memory"
+TOMBSTONES = "tombstones.json"
+LOCK_FILE = ".knnmt-serve.lock"
+#: Extra candidates fetched per query at most to replace removed entries (k + min(removed, cap)).
+OVERFETCH_CAP = 1024
+
+
+class ConflictError(KnnmtError):
+    """An idempotency key was reused with a different request body."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def request_digest(pairs: Sequence[tuple[str, str]]) -> str:
+    """sha256 of a list of ``(source, target)`` pairs: what an idempotency key must keep meaning."""
+    return hashlib.sha256(json.dumps([list(p) for p in pairs], ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class AddResult:
+    """Outcome of :meth:`LiveMemory.add`: the global sentence ids of the pairs, in request order."""
+
+    ids: list[int]
+    entries: int
+    replayed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """What a search needs, swapped as a whole: main index over entries ``[0, main_count)``, exact side
+    index over ``[main_count, count)`` and the removed-entry mask ``[count]`` bool."""
+
+    store: Datastore
+    main: SearchIndex
+    main_count: int
+    side: Any  # faiss.IndexFlatL2
+    removed: np.ndarray
+    removed_count: int
+
+
+class LiveRetriever:
+    """A :class:`knnmt.search.Retriever` over main + side index that skips removed entries."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+
+    def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``queries [n, dim]`` float32 -> ``(D [n, k] float32, I [n, k] int64)``, ``-1``/``inf`` padded.
+
+        With removed entries, ``k + min(removed, 2k)`` candidates are fetched first; rows left with fewer
+        than ``k`` after filtering are searched again with 4x more, until full or everything is fetched.
+        """
+        s = self.state  # one snapshot for the whole search
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        total = s.main_count + int(s.side.ntotal)
+        fetch = k + min(s.removed_count, 2 * k)
+        dist, ids = self._search(s, q, fetch, groups, k)
+        while s.removed_count and fetch < min(total, k + s.removed_count):
+            short = (ids >= 0).sum(axis=1) < min(k, total)
+            if not short.any():
+                break
+            fetch = min(fetch * 4, k + min(s.removed_count, OVERFETCH_CAP))
+            d2, i2 = self._search(s, q[short], fetch, groups[short], k)
+            dist[short], ids[short] = d2, i2
+            if fetch == k + min(s.removed_count, OVERFETCH_CAP):
+                break
+        return dist, ids
+
+    @staticmethod
+    def _search(
+        s: _State, q: np.ndarray, fetch: int, groups: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``fetch`` candidates from main and side each, removed ones dropped, the ``k`` nearest kept."""
+        n = len(q)
+        parts_d: list[np.ndarray] = []
+        parts_i: list[np.ndarray] = []
+        if s.main_count:
+            d, i = IndexRetriever(s.main, s.store).search(q, min(fetch, s.main_count), groups)
+            parts_d.append(d)
+            parts_i.append(i)
+        if s.side.ntotal:
+            with omp_threads(int(s.main.settings.get("search_threads", 1))):  # as the main index searches
+                d, i = s.side.search(q, min(fetch, int(s.side.ntotal)))
+            parts_d.append(d)
+            parts_i.append(np.where(i >= 0, i + s.main_count, -1))
+        if not parts_i:
+            return np.full((n, k), np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
+        dist = np.concatenate(parts_d, axis=1).astype(np.float32)
+        ids = np.concatenate(parts_i, axis=1).astype(np.int64)
+        bad = ids < 0
+        if s.removed_count:
+            bad |= s.removed[np.clip(ids, 0, None)]
+        dist = np.where(bad, np.inf, dist)
+        ids = np.where(bad, -1, ids)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        dist = np.take_along_axis(dist, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return dist, ids
+
+
+def _prefix_shards(manifest: dict[str, Any], settings: dict[str, Any]) -> int | None:
+    """How many leading shards a saved index covers: the prefix whose fingerprint it records."""
+    total = 0
+    for n in range(len(manifest["shards"]) + 1):
+        if n:
+            total += int(manifest["shards"][n - 1]["count"])
+        if total == settings.get("ntotal"):
+            prefix = {**manifest, "count": total, "shards": manifest["shards"][:n]}
+            if manifest_fingerprint(prefix) == settings.get("datastore_fingerprint"):
+                return n
+    return None
+
+
+def _recover_index_dir(index_dir: Path) -> None:
+    """Finish or undo an index swap interrupted by a crash (see :meth:`LiveMemory._save_index`)."""
+    new, old = index_dir.with_name(index_dir.name + ".new"), index_dir.with_name(index_dir.name + ".old")
+    if not index_dir.exists() and old.exists():
+        os.replace(old, index_dir)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_main_index(store: Datastore, index: str | Path | None) -> tuple[SearchIndex, int, Path | None]:
+    """The main index of a served datastore and how many entries it covers.
+
+    Args:
+        index: ``"auto"`` (``<datastore>/index`` if saved, else exact in memory), a directory, or ``None``
+            (exact in memory).
+
+    Returns:
+        ``(index, covered entries, directory to save compactions to or None)``.
+    """
+    directory = None
+    if index == "auto":
+        default = store.path / "index"
+        _recover_index_dir(default)
+        directory = default if (default / INDEX_FILE).is_file() else None
+    elif index is not None:
+        directory = Path(index)
+        _recover_index_dir(directory)
+    if directory is None:
+        return exact_index(store), store.count, None
+    settings_file = directory / SETTINGS_FILE
+    if not settings_file.is_file():
+        raise DatastoreError(
+            f"no index settings at {settings_file}; run `knnmt index` or serve without --index"
+        )
+    settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    shards = _prefix_shards(store.manifest, settings)
+    if shards is None:
+        raise IncompatibleError(
+            f"index {directory} was built for another datastore (fingerprint "
+            f"{settings.get('datastore_fingerprint')}, {settings.get('ntotal')} entries) than "
+            f"{store.path} or "
+            f"any of its first shards ({store.count} entries now); rebuild it with `knnmt index --force`"
+        )
+    loaded = SearchIndex.load(directory)
+    covered = int(sum(int(s["count"]) for s in store.manifest["shards"][:shards]))
+    if loaded.ntotal != covered:
+        raise IncompatibleError(
+            f"index {directory} holds {loaded.ntotal} vectors, its settings say {covered}"
+        )
+    return loaded, covered, directory
+
+
+class LiveMemory:
+    """The writable side of a served datastore (see the module docstring).
+
+    Args:
+        store: the opened datastore (state complete).
+        main: the main index and the number of leading entries it covers.
+        index_dir: where compacted indexes are saved (``None``: compaction stays in memory).
+        model, tokenizer: the translator's, for teacher forcing added pairs.
+        compact_every: side-index entries that start a background compaction (0 = never by itself).
+        writable: take the datastore's write lock and clean unfinished shards.
+    """
+
+    def __init__(
+        self,
+        store: Datastore,
+        main: SearchIndex,
+        main_count: int,
+        index_dir: Path | None,
+        model: Any,
+        tokenizer: Any,
+        *,
+        compact_every: int = 4096,
+        writable: bool = True,
+    ) -> None:
+        if compact_every < 0:
+            raise UsageError(f"compact_every must be >= 0, got {compact_every}")
+        self.path = store.path
+        self.model = model
+        self.tokenizer = tokenizer
+        self.index_dir = index_dir
+        self.compact_every = compact_every
+        self.writable = writable
+        self._lock = threading.RLock()
+        self._lock_handle: Any = None
+        self._compacting: threading.Thread | None = None
+        self.compactions = 0
+        if writable:
+            self._take_lock()
+            for orphan in unlisted_shards(self.path, store.manifest):
+                logger.warning("removing %s: an unfinished shard from an interrupted append", orphan)
+                shutil.rmtree(orphan)
+        self._tombstones: set[int] = set()
+        tomb_file = self.path / MEMORY_DIR / TOMBSTONES
+        if tomb_file.is_file():
+            self._tombstones = set(json.loads(tomb_file.read_text(encoding="utf-8"))["sentences"])
+        self._keys: dict[str, tuple[str, list[int]]] = {}
+        for shard in store.manifest["shards"]:
+            memo = shard.get("memory")
+            if memo and memo.get("idempotency_key"):
+                ids = list(
+                    range(
+                        int(shard["first_sentence"]), int(shard["first_sentence"]) + int(shard["sentences"])
+                    )
+                )
+                self._keys[memo["idempotency_key"]] = (memo["request_sha256"], ids)
+        side = faiss.IndexFlatL2(store.dim)
+        if main_count < store.count:
+            side.add(store.get_keys(np.arange(main_count, store.count)))
+        removed = self._removed_mask(store, self._tombstones)
+        self.retriever = LiveRetriever(_State(store, main, main_count, side, removed, int(removed.sum())))
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        handle = (self.path / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise DatastoreError(
+                f"datastore {self.path} is already opened for writing by another process "
+                f"(lock {self.path / LOCK_FILE}); stop it, or serve read-only"
+            ) from None
+        self._lock_handle = handle
+
+    def close(self) -> None:
+        """Wait for a running compaction and release the write lock."""
+        thread = self._compacting
+        if thread is not None:
+            thread.join()
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # ---- reading --------------------------------------------------------------------------
+    @property
+    def store(self) -> Datastore:
+        return self.retriever.state.store
+
+    @property
+    def side_entries(self) -> int:
+        return int(self.retriever.state.side.ntotal)
+
+    @property
+    def removed_sentences(self) -> int:
+        return len(self._tombstones)
+
+    def is_removed(self, sentence_id: int) -> bool:
+        return sentence_id in self._tombstones
+
+    def is_memory(self, sentence_id: int) -> bool:
+        """Whether a sentence was added through :meth:`add` (rather than built from a corpus)."""
+        return any(
+            "memory" in s and s["first_sentence"] <= sentence_id < s["first_sentence"] + s["sentences"]
+            for s in self.store.manifest["shards"]
+        )
+
+    def get(self, sentence_id: int) -> dict[str, Any]:
+        """The stored pair with ``removed`` and ``memory`` flags; :class:`KeyError` if there is none."""
+        store = self.store
+        if not 0 <= sentence_id < int(store.manifest["sentences"]):
+            raise KeyError(f"no sentence {sentence_id} (the datastore has {store.manifest['sentences']})")
+        record = dict(store.sentence(sentence_id))
+        lo, hi = _sentence_entries(store, sentence_id)
+        record.update(
+            entries=hi - lo, removed=self.is_removed(sentence_id), memory=self.is_memory(sentence_id)
+        )
+        return record
+
+    # ---- writing --------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise UsageError("this memory is read-only")
+
+    def add(self, pairs: Sequence[tuple[str, str]], idempotency_key: str | None = None) -> AddResult:
+        """Append ``pairs`` as one durable shard and make them searchable; runs the model.
+
+        A repeated ``idempotency_key`` with the same pairs returns the first call's ids and adds nothing;
+        with other pairs it raises :class:`ConflictError`.
+        """
+        self._check_writable()
+        if not pairs:
+            raise UsageError("no pairs to add")
+        digest = request_digest(pairs)
+        with self._lock:
+            if idempotency_key is not None and idempotency_key in self._keys:
+                seen_digest, ids = self._keys[idempotency_key]
+                if seen_digest != digest:
+                    raise ConflictError(
+                        f"Idempotency-Key {idempotency_key!r} was already used for different pairs "
+                        f"(ids {ids[0]}..{ids[-1]}); use a new key for a new request"
+                    )
+                return AddResult(ids, 0, replayed=True)
+            state = self.retriever.state
+            manifest = json.loads(json.dumps(state.store.manifest))  # a private copy to commit
+            first = int(manifest["sentences"])
+            rows = [(first + i, i + 1, src, tgt) for i, (src, tgt) in enumerate(pairs)]
+            try:
+                encoded, _ = encode_pairs(
+                    self.tokenizer,
+                    rows,
+                    max_length=model_max_length(self.model, self.tokenizer),
+                    truncate=False,
+                    paths="request pair",
+                    source_prefix=manifest.get("tokenization", {}).get("source_prefix", "") or "",
+                )
+            except CorpusError as exc:
+                raise UsageError(str(exc)) from None
+            name = f"{len(manifest['shards']):05d}"
+            key_layer = str(manifest["key"]["layer"])
+            extractor = KeyExtractor(self.model, self.tokenizer.pad_token_id, key_layer)
+            count = _write_shard(
+                self.path,
+                name,
+                encoded,
+                extractor,
+                state.store.dim,
+                BuildConfig(key_layer=key_layer),
+                -1,
+                tqdm(disable=True),
+                _Rate(),
+            )
+            _fsync_dir(self.path / "shards" / name)
+            _fsync_dir(self.path / "shards")
+            manifest["shards"].append(
+                {
+                    "name": name,
+                    "count": count,
+                    "sentences": len(encoded),
+                    "first_sentence": first,
+                    "corpus": -1,
+                    "skipped_empty": 0,
+                    "truncated": 0,
+                    "memory": {"idempotency_key": idempotency_key, "request_sha256": digest, "added": _now()},
+                }
+            )
+            manifest["count"] += count
+            manifest["sentences"] += len(encoded)
+            write_json_atomic(self.path / MANIFEST, manifest)  # the commit point
+            ids = list(range(first, first + len(encoded)))
+            if idempotency_key is not None:
+                self._keys[idempotency_key] = (digest, ids)
+            self._publish(state, manifest, count)
+        logger.info("memory: added %d pair(s) (%d entries) as shard %s", len(encoded), count, name)
+        self._maybe_compact()
+        return AddResult(ids, count)
+
+    def _publish(self, state: _State, manifest: dict[str, Any], added: int) -> None:
+        """Swap in a state that includes the last ``added`` entries of the committed ``manifest``."""
+        store = Datastore(self.path, manifest)
+        new_ids = np.arange(state.store.count, store.count)
+        new_values = np.asarray(store.shards[-1].load("values.npy"))
+        store.__dict__["values"] = np.concatenate([state.store.values, new_values])  # cached_property
+        side = faiss.clone_index(state.side)
+        side.add(store.get_keys(new_ids))
+        removed = np.concatenate([state.removed, np.zeros(added, dtype=bool)])
+        self.retriever.state = dataclasses.replace(state, store=store, side=side, removed=removed)
+
+    def delete(self, sentence_id: int) -> int:
+        """Remove a sentence's entries from retrieval, durably; returns how many entries it had.
+
+        Raises :class:`KeyError` for an unknown id. Deleting twice is harmless.
+        """
+        self._check_writable()
+        with self._lock:
+            state = self.retriever.state
+            if not 0 <= sentence_id < int(state.store.manifest["sentences"]):
+                raise KeyError(
+                    f"no sentence {sentence_id} (the datastore has {state.store.manifest['sentences']})"
+                )
+            lo, hi = _sentence_entries(state.store, sentence_id)
+            if sentence_id not in self._tombstones:
+                tombstones = self._tombstones | {sentence_id}
+                if not (self.path / MEMORY_DIR).is_dir():
+                    (self.path / MEMORY_DIR).mkdir()
+                    _fsync_dir(self.path)
+                write_json_atomic(self.path / MEMORY_DIR / TOMBSTONES, {"sentences": sorted(tombstones)})
+                self._tombstones = tombstones
+                removed = state.removed.copy()
+                removed[lo:hi] = True
+                self.retriever.state = dataclasses.replace(
+                    state, removed=removed, removed_count=int(removed.sum())
+                )
+        logger.info("memory: removed sentence %d (%d entries) from retrieval", sentence_id, hi - lo)
+        return hi - lo
+
+    @staticmethod
+    def _removed_mask(store: Datastore, sentences: set[int]) -> np.ndarray:
+        mask = np.zeros(store.count, dtype=bool)
+        for sid in sentences:
+            if 0 <= sid < int(store.manifest["sentences"]):
+                lo, hi = _sentence_entries(store, sid)
+                mask[lo:hi] = True
+        return mask
+
+    # ---- compaction -----------------------------------------------------------------------
+    def _maybe_compact(self) -> None:
+        if self.compact_every and self.side_entries >= self.compact_every:
+            self.compact(wait=False)
+
+    def compact(self, wait: bool = True) -> bool:
+        """Merge the side index into (a copy of) the main index in a background thread.
+
+        Returns ``False`` when there is nothing to merge or a compaction is already running.
+        """
+        with self._lock:
+            if self.side_entries == 0 or (self._compacting is not None and self._compacting.is_alive()):
+                return False
+            thread = threading.Thread(target=self._compact, name="knnmt-compaction", daemon=True)
+            self._compacting = thread
+            thread.start()
+        if wait:
+            thread.join()
+        return True
+
+    def _compact(self) -> None:
+        try:
+            state = self.retriever.state
+            upto = state.store.count
+            merged = faiss.clone_index(state.main.index)
+            for lo in range(state.main_count, upto, 65536):
+                merged.add(state.store.get_keys(np.arange(lo, min(lo + 65536, upto))))
+            settings = {
+                **state.main.settings,
+                "ntotal": int(merged.ntotal),
+                "datastore_fingerprint": manifest_fingerprint(state.store.manifest),
+                "compacted": _now(),
+            }
+            main = SearchIndex(merged, settings, self.index_dir)
+            if self.index_dir is not None and self.writable:
+                self._save_index(main)
+            with self._lock:
+                current = self.retriever.state
+                side = faiss.IndexFlatL2(current.store.dim)
+                if upto < current.store.count:
+                    side.add(current.store.get_keys(np.arange(upto, current.store.count)))
+                self.retriever.state = dataclasses.replace(current, main=main, main_count=upto, side=side)
+                self.compactions += 1
+            logger.info("memory: compacted %d side entries into the main index", upto - state.main_count)
+        except Exception:  # a failed compaction leaves the side index in place: nothing is lost
+            logger.exception("memory: compaction failed; the side index stays in use")
+
+    def _save_index(self, index: SearchIndex) -> None:
+        """Replace the saved index directory: write ``.new``, then two renames (``_recover_index_dir``)."""
+        assert self.index_dir is not None
+        new = self.index_dir.with_name(self.index_dir.name + ".new")
+        old = self.index_dir.with_name(self.index_dir.name + ".old")
+        shutil.rmtree(new, ignore_errors=True)
+        index.save(new)
+        with (new / INDEX_FILE).open("rb") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(new)
+        os.replace(self.index_dir, old)
+        os.replace(new, self.index_dir)
+        _fsync_dir(self.index_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sentence_entries(store: Datastore, sentence_id: int) -> tuple[int, int]:
+    """Global entry ids ``[lo, hi)`` of a sentence."""
+    for shard in store.shards:
+        if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
+            offsets = shard.load("offsets.npy")
+            local = sentence_id - shard.first_sentence
+            return shard.start + int(offsets[local]), shard.start + int(offsets[local + 1])
+    raise KeyError(f"sentence {sentence_id} is not in datastore {store.path}")

@@ -1,0 +1,439 @@
+"""``knnmt serve``: HTTP API (translate, memory add/get/delete, limits, auth, idempotency, metrics),
+live memory (side index, tombstones, compaction, restart) and dynamic batching, on the toy Marian."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from knnmt.config import IndexConfig, KNNConfig
+from knnmt.datastore import Datastore
+from knnmt.errors import UsageError
+from knnmt.index import build_index
+from knnmt.service import BatchConfig, BatchWorker, GenerationOptions, ServeConfig, Service, create_app
+from knnmt.toy import toy_corpus
+from knnmt.translator import KNNMT
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: λ = 1, k = 1: the output walks the memory, so an added pair is reproduced exactly.
+EXACT = {"k": 1, "lambda": 1.0}
+
+
+@pytest.fixture(scope="module")
+def new_pairs(toy_pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Pairs whose sources are not in the toy datastore."""
+    known = {s for s, _ in toy_pairs}
+    fresh = [p for p in toy_corpus(300, seed=5) if p[0] not in known]
+    unique = list(dict((s, (s, t)) for s, t in fresh).values())
+    assert len(unique) >= 6
+    return unique
+
+
+@pytest.fixture
+def open_service(
+    marian: tuple[Any, Any], datastore: Datastore, tmp_path: Path
+) -> Iterator[Callable[..., Service]]:
+    """Factory: a :class:`Service` over a private copy of the toy datastore (closed after the test)."""
+    opened: list[Service] = []
+    copy = tmp_path / "served"
+
+    def make(path: Path | None = None, index: Any = None, **overrides: Any) -> Service:
+        if path is None:
+            path = copy
+            if not path.exists():
+                shutil.copytree(datastore.path, path)
+        settings: dict[str, Any] = {
+            "token": TOKEN,
+            "max_sentences": 4,
+            "max_chars": 200,
+            "max_body_bytes": 20_000,
+            "compact_every": 0,
+            "batch": BatchConfig(max_batch=8, max_wait_ms=2),
+        }
+        settings.update(overrides)
+        service = Service.open(marian, path, ServeConfig(**settings), index=index)
+        opened.append(service)
+        return service
+
+    yield make
+    for service in opened:
+        service.close()
+
+
+@pytest.fixture
+def client(open_service: Callable[..., Service]) -> Iterator[TestClient]:
+    with TestClient(create_app(open_service(), close_on_shutdown=False)) as c:
+        yield c
+
+
+def _translate(client: TestClient, sentences: list[str], **options: Any) -> dict[str, Any]:
+    response = client.post("/translate", json={"sentences": sentences, **options})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _texts(client: TestClient, sentences: list[str], **options: Any) -> list[str]:
+    return [t["text"] for t in _translate(client, sentences, **options)["translations"]]
+
+
+# ---- translate -------------------------------------------------------------------------------
+
+
+def test_translate_matches_library_and_explains_tokens(client, translator, toy_pairs) -> None:
+    sources = [s for s, _ in toy_pairs[:3]]
+    config = KNNConfig(k=4, lambda_=0.4, temperature=10.0)
+    expected = [t.text for t in translator.translate(sources, knn=config, max_new_tokens=40)]
+    body = _translate(
+        client, sources, k=4, temperature=10.0, max_new_tokens=40, neighbours=True, **{"lambda": 0.4}
+    )
+    assert [t["text"] for t in body["translations"]] == expected
+    assert body["config"] == {
+        "knn": True,
+        "k": 4,
+        "lambda": 0.4,
+        "temperature": 10.0,
+        "beam": 1,
+        "max_new_tokens": 40,
+    }
+    first = body["translations"][0]
+    tokens = first["explanation"]
+    assert len(tokens) == len(first["token_ids"]) - 1  # every generated token (not the start token)
+    for token in tokens:
+        assert 0.0 <= token["p_mt"] <= 1.0 + 1e-6 and 0.0 <= token["p_knn"] <= 1.0 + 1e-6
+        assert abs(token["p_final"] - (0.4 * token["p_knn"] + 0.6 * token["p_mt"])) < 1e-6
+        assert len(token["neighbours"]) == 4
+        for n in token["neighbours"]:
+            assert n["source"] and n["target"] and n["memory"] is False
+    # the plain model, and beam search, through the same endpoint
+    plain = [t.text for t in translator.translate(sources, knn=False, max_new_tokens=40)]
+    assert _texts(client, sources, knn=False, max_new_tokens=40) == plain
+    beam = [t.text for t in translator.translate(sources, knn=config, num_beams=3, max_new_tokens=40)]
+    assert (
+        _texts(client, sources, k=4, temperature=10.0, beam=3, max_new_tokens=40, **{"lambda": 0.4}) == beam
+    )
+
+
+def test_limits_give_413_and_422_with_messages(client) -> None:
+    too_many = client.post("/translate", json={"sentences": ["a b"] * 5})
+    assert too_many.status_code == 413
+    assert "5 sentences" in too_many.json()["detail"] and "limit is 4" in too_many.json()["detail"]
+    too_long = client.post("/translate", json={"sentences": ["ok", "x" * 201]})
+    assert too_long.status_code == 422
+    assert too_long.json()["detail"] == "sentences 1 has 201 characters; the limit is 200"
+    body = client.post("/translate", content=b'{"sentences": ["' + b"a" * 30_000 + b'"]}')
+    assert body.status_code == 413 and "20000 bytes" in body.json()["detail"]
+    chunked = client.post("/translate", content=iter([b'{"sentences": ["', b"a" * 30_000, b'"]}']))
+    assert chunked.status_code == 413  # no Content-Length: counted while reading
+    small = client.post(
+        "/translate",
+        content=iter([b'{"sentences": ', b'["open the file"]}']),
+        headers={"Content-Type": "application/json"},
+    )
+    assert small.status_code == 200, small.text
+    assert client.post("/translate", json={"sentences": []}).status_code == 422
+    assert client.post("/translate", json={"sentences": ["  "]}).status_code == 422
+    bad_lambda = client.post("/translate", json={"sentences": ["a"], "lambda": 1.5})
+    assert bad_lambda.status_code == 422 and "lambda" in bad_lambda.text
+    assert client.post("/translate", json={"sentences": ["a"], "colour": 1}).status_code == 422
+    infinite = client.post(
+        "/translate",
+        content=b'{"sentences": ["a"], "temperature": 1e999}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert infinite.status_code == 422 and "temperature must be a positive number" in infinite.text
+    beam = client.post("/translate", json={"sentences": ["a"], "beam": 99})
+    assert beam.status_code == 422 and "beam 99 is above the limit 8" in beam.text
+    pairs = client.post("/memory", headers=AUTH, json={"pairs": [{"source": "a", "target": "b"}] * 5})
+    assert pairs.status_code == 413
+
+
+def test_writes_need_the_token(client, open_service, marian, datastore) -> None:
+    pair = {"pairs": [{"source": "open the file", "target": "Datei öffnen"}]}
+    missing = client.post("/memory", json=pair)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert (
+        client.post("/memory", json=pair, headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+    )
+    assert client.delete("/memory/0").status_code == 401
+    assert client.get("/memory/0").status_code == 200  # reads are open
+    with pytest.raises(UsageError, match="no token is set"):
+        ServeConfig(token=None)
+    readonly = Service.open(marian, datastore.path, ServeConfig(writes=False), index=None)
+    try:
+        with TestClient(create_app(readonly)) as ro:
+            assert ro.post("/memory", json=pair, headers=AUTH).status_code == 403
+            assert ro.post("/translate", json={"sentences": ["open the file"]}).status_code == 200
+    finally:
+        readonly.close()
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+
+def test_added_pair_is_reproduced_then_deleted(client, new_pairs) -> None:
+    source, target = new_pairs[0]
+    before = _texts(client, [source], **EXACT)[0]
+    assert before != target
+    added = client.post(
+        "/memory",
+        headers={**AUTH, "Idempotency-Key": "k1"},
+        json={"pairs": [{"source": source, "target": target}]},
+    )
+    assert added.status_code == 201, added.text
+    (sid,) = added.json()["ids"]
+    assert added.json()["replayed"] is False and added.json()["entries"] > 0
+    assert _texts(client, [source], **EXACT)[0] == target  # the very next request sees it
+    explained = _translate(client, [source], neighbours=True, **EXACT)["translations"][0]["explanation"]
+    assert all(t["neighbours"][0]["sentence_id"] == sid and t["neighbours"][0]["memory"] for t in explained)
+    record = client.get(f"/memory/{sid}").json()
+    assert (record["src"], record["tgt"], record["memory"], record["removed"]) == (
+        source,
+        target,
+        True,
+        False,
+    )
+
+    entries = client.get("/health").json()["entries"]
+    again = client.post(
+        "/memory",
+        headers={**AUTH, "Idempotency-Key": "k1"},
+        json={"pairs": [{"source": source, "target": target}]},
+    )
+    assert again.status_code == 201 and again.json()["ids"] == [sid] and again.json()["replayed"] is True
+    assert client.get("/health").json()["entries"] == entries  # nothing added twice
+    conflict = client.post(
+        "/memory",
+        headers={**AUTH, "Idempotency-Key": "k1"},
+        json={"pairs": [{"source": source, "target": "anders"}]},
+    )
+    assert conflict.status_code == 409 and "already used" in conflict.json()["detail"]
+
+    deleted = client.delete(f"/memory/{sid}", headers=AUTH)
+    assert deleted.status_code == 200 and deleted.json()["removed"] is True
+    assert client.get(f"/memory/{sid}").json()["removed"] is True
+    assert _texts(client, [source], **EXACT)[0] == before  # k stays full from the rest of the memory
+    assert client.delete(f"/memory/{sid}", headers=AUTH).status_code == 200  # idempotent
+    assert client.delete("/memory/999999", headers=AUTH).status_code == 404
+    assert client.get("/memory/999999").status_code == 404
+    too_long = client.post(
+        "/memory", headers=AUTH, json={"pairs": [{"source": "x y z " * 31, "target": "x"}]}
+    )
+    assert too_long.status_code == 422 and "tokens, more than the maximum" in too_long.json()["detail"]
+
+
+def test_deleting_a_corpus_sentence_overfetches_to_keep_k(client, datastore) -> None:
+    record = datastore.sentence(10)
+    body = _translate(client, [record["src"]], k=3, neighbours=True, **{"lambda": 0.5})
+    first = body["translations"][0]["explanation"][0]["neighbours"]
+    assert any(n["sentence_id"] == 10 for n in first)
+    assert client.delete("/memory/10", headers=AUTH).status_code == 200
+    body = _translate(client, [record["src"]], k=3, neighbours=True, **{"lambda": 0.5})
+    for token in body["translations"][0]["explanation"]:
+        assert len(token["neighbours"]) == 3
+        assert all(n["sentence_id"] != 10 for n in token["neighbours"])
+
+
+def test_memory_survives_restart_and_compaction(open_service, marian, new_pairs, tmp_path) -> None:
+    service = open_service()
+    path = service.memory.store.path
+    build_index(service.memory.store, IndexConfig(factory="Flat"), progress=False)  # a saved main index
+    service.close()
+
+    service = open_service(path, index="auto")
+    with TestClient(create_app(service, close_on_shutdown=False)) as c:
+        ids = []
+        for i, (s, t) in enumerate(new_pairs[:3]):
+            r = c.post(
+                "/memory",
+                headers={**AUTH, "Idempotency-Key": f"r{i}"},
+                json={"pairs": [{"source": s, "target": t}]},
+            )
+            ids.append(r.json()["ids"][0])
+        assert c.delete(f"/memory/{ids[1]}", headers=AUTH).status_code == 200
+    assert service.memory.side_entries > 0
+    service.close(compact=False)  # as after a crash: the saved index covers only the first shards
+
+    # restart: the saved index covers a prefix of the shards; the added pairs go to the side index
+    service = open_service(path, index="auto")
+    assert service.memory.retriever.state.main_count < service.memory.store.count
+    with TestClient(create_app(service, close_on_shutdown=False)) as c:
+        assert _texts(c, [new_pairs[0][0], new_pairs[2][0]], **EXACT) == [new_pairs[0][1], new_pairs[2][1]]
+        assert _texts(c, [new_pairs[1][0]], **EXACT)[0] != new_pairs[1][1]  # still removed
+        replay = c.post(
+            "/memory",
+            headers={**AUTH, "Idempotency-Key": "r2"},
+            json={"pairs": [{"source": new_pairs[2][0], "target": new_pairs[2][1]}]},
+        )
+        assert replay.json() == {"ids": [ids[2]], "entries": 0, "replayed": True}
+        assert service.memory.compact(wait=True)
+        assert service.memory.side_entries == 0 and service.memory.compactions == 1
+        assert _texts(c, [new_pairs[0][0]], **EXACT) == [new_pairs[0][1]]
+        assert "knnmt_memory_compactions 1" in c.get("/metrics").text
+        extra = c.post(
+            "/memory",
+            headers=AUTH,
+            json={"pairs": [{"source": new_pairs[3][0], "target": new_pairs[3][1]}]},
+        )
+        assert extra.status_code == 201
+    service.close()  # a clean stop compacts the new pair too
+    # the compacted index was saved: the plain library loads datastore + index again
+    knn = KNNMT.load(marian, path, config=KNNConfig(k=1, lambda_=1.0))
+    assert knn.index.ntotal == knn.datastore.count
+    assert [t.text for t in knn.translate([new_pairs[0][0], new_pairs[3][0]])] == [
+        new_pairs[0][1],
+        new_pairs[3][1],
+    ]
+
+
+def test_serve_refuses_writes_without_token(toy_dir, datastore, monkeypatch, caplog) -> None:
+    from knnmt.cli import main
+    from knnmt.service.app import TOKEN_ENV
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    argv = ["serve", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
+    assert main(argv) == 2
+    assert "no token is set" in caplog.text and "--read-only" in caplog.text
+
+
+def test_one_writer_per_datastore(open_service) -> None:
+    from knnmt.errors import DatastoreError
+
+    first = open_service()
+    with pytest.raises(DatastoreError, match="already opened for writing"):
+        open_service()
+    first.close()
+    open_service().close()  # the lock is released on close
+
+
+def test_unfinished_shards_are_ignored_and_cleaned(open_service, datastore, tmp_path) -> None:
+    path = tmp_path / "served"
+    shutil.copytree(datastore.path, path)
+    (path / "shards" / "00003.tmp").mkdir()
+    shutil.copytree(path / "shards" / "00002", path / "shards" / "00003")  # renamed, manifest never updated
+    assert Datastore.open(path).count == datastore.count
+    service = open_service(path)
+    assert not (path / "shards" / "00003.tmp").exists() and not (path / "shards" / "00003").exists()
+    assert service.memory.store.count == datastore.count
+
+
+# ---- batching and metrics --------------------------------------------------------------------------
+
+
+def test_requests_arriving_together_share_one_generate(translator, toy_pairs) -> None:
+    sources = [s for s, _ in toy_pairs[20:26]]
+    config = KNNConfig(k=4, lambda_=0.5)
+    expected = [t.text for t in translator.translate(sources, knn=config, max_new_tokens=30)]
+    calls: list[int] = []
+    worker = BatchWorker(
+        translator, BatchConfig(max_batch=16, max_wait_ms=200), lambda n, tok, sec: calls.append(n)
+    )
+    try:
+        options = GenerationOptions(config, 1, 30)
+        futures = [worker.translate([s], options) for s in sources]
+        got = [f.result(timeout=60)[0].text for f in futures]
+    finally:
+        worker.close()
+    assert got == expected
+    assert calls == [len(sources)]
+
+
+def test_batching_off_and_concurrent_http_clients(open_service, toy_pairs) -> None:
+    service = open_service(batch=BatchConfig(max_batch=1, max_wait_ms=0))
+    sources = [s for s, _ in toy_pairs[30:36]]
+    with TestClient(create_app(service, close_on_shutdown=False)) as c:
+        expected = _texts(c, sources[:4]) + _texts(c, sources[4:])
+        results: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            results[i] = _texts(c, [sources[i]])[0]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(sources))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [results[i] for i in range(len(sources))] == expected
+        metrics = c.get("/metrics").text
+    assert 'knnmt_batch_sentences_bucket{le="1.0"} 6' in metrics  # six single-sentence generate calls
+    assert 'knnmt_requests_total{method="POST",route="/translate",code="200"} 8' in metrics
+    assert f"knnmt_datastore_entries {service.memory.store.count}" in metrics
+    assert "knnmt_tokens_per_second" in metrics and "knnmt_request_duration_seconds_bucket" in metrics
+
+
+def test_health_info_openapi_and_page(client, datastore) -> None:
+    assert client.get("/health").json()["entries"] == datastore.count
+    info = client.get("/info").json()
+    assert info["knn"] == {"k": 8, "lambda": 0.5, "temperature": 100.0} and info["writes"] is True
+    schema = client.get("/openapi.json").json()
+    assert {"/translate", "/memory", "/memory/{sentence_id}", "/health", "/metrics"} <= set(schema["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "<html" in page.text.lower() and "/translate" in page.text
+    assert np.isfinite(float(client.get("/metrics").text.split("\nknnmt_uptime_seconds ")[1].split()[0]))
+
+
+@pytest.mark.parametrize("removed_sentences", [0, 120, 360])  # 360 of 400: most rows need a re-fetch
+def test_live_retriever_equals_exact_search_without_removed_entries(datastore, removed_sentences) -> None:
+    import faiss
+
+    from knnmt.index import SearchIndex
+    from knnmt.service.memory import LiveRetriever, _State
+
+    rng = np.random.default_rng(0)
+    split = datastore.shards[1].start  # main index: first shard; side index: the rest
+    main = faiss.IndexFlatL2(datastore.dim)
+    main.add(datastore.get_keys(np.arange(split)))
+    side = faiss.IndexFlatL2(datastore.dim)
+    side.add(datastore.get_keys(np.arange(split, datastore.count)))
+    sentences, _ = datastore.provenance(np.arange(datastore.count))
+    gone = rng.choice(datastore.manifest["sentences"], removed_sentences, replace=False)
+    removed = np.isin(sentences, gone)
+    state = _State(
+        datastore, SearchIndex(main, {"factory": "Flat"}), split, side, removed, int(removed.sum())
+    )
+    queries = datastore.get_keys(rng.choice(datastore.count, 50)) + rng.normal(0, 0.5, (50, datastore.dim))
+    queries = queries.astype(np.float32)
+    k = 6
+    dist, ids = LiveRetriever(state).search(queries, k, np.zeros(50, dtype=np.int64))
+
+    keys = datastore.get_keys(np.arange(datastore.count))
+    exact = ((queries[:, None, :] - keys[None]) ** 2).sum(-1)
+    exact[:, removed] = np.inf
+    expected = np.sort(exact, axis=1)[:, :k]
+    assert (ids >= 0).all() and not removed[ids].any()
+    np.testing.assert_allclose(dist, expected, rtol=5e-3)  # faiss: float32 ‖q‖² + ‖k‖² − 2q·k
+
+
+def test_failed_append_leaves_nothing_behind(open_service, new_pairs, monkeypatch) -> None:
+    """A failure after the shard is written but before the manifest commits (what a crash there leaves):
+    nothing is acknowledged, the datastore opens unchanged, and the next append takes the slot."""
+    import knnmt.service.memory as memory_module
+
+    service = open_service()
+    before = service.memory.store.count
+
+    def crash(path: Path, payload: dict[str, Any]) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(memory_module, "write_json_atomic", crash)
+    with pytest.raises(OSError, match="disk on fire"):
+        service.memory.add([new_pairs[0]], "key-a")
+    monkeypatch.undo()
+    name = f"{len(service.memory.store.manifest['shards']):05d}"
+    assert (service.memory.store.path / "shards" / name).is_dir()  # written, never committed
+    assert Datastore.open(service.memory.store.path).count == before
+    assert service.memory.store.count == before and service.memory.side_entries == 0
+
+    result = service.memory.add([new_pairs[1]], "key-a")  # the key was never used
+    assert result.ids == [service.memory.store.manifest["sentences"] - 1] and not result.replayed
+    assert service.memory.get(result.ids[0])["src"] == new_pairs[1][0]
+    assert Datastore.open(service.memory.store.path).count == before + result.entries
