@@ -239,7 +239,13 @@ def run_demo(
     config = KNNConfig.load(tuned) if tuned.is_file() else inputs.knn
     knn = KNNMT.load((model, tokenizer), store_dir, config=config)
     scores, outputs = evaluate(
-        knn, inputs.test_sources, inputs.test_references, batch_size=32, max_new_tokens=128, progress=progress
+        knn,
+        inputs.test_sources,
+        inputs.test_references,
+        batch_size=32,
+        max_new_tokens=128,
+        num_beams=1,  # greedy, whatever the model's generation config says
+        progress=progress,
     )
     facts = [
         f"model: {inputs.model}",
