@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build, index, translate and score the bundled example end to end")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its datastore and report")
     d.add_argument("--force", action="store_true", help="rebuild everything")
-    d.add_argument("--limit", type=int, default=500, help="test sentences to translate (0 = all)")
+    d.add_argument("--limit", type=int, default=0, help="test sentences to translate (default 0 = all 1,000)")
     d.add_argument(
         "--toy", action="store_true", help="run on the tiny offline toy model even if a real one ships"
     )

@@ -198,7 +198,7 @@ def _html(
 
 
 def run_demo(
-    workdir: Path, force: bool = False, progress: bool = True, limit: int | None = 500, toy: bool = False
+    workdir: Path, force: bool = False, progress: bool = True, limit: int | None = None, toy: bool = False
 ) -> str:
     """Run the demo in ``workdir`` (reusing what is built unless ``force``); returns the text report.
 
