@@ -199,6 +199,15 @@ class Datastore:
         record it."""
         return manifest_fingerprint(self.manifest)
 
+    def check_model(self, model: Any, tokenizer: Any) -> None:
+        """Raise :class:`IncompatibleError` unless ``model`` and ``tokenizer`` are the ones this datastore
+        was built with (their fingerprints and the key dimension of its key layer)."""
+        from .models import key_dim, model_fingerprint, tokenizer_fingerprint
+
+        self.check_compatible(
+            model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model, self.key_layer)
+        )
+
     def check_compatible(self, model_fingerprint: str, tokenizer_fingerprint: str, dim: int) -> None:
         """Raise :class:`IncompatibleError` unless this datastore was built with that model and tokenizer."""
         want = self.manifest

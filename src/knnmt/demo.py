@@ -31,7 +31,6 @@ from .datastore import MANIFEST, Datastore, read_manifest
 from .errors import DatastoreError, IncompatibleError
 from .evaluation import SystemScore, evaluate, format_table
 from .index import INDEX_FILE, build_index
-from .models import key_dim, model_fingerprint, tokenizer_fingerprint
 from .toy import build_toy_model, toy_corpus
 from .translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
 
@@ -209,27 +208,25 @@ def run_demo(
     store_dir = workdir / "datastore"
     start = time.perf_counter()
     complete = (store_dir / MANIFEST).is_file() and read_manifest(store_dir).get("state") == "complete"
+    store: Datastore | None = None
     if complete and not force:
+        store = Datastore.open(store_dir)
         try:  # a datastore of another model (e.g. the bundled one was retrained) is rebuilt
-            Datastore.open(store_dir).check_compatible(
-                model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model)
-            )
+            store.check_model(model, tokenizer)
+            logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
         except IncompatibleError as exc:
             logger.warning("%s; rebuilding the datastore", exc)
-            force = True
-    if force or not complete:
+            store, force = None, True
+    if store is None:
         build = functools.partial(
             build_datastore, model, tokenizer, inputs.memory, store_dir, BuildConfig(),
             model_name=inputs.model, progress=progress,
         )  # fmt: skip
         try:  # resumes an interrupted build of the same corpus with the same model
-            build(force=force)
+            store = build(force=force)
         except (DatastoreError, IncompatibleError) as exc:
             logger.warning("%s; rebuilding the datastore", exc)
-            build(force=True)
-    else:
-        logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
-    store = Datastore.open(store_dir)
+            store = build(force=True)
     if force or not (store_dir / "index" / INDEX_FILE).is_file():
         build_index(store, out=store_dir / "index", progress=progress, force=True)
     build_seconds = time.perf_counter() - start

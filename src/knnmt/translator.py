@@ -19,7 +19,7 @@ from .datastore import Datastore
 from .errors import KnnmtError, UsageError
 from .generation import knn_generation
 from .index import INDEX_FILE, SearchIndex, exact_index
-from .models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
+from .models import key_module
 from .retrieval import knn_log_probs, retrieval_weights
 from .search import IndexRetriever, Retriever, prepare_retrieval
 from .teacher_forcing import ActivationCapture, decoder_inputs
@@ -148,9 +148,7 @@ class KNNMT:
         self.datastore = datastore
         self.key_layer = datastore.key_layer
         if check:
-            datastore.check_compatible(
-                model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model, self.key_layer)
-            )
+            datastore.check_model(model, tokenizer)
         self._index = index  # None: an exact index is built on first use (not needed by a given retriever)
         self.config = config or KNNConfig()
         self.retriever = retriever or IndexRetriever(self.index, datastore)
