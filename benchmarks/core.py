@@ -126,7 +126,7 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     from knnmt.datastore import Datastore
     from knnmt.index import SearchIndex, build_index, recall_at_k
     from knnmt.search import IndexRetriever
-    from knnmt.teacher_forcing import KeyExtractor, encode_pairs
+    from knnmt.teacher_forcing import pair_queries
     from knnmt.translator import load_model
 
     store = Datastore.open(WORK / "datastore")
@@ -140,10 +140,8 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
         index_s = time.perf_counter() - t0
     model, tokenizer = load_model(str(_model_dir(args)))
     lines = TEST.read_text(encoding="utf-8").splitlines()[:200]
-    rows = [(i, i + 1, *line.split("\t")) for i, line in enumerate(lines)]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=str(TEST))
-    extractor = KeyExtractor(model, tokenizer.pad_token_id)
-    queries = torch.cat([k for i in range(0, len(encoded), 32) for k in extractor(encoded[i : i + 32])])
+    pairs = [(src, tgt) for src, tgt in (line.split("\t") for line in lines)]
+    queries = torch.cat(pair_queries(model, tokenizer, pairs, path=str(TEST)))
     q = (
         queries[torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[:1000]]
         .float()

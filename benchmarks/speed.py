@@ -47,7 +47,7 @@ from knnmt.datastore import MANIFEST, Datastore, read_manifest, write_json_atomi
 from knnmt.evaluation import score  # noqa: E402
 from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
 from knnmt.search import IndexRetriever, Retriever  # noqa: E402
-from knnmt.teacher_forcing import KeyExtractor, encode_pairs  # noqa: E402
+from knnmt.teacher_forcing import pair_queries  # noqa: E402
 from knnmt.translator import KNNMT, load_model, timed_translate, tokens_per_second  # noqa: E402
 
 logger = logging.getLogger("bench-speed")
@@ -131,10 +131,9 @@ def modes(names: list[str]) -> dict[str, Mode]:
 # ---- measurements ---------------------------------------------------------------------------------
 def test_queries(model: Any, tokenizer: Any, sources: list[str], references: list[str], n: int) -> np.ndarray:
     """``[n, dim]`` decoder queries of the teacher-forced test references (a fixed random sample)."""
-    rows = [(i, i + 1, s, r) for i, (s, r) in enumerate(zip(sources, references, strict=True))]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths="test")
-    extractor = KeyExtractor(model, tokenizer.pad_token_id)
-    queries = torch.cat([k for i in range(0, len(encoded), 32) for k in extractor(encoded[i : i + 32])])
+    queries = torch.cat(
+        pair_queries(model, tokenizer, list(zip(sources, references, strict=True)), path="test")
+    )
     pick = torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[:n]
     return queries[pick].float().numpy()
 

@@ -133,13 +133,10 @@ def phase_recall(args: argparse.Namespace, store: Any, subset_dir: Path, model: 
 
     from knnmt.index import SearchIndex, recall_at_k
     from knnmt.search import IndexRetriever, prepare_retrieval
-    from knnmt.teacher_forcing import KeyExtractor, encode_pairs
+    from knnmt.teacher_forcing import pair_queries
 
     pairs = _pairs(TEST, args.recall_sentences)
-    rows = [(i, i + 1, s, t) for i, (s, t) in enumerate(pairs)]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=str(TEST))
-    extractor = KeyExtractor(model, tokenizer.pad_token_id)
-    per_sentence = [k.float() for i in range(0, len(encoded), 32) for k in extractor(encoded[i : i + 32])]
+    per_sentence = pair_queries(model, tokenizer, pairs, path=str(TEST))
     queries = torch.cat(per_sentence).numpy()
     groups = np.repeat(np.arange(len(per_sentence)), [len(k) for k in per_sentence])
     k = args.k

@@ -11,7 +11,7 @@ import torch
 from transformers import LogitsProcessor
 
 from knnmt.models import key_module
-from knnmt.teacher_forcing import ActivationCapture, EncodedPair, KeyExtractor
+from knnmt.teacher_forcing import ActivationCapture, EncodedPair, KeyExtractor, pair_queries
 
 
 class ForceAndRecord(LogitsProcessor):
@@ -107,3 +107,15 @@ def test_keys_match_queries_in_a_padded_batch(
         queries = incremental_queries(model, tokenizer, pair.source, pair.target_ids, key_layer)
         assert k.shape == queries.shape
         np.testing.assert_allclose(k.float().numpy(), queries, atol=1e-4, rtol=1e-4)
+
+
+def test_pair_queries_are_each_pairs_own_keys_in_input_order(marian, toy_pairs) -> None:
+    model, tokenizer = marian
+    pairs = toy_pairs[:7]
+    batched = pair_queries(model, tokenizer, pairs, batch_size=3)
+    assert len(batched) == len(pairs)
+    for (source, target), keys in zip(pairs, batched, strict=True):
+        alone = pair_queries(model, tokenizer, [(source, target)], batch_size=1)[0]
+        assert keys.dtype == torch.float32
+        assert keys.shape == alone.shape == (len(tokenizer(text_target=target)["input_ids"]), keys.shape[1])
+        torch.testing.assert_close(keys, alone, rtol=1e-4, atol=1e-4)

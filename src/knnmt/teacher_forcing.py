@@ -197,3 +197,26 @@ class KeyExtractor:
         assert keys is not None, "the key hook did not fire"
         keys = keys.to("cpu")
         return [keys[row, : len(p.target_ids)] for row, p in enumerate(batch)]
+
+
+def pair_queries(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    path: str = "pairs",
+    key_layer: str = "ffn_input",
+) -> list[torch.Tensor]:
+    """The kNN queries a model makes while teacher-forced on each ``(source, target)`` pair.
+
+    Returns:
+        one float32 ``[len(target_ids), dim]`` tensor per pair, in input order (for recall checks
+        against exact search on realistic queries). ``path`` names the pairs in error messages.
+    """
+    rows = [(i, i + 1, s, t) for i, (s, t) in enumerate(pairs)]
+    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=path)
+    extractor = KeyExtractor(model, tokenizer.pad_token_id, key_layer)
+    return [
+        k.float() for i in range(0, len(encoded), batch_size) for k in extractor(encoded[i : i + batch_size])
+    ]
