@@ -15,6 +15,7 @@ from knnmt.config import KNNConfig
 from knnmt.models import key_module
 from knnmt.retrieval import interpolate, knn_log_probs, retrieval_weights
 from knnmt.teacher_forcing import ActivationCapture
+from knnmt.tuning import reference_statistics
 
 GEN = {"max_new_tokens": 32}
 
@@ -44,6 +45,13 @@ def knn_steps(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
 
 def _sources(toy_pairs: list[tuple[str, str]], n: int, offset: int = 0) -> list[str]:
     return [s for s, _ in toy_pairs[offset : offset + n]]
+
+
+def _median_top_probability(translator: Any, pairs: list[tuple[str, str]]) -> float:
+    """The median probability of the model's most likely token over the teacher-forced ``pairs``: a
+    confidence gate there skips about half of the steps (the random toy model is nowhere near sure)."""
+    stats = reference_statistics(translator, [s for s, _ in pairs], [t for _, t in pairs], 1)
+    return float(np.exp(np.median(stats.log_p_max)))
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
@@ -127,20 +135,30 @@ def _reference_step(
     lam = retrieval_weights(
         torch.from_numpy(distances), values, config.lambda_, config.temperature, config.half_distance
     )
-    expected = interpolate(torch.log_softmax(scores.float(), dim=-1), values, log_knn, lam)
+    log_mt = torch.log_softmax(scores.float(), dim=-1)
+    expected = interpolate(log_mt, values, log_knn, lam)
+    if config.confidence_gate is not None:  # rows where the model is sure keep p_MT
+        sure = log_mt.max(dim=-1).values >= np.log(config.confidence_gate)
+        expected[sure] = log_mt[sure]
     if input_ids.shape[1] > 1:  # finished rows (last token eos/pad) are passed through untouched
         done = torch.tensor([int(t) in finished for t in input_ids[:, -1]])
         expected[done] = scores[done].float()
     return queries, expected
 
 
-@pytest.mark.parametrize(("num_beams", "half_distance"), [(4, None), (1, None), (4, 5.0)])
+@pytest.mark.parametrize(
+    ("num_beams", "half_distance", "gate"),
+    [(4, None, None), (1, None, None), (4, 5.0, None), (4, None, "median")],
+)
 def test_each_hypothesis_uses_its_own_query(
-    translator, marian, toy_pairs, knn_steps, num_beams: int, half_distance: float | None
+    translator, marian, toy_pairs, knn_steps, num_beams: int, half_distance: float | None, gate: str | None
 ) -> None:
     model, tokenizer = marian
     sources = _sources(toy_pairs, 3, offset=40)
-    config = KNNConfig(lambda_=0.5, k=4, temperature=10.0, half_distance=half_distance)
+    confidence_gate = None if gate is None else _median_top_probability(translator, toy_pairs[40:43])
+    config = KNNConfig(
+        lambda_=0.5, k=4, temperature=10.0, half_distance=half_distance, confidence_gate=confidence_gate
+    )
     translator.translate(
         sources,
         knn=config,
@@ -149,6 +167,8 @@ def test_each_hypothesis_uses_its_own_query(
         sort_by_length=False,
         batch_size=len(sources),
     )
+    if gate is not None:  # the gate really skipped some rows and searched others
+        assert 0 < translator.last_stats["gated"] < translator.last_stats["rows"]
     enc = tokenizer(sources, return_tensors="pt", padding=True, truncation=True)
     finished = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
@@ -171,6 +191,28 @@ def test_each_hypothesis_uses_its_own_query(
     if num_beams > 1:
         # the comparison exercised beams whose prefixes and distributions really differ
         assert distinct_hypotheses
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_confidence_gate(translator, toy_pairs, num_beams: int) -> None:
+    """A gate every step passes (any probability >= a tiny one) is the plain model and searches nothing;
+    a middling gate skips some rows and still changes translations; gating all but nothing = no gate."""
+    sources = _sources(toy_pairs, 10, offset=80)
+    gen = {"num_beams": num_beams, "max_new_tokens": 24, "batch_size": 5}
+    plain = translator.translate(sources, knn=False, **gen)
+    closed = translator.translate(sources, knn=KNNConfig(lambda_=0.8, k=4, confidence_gate=1e-9), **gen)
+    assert [t.token_ids for t in closed] == [t.token_ids for t in plain]
+    stats = translator.last_stats
+    assert stats["searched"] == 0 and stats["gated"] == stats["rows"] > 0
+
+    open_ = translator.translate(sources, knn=KNNConfig(lambda_=0.8, k=4, confidence_gate=1.0), **gen)
+    ungated = translator.translate(sources, knn=KNNConfig(lambda_=0.8, k=4), **gen)
+    assert [t.token_ids for t in open_] == [t.token_ids for t in ungated]
+
+    gate = _median_top_probability(translator, toy_pairs[80:90])
+    translator.translate(sources, knn=KNNConfig(lambda_=0.8, k=4, confidence_gate=gate), **gen)
+    stats = translator.last_stats
+    assert 0 < stats["gated"] < stats["rows"] and stats["searched"] > 0
 
 
 def test_sampling_with_a_seed(translator, marian, toy_pairs, knn_steps) -> None:

@@ -382,8 +382,8 @@ def test_tuning_statistics_use_each_sentences_subset(marian, datastore, subset_d
         retriever=SubsetRetriever.load(datastore, subset_dir, SubsetSearch(subset_size=400, scorer="exact")),
     )
     subset.retriever.sentences = _AllSentences(datastore.manifest["sentences"])  # type: ignore[attr-defined]
-    log_mt, d_all, _ = reference_statistics(vanilla, sources, references, 4)
-    log_mt2, d_sub, _ = reference_statistics(subset, sources, references, 4)
+    log_mt, d_all, _, _ = reference_statistics(vanilla, sources, references, 4)
+    log_mt2, d_sub, _, _ = reference_statistics(subset, sources, references, 4)
     np.testing.assert_allclose(log_mt, log_mt2, atol=1e-5)
     np.testing.assert_allclose(d_sub, d_all, rtol=1e-4, atol=1e-3)  # all sentences: the exact neighbours
     small = KNNMT(
@@ -392,7 +392,7 @@ def test_tuning_statistics_use_each_sentences_subset(marian, datastore, subset_d
         datastore,
         retriever=SubsetRetriever.load(datastore, subset_dir, SubsetSearch(subset_size=2)),
     )
-    _, d_small, match_small = reference_statistics(small, sources, references, 4)
+    _, d_small, match_small, _ = reference_statistics(small, sources, references, 4)
     assert (d_small >= d_all - 1e-3).all()  # a subset never finds nearer keys than the whole datastore
     assert match_small[:, 0].mean() > 0.9  # each reference's own sentence is in its subset of 2
 

@@ -13,7 +13,7 @@ import pytest
 from knnmt.cli import EXIT_OK, main
 from knnmt.config import KNNConfig
 from knnmt.translator import KNNMT
-from knnmt.tuning import grid_log_likelihood, reference_statistics, tune
+from knnmt.tuning import _choose, grid_log_likelihood, reference_statistics, tune
 
 
 def test_grid_matches_a_per_token_loop() -> None:
@@ -24,14 +24,21 @@ def test_grid_matches_a_per_token_loop() -> None:
     distances[3, 4:] = np.inf  # missing neighbours
     match = rng.random((tokens, k_max)) < 0.4
     match[5] = False  # no neighbour votes for the reference token
+    log_max = np.maximum(log_mt, np.log(rng.uniform(0.05, 1.0, tokens)))  # the model's top token
     ks, temps, lambdas, halves = [1, 3, 6], [1.0, 10.0], [0.0, 0.3, 1.0], [None, 5.0, 40.0]
-    grid = grid_log_likelihood(log_mt, distances, match, ks, temps, lambdas, halves)
-    assert grid.shape == (3, 2, 3, 3)
-    for (i, k), (j, tau), (m, lam), (h, half) in itertools.product(
-        enumerate(ks), enumerate(temps), enumerate(lambdas), enumerate(halves)
+    gates = [None, 0.4, 0.8]
+    grid = grid_log_likelihood(log_mt, distances, match, ks, temps, lambdas, halves, gates, log_max)
+    assert grid.shape == (3, 2, 3, 3, 3)
+    skipped = 0
+    for (i, k), (j, tau), (m, lam), (h, half), (g, gate) in itertools.product(
+        enumerate(ks), enumerate(temps), enumerate(lambdas), enumerate(halves), enumerate(gates)
     ):
         total = 0.0
         for t in range(tokens):
+            if gate is not None and np.exp(log_max[t]) >= gate:  # the gate keeps the model alone
+                total += log_mt[t]
+                skipped += 1
+                continue
             weights = [np.exp(-d / tau) for d in distances[t, :k] if np.isfinite(d)]
             hit = sum(np.exp(-d / tau) for d, ok in zip(distances[t, :k], match[t, :k], strict=True) if ok)
             p_knn = hit / sum(weights) if weights else 0.0
@@ -42,27 +49,36 @@ def test_grid_matches_a_per_token_loop() -> None:
             )
             p = lam_t * p_knn + rest * np.exp(log_mt[t])  # rest = 1 - lam_t, without cancellation
             total += np.log(p) if p > 0 else -np.inf
-        assert grid[i, j, m, h] == pytest.approx(total / tokens, rel=1e-9, abs=1e-12)
+        assert grid[i, j, m, h, g] == pytest.approx(total / tokens, rel=1e-9, abs=1e-12)
+    assert skipped > 0
 
 
 def test_grid_agrees_with_explain(translator: KNNMT, toy_pairs: list[tuple[str, str]]) -> None:
     """The cheap grid score of one setting equals the mean log P(y_t) the generation path gives."""
     pairs = toy_pairs[:6]
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
-    log_mt, distances, match = reference_statistics(translator, sources, refs, k_max=8)
-    half = float(np.median(distances[:, 0]))  # λ then varies from step to step
-    grid = grid_log_likelihood(log_mt, distances, match, [4], [10.0], [0.4], [None, half])
-    for h, config in enumerate(
-        [
-            KNNConfig(k=4, lambda_=0.4, temperature=10.0),
-            KNNConfig(k=4, lambda_=0.4, temperature=10.0, half_distance=half),
-        ]
-    ):
+    stats = reference_statistics(translator, sources, refs, k_max=8)
+    half = float(np.median(stats.distances[:, 0]))  # λ then varies from step to step
+    gate = float(np.exp(np.median(stats.log_p_max)))  # about half of the tokens are skipped
+    grid = grid_log_likelihood(
+        stats.log_p_mt, stats.distances, stats.match, [4], [10.0], [0.4], [None, half], [None, gate],
+        stats.log_p_max,
+    )  # fmt: skip
+    for (h, g), config in {
+        (0, 0): KNNConfig(k=4, lambda_=0.4, temperature=10.0),
+        (1, 0): KNNConfig(k=4, lambda_=0.4, temperature=10.0, half_distance=half),
+        (0, 1): KNNConfig(k=4, lambda_=0.4, temperature=10.0, confidence_gate=gate),
+        (1, 1): KNNConfig(k=4, lambda_=0.4, temperature=10.0, half_distance=half, confidence_gate=gate),
+    }.items():
         explained = [tok for s, r in pairs for tok in translator.explain(s, r, config)]
-        assert len(explained) == len(log_mt)
+        assert len(explained) == len(stats.log_p_mt)
         expected = np.mean([np.log(tok.p_final) for tok in explained])
-        assert grid[0, 0, 0, h] == pytest.approx(expected, rel=1e-4)
-    assert grid[0, 0, 0, 0] != pytest.approx(grid[0, 0, 0, 1], rel=1e-3)
+        assert grid[0, 0, 0, h, g] == pytest.approx(expected, rel=1e-4)
+        if g:  # skipped tokens carry no retrieval weight, the others do
+            weights = np.array([tok.weight for tok in explained])
+            assert 0 < (weights == 0).sum() < len(weights)
+    assert grid[0, 0, 0, 0, 0] != pytest.approx(grid[0, 0, 0, 1, 0], rel=1e-3)
+    assert grid[0, 0, 0, 0, 0] != pytest.approx(grid[0, 0, 0, 0, 1], rel=1e-3)
 
 
 def test_tune_prefers_retrieval_when_the_memory_holds_the_answers(
@@ -79,7 +95,7 @@ def test_tune_prefers_retrieval_when_the_memory_holds_the_answers(
         confirm=2,
         max_new_tokens=40,
     )
-    assert result.log_likelihood.shape == (2, 2, 3, len(result.half_distances))
+    assert result.log_likelihood.shape == (2, 2, 3, len(result.half_distances), len(result.gates))
     assert (
         result.half_distances[0] is None and len(result.half_distances) > 1
     )  # auto: constant λ + percentiles
@@ -91,6 +107,47 @@ def test_tune_prefers_retrieval_when_the_memory_holds_the_answers(
         for row in result.confirmed
         if row["k"] == result.best.k and row["lambda_"] == result.best.lambda_
     )
+    pairs_confirmed = {(row["half_distance"], row["confidence_gate"]) for row in result.confirmed}
+    assert len(pairs_confirmed) == len(result.confirmed)  # distinct (half distance, gate) settings
+
+
+def test_tune_with_out_of_domain_dev_decodes_it_for_every_confirmed_setting(
+    translator: KNNMT, toy_pairs: list[tuple[str, str]]
+) -> None:
+    pairs, ood = toy_pairs[:6], toy_pairs[200:206]
+    result = tune(
+        translator,
+        [s for s, _ in pairs],
+        [t for _, t in pairs],
+        ks=[1, 4],
+        temperatures=[10.0],
+        lambdas=[0.5, 0.9],
+        half_distances=[None],
+        gates=[None, 0.5],
+        ood_sources=[s for s, _ in ood],
+        ood_references=[t for _, t in ood],
+        confirm=2,
+        max_new_tokens=40,
+    )
+    assert result.ood_log_likelihood is not None and result.ood_base_bleu is not None
+    for row in result.confirmed:
+        assert row["ood_bleu_loss"] == pytest.approx(result.ood_base_bleu - row["ood_bleu"])
+    assert result.best == KNNConfig.from_dict(
+        {key: value for key, value in _choose(result.confirmed, 0.5).items() if key in result.best.to_dict()}
+    )
+
+
+def test_choice_keeps_the_out_of_domain_loss_within_bounds() -> None:
+    rows = [
+        {"bleu": 30.0, "log_likelihood": -1.0, "ood_bleu_loss": 2.0},
+        {"bleu": 28.0, "log_likelihood": -1.1, "ood_bleu_loss": 0.4},
+        {"bleu": 27.0, "log_likelihood": -0.9, "ood_bleu_loss": -0.1},
+    ]
+    assert _choose(rows, 0.5) is rows[1]  # the best BLEU that loses <= 0.5 out of domain
+    assert _choose(rows, 5.0) is rows[0]
+    assert _choose(rows, -1.0) is rows[2]  # none qualifies: the least loss
+    plain = [{k: v for k, v in r.items() if k != "ood_bleu_loss"} for r in rows]
+    assert _choose(plain, 0.5) is plain[0]  # without out-of-domain data: dev BLEU alone
 
 
 def test_cli_tune_saves_the_choice_and_translate_uses_it(

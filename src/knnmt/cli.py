@@ -50,6 +50,13 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
         "and fades for text unlike the memory (default: saved, else constant λ)",
     )
     p.add_argument(
+        "--confidence-gate",
+        type=float,
+        default=None,
+        help="skip retrieval at steps where the model's top token has at least this probability "
+        "(faster; protects text unlike the memory; default: saved, else off)",
+    )
+    p.add_argument(
         "--rerank",
         type=int,
         default=None,
@@ -198,6 +205,18 @@ def _parser() -> argparse.ArgumentParser:
         "reports the BLEU cost there",
     )
     u.add_argument("--ood-reference", default=None, help="out-of-domain dev references")
+    u.add_argument(
+        "--gates",
+        default="none,0.5,0.7,0.8,0.9,0.95",
+        help="comma-separated confidence gates, 'none' = retrieve at every step",
+    )
+    u.add_argument(
+        "--max-ood-loss",
+        type=float,
+        default=0.5,
+        help="with --ood-*: the best dev BLEU among confirmed settings losing at most this much "
+        "out-of-domain dev BLEU (default 0.5)",
+    )
 
     n = sub.add_parser("info", help="describe a datastore and its index")
     n.add_argument("datastore", help="datastore directory")
@@ -259,6 +278,7 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
             "lambda_": args.lambda_,
             "temperature": args.temperature,
             "half_distance": args.half_distance,
+            "confidence_gate": args.confidence_gate,
         }.items()
         if v is not None
     }
@@ -448,22 +468,31 @@ def _floats(text: str, what: str) -> list[float]:
         raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _same(row: dict[str, Any], config: Any) -> bool:
+    """Whether a tuning result row holds ``config``'s settings."""
+    return all(row[key] == value for key, value in config.to_dict().items())
+
+
+def _optional_floats(text: str, what: str) -> list[float | None]:
+    """``"none,0.5,0.9"`` -> ``[None, 0.5, 0.9]``."""
+    return [
+        None if x.strip().lower() == "none" else _floats(x, what)[0] for x in text.split(",") if x.strip()
+    ]
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .corpus import read_lines
-    from .evaluation import evaluate, format_table
     from .tuning import DEFAULT_LAMBDAS, plot_grid, tune
 
     sources, references = read_lines(args.source), read_lines(args.reference)
     knn = _load_knn(args)
     lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else list(DEFAULT_LAMBDAS)
     ks = [int(k) for k in _floats(args.ks, "--ks")]
-    halves: list[float | None] | None = None
-    if args.half_distances.strip().lower() != "auto":
-        halves = [
-            None if x.strip().lower() == "none" else _floats(x, "--half-distances")[0]
-            for x in args.half_distances.split(",")
-            if x.strip()
-        ]
+    halves = (
+        None
+        if args.half_distances.strip().lower() == "auto"
+        else _optional_floats(args.half_distances, "--half-distances")
+    )
     if bool(args.ood_source) != bool(args.ood_reference):
         raise UsageError("--ood-source and --ood-reference go together")
     ood_sources = read_lines(args.ood_source) if args.ood_source else []
@@ -476,6 +505,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         temperatures=_floats(args.temperatures, "--temperatures"),
         lambdas=lambdas,
         half_distances=halves,
+        gates=_optional_floats(args.gates, "--gates"),
+        max_ood_loss=args.max_ood_loss,
         ood_sources=ood_sources,
         ood_references=ood_references,
         confirm=args.confirm,
@@ -484,20 +515,28 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         **_gen_kwargs(args),
     )
     for row in result.confirmed:
-        half = row["half_distance"]
-        ood = f" ood-token-LL={row['ood_log_likelihood']:.4f}" if "ood_log_likelihood" in row else ""
+        half, gate = row["half_distance"], row["confidence_gate"]
+        ood = (
+            f" ood-token-LL={row['ood_log_likelihood']:.4f} ood-BLEU={row['ood_bleu']:.2f}"
+            if "ood_bleu" in row
+            else ""
+        )
         print(
             f"k={row['k']:<3} T={row['temperature']:<7g} lambda={row['lambda_']:<5g} "
             f"half-distance={'none' if half is None else f'{half:g}':<6} "
+            f"gate={'none' if gate is None else f'{gate:g}':<5} "
             f"token-LL={row['log_likelihood']:.4f}{ood} dev BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
         )
     print(f"plain model token-LL={result.base_log_likelihood:.4f} over {result.tokens} reference tokens")
     if result.ood_base_log_likelihood is not None:
-        print(f"plain model out-of-domain token-LL={result.ood_base_log_likelihood:.4f}")
+        print(
+            f"plain model out-of-domain token-LL={result.ood_base_log_likelihood:.4f} "
+            f"dev BLEU={result.ood_base_bleu:.2f}"
+        )
     best = result.best
     print(
         f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature} "
-        f"half-distance={best.half_distance}"
+        f"half-distance={best.half_distance} confidence-gate={best.confidence_gate}"
     )
     datastore = Path(args.datastore)
     plot = plot_grid(result, args.plot or datastore / "tuning.png")
@@ -506,17 +545,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if not args.no_save:
         knn.config = best
         print(f"saved as the datastore's default: {knn.save_config(best)}")
-    if args.ood_source and args.ood_reference:
-        scores, _ = evaluate(
-            knn,
-            read_lines(args.ood_source),
-            read_lines(args.ood_reference),
-            configs={"base": None, "knn-mt": best},
-            batch_size=args.batch_size,
-            **_gen_kwargs(args),
+    chosen = next((row for row in result.confirmed if "ood_bleu" in row and _same(row, best)), None)
+    if chosen is not None:
+        print(
+            f"out-of-domain dev BLEU: plain {result.ood_base_bleu:.2f} -> kNN-MT {chosen['ood_bleu']:.2f} "
+            f"({-chosen['ood_bleu_loss']:+.2f})"
         )
-        print("out-of-domain dev:")
-        print(format_table(scores))
     return EXIT_OK
 
 

@@ -58,12 +58,19 @@ class KNNConfig(JsonConfig):
     ``λ_q = lambda_ · S / (S + exp(-half_distance / temperature))``, so it is ``lambda_`` when the
     neighbours are much nearer than ``half_distance``, half of it when they weigh as much as one
     neighbour at that distance, and falls towards 0 (the plain model) for text unlike the memory.
+
+    ``confidence_gate`` skips retrieval where the model is already sure: at a step where the model's
+    most likely token has probability ``>= confidence_gate`` that hypothesis is not searched and keeps
+    ``p_MT`` (its λ is 0). ``None`` searches at every step. The gate is decided from ``p_MT`` alone,
+    before any search, so it saves the search itself (most tokens of familiar text are confident), and
+    it keeps a memory of one domain from overriding a confident model on other text.
     """
 
     k: int = 8
     lambda_: float = 0.5
     temperature: float = 100.0
     half_distance: float | None = None
+    confidence_gate: float | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -79,6 +86,15 @@ class KNNConfig(JsonConfig):
             self.half_distance is None or (math.isfinite(self.half_distance) and self.half_distance >= 0),
             f"half_distance must be a squared distance >= 0 or None, got {self.half_distance!r}",
         )
+        _check(
+            self.confidence_gate is None or 0.0 < self.confidence_gate <= 1.0,
+            f"confidence_gate must be a probability in (0, 1] or None, got {self.confidence_gate!r}",
+        )
+
+    @property
+    def log_gate(self) -> float:
+        """``log(confidence_gate)`` (``+inf`` without a gate: no step is skipped)."""
+        return math.inf if self.confidence_gate is None else math.log(self.confidence_gate)
 
 
 @dataclasses.dataclass(frozen=True)

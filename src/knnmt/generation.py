@@ -32,9 +32,12 @@ class StepStats:
         self.steps = 0
         self.rows = 0
         self.searched = 0
+        self.gated = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"steps": self.steps, "rows": self.rows, "searched": self.searched}
+        """``steps``: processor calls; ``rows``: live hypotheses seen; ``gated``: of those, skipped by the
+        confidence gate; ``searched``: distinct queries searched."""
+        return {"steps": self.steps, "rows": self.rows, "gated": self.gated, "searched": self.searched}
 
 
 class KNNLogitsProcessor(LogitsProcessor):
@@ -80,46 +83,80 @@ class KNNLogitsProcessor(LogitsProcessor):
         return captured[:, -1, :].float()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """``input_ids [R, L]`` and ``scores [R, V]`` (logits or log-probs) -> ``[R, V]`` log-probs."""
+        """``input_ids [R, L]`` and ``scores [R, V]`` (logits or log-probs) -> ``[R, V]`` log-probs.
+
+        Rows that are finished come back as given; rows the confidence gate skips come back as the
+        model's own log-probabilities (λ = 0); the others are searched in one batched call and mixed.
+        """
         rows = scores.shape[0]
         queries = self._queries(rows)
+        cfg = self.config
         self.stats.steps += 1
         active = torch.ones(rows, dtype=torch.bool)
         if input_ids.shape[1] > 1:  # a row that emitted eos/pad is finished: nothing to search
             active = ~torch.isin(input_ids[:, -1].cpu(), self.finished_ids)
-        groups = torch.arange(rows) // max(1, rows // self.batch_size)
+        self.stats.rows += int(active.sum())
+        log_mt_all: torch.Tensor | None = None
+        gated = torch.zeros(rows, dtype=torch.bool)
+        if cfg.confidence_gate is not None:  # the model is sure: keep p_MT, search nothing
+            log_mt_all = torch.log_softmax(scores.float(), dim=-1)
+            gated = active & (log_mt_all.max(dim=-1).values >= cfg.log_gate).cpu()
+            active = active & ~gated
+            self.stats.gated += int(gated.sum())
         act_rows = active.nonzero().squeeze(1)
-        self.stats.rows += int(act_rows.numel())
-        if act_rows.numel() == 0:
+        if act_rows.numel() == 0 and not bool(gated.any()):
             return scores
+        device = scores.device
+        mixed: torch.Tensor | None = None
+        if act_rows.numel():
+            act_dev = act_rows.to(device)
+            log_mt = (
+                log_mt_all[act_dev]
+                if log_mt_all is not None
+                else torch.log_softmax(scores[act_dev].float(), dim=-1)
+            )
+            groups = torch.arange(rows) // max(1, rows // self.batch_size)
+            mixed = self._mix(queries.cpu()[act_rows], groups[act_rows], log_mt)
+            if act_rows.numel() == rows:
+                return mixed  # type: ignore[return-value]
+        out = scores.float().clone()
+        if log_mt_all is not None and bool(gated.any()):
+            gated_dev = gated.to(device)
+            out[gated_dev] = log_mt_all[gated_dev]
+        if mixed is not None:
+            out[act_rows.to(device)] = mixed
+        return out  # type: ignore[return-value]
+
+    def _mix(self, queries: torch.Tensor, groups: torch.Tensor, log_mt: torch.Tensor) -> torch.Tensor:
+        """Search the rows' neighbours and mix them into their model log-probabilities.
+
+        Args:
+            queries: ``[A, dim]`` float32 (CPU) queries of the rows to search.
+            groups: ``[A]`` source sentence (in the batch) of each row.
+            log_mt: ``[A, V]`` the rows' model log-probabilities (on the model's device).
+
+        Returns:
+            ``[A, V]`` ``log((1 - λ_q) p_MT + λ_q p_kNN)``.
+        """
         # identical (query, source) pairs - e.g. all beams at the first step - are searched once
-        q = queries.cpu()[act_rows]
-        g = groups[act_rows]
-        keyed = torch.cat([q, g.unsqueeze(1).float()], dim=1)
+        keyed = torch.cat([queries, groups.unsqueeze(1).float()], dim=1)
         unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
         self.stats.searched += int(unique.shape[0])
+        cfg = self.config
         distances, ids = self.retriever.search(
-            unique[:, :-1].contiguous().numpy(), self.config.k, unique[:, -1].long().numpy()
+            unique[:, :-1].contiguous().numpy(), cfg.k, unique[:, -1].long().numpy()
         )
         dist_t = torch.from_numpy(distances)[inverse]
         tokens = torch.from_numpy(np.where(ids >= 0, self.values[np.clip(ids, 0, None)], -1).astype(np.int64))
         tokens = tokens[inverse]
-        log_knn = knn_log_probs(dist_t, tokens, self.config.temperature)
-        device = scores.device
-        act_dev = act_rows.to(device)
-        log_mt = torch.log_softmax(scores[act_dev].float(), dim=-1)
-        cfg = self.config
+        log_knn = knn_log_probs(dist_t, tokens, cfg.temperature)
         lam = (
             cfg.lambda_
             if cfg.half_distance is None
             else retrieval_weights(dist_t, tokens, cfg.lambda_, cfg.temperature, cfg.half_distance)
         )
-        mixed = interpolate(log_mt, tokens.to(device), log_knn.to(device), lam)
-        if act_rows.numel() == rows:
-            return mixed  # type: ignore[return-value]
-        out = scores.float().clone()
-        out[act_dev] = mixed
-        return out  # type: ignore[return-value]
+        device = log_mt.device
+        return interpolate(log_mt, tokens.to(device), log_knn.to(device), lam)
 
 
 @contextlib.contextmanager

@@ -377,6 +377,9 @@ class KNNMT:
         weights = retrieval_weights(
             torch.from_numpy(distances), values, config.lambda_, config.temperature, config.half_distance
         ).tolist()  # λ of each step
+        if config.confidence_gate is not None:  # steps the gate skips keep p_MT
+            confident = (log_mt.max(dim=-1).values >= config.log_gate).tolist()
+            weights = [0.0 if sure else w for w, sure in zip(weights, confident, strict=True)]
         sent_ids, positions = self.datastore.provenance(ids)
         cache: dict[int, dict[str, Any]] = {}
         out: list[TokenExplanation] = []

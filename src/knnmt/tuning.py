@@ -1,11 +1,14 @@
-"""``knnmt tune``: choose k, λ and τ on a development set.
+"""``knnmt tune``: choose k, λ, τ (and the adaptive-λ half distance and confidence gate) on a dev set.
 
-1. Teacher-force the dev pairs once: queries and ``log p_MT`` of every reference token.
+1. Teacher-force the dev pairs once: queries, ``log p_MT`` of every reference token and of the model's
+   most likely token.
 2. Retrieve the neighbours once, with the largest k of the grid.
-3. Score the whole (k, τ, λ) grid on token-level log-likelihood of the references, which needs no
-   decoding: for the first ``k`` neighbours ``log p_kNN(y_t)`` is a log-sum-exp over those voting
-   for ``y_t``, and ``log P(y_t) = logaddexp(log(1-λ) + log p_MT, log λ + log p_kNN)``.
-4. Confirm the best few settings by decoding the dev set and scoring BLEU; the best one wins.
+3. Score the whole (k, τ, λ, half distance, gate) grid on token-level log-likelihood of the references,
+   which needs no decoding: for the first ``k`` neighbours ``log p_kNN(y_t)`` is a log-sum-exp over
+   those voting for ``y_t``, and ``log P(y_t) = logaddexp(log(1-λ) + log p_MT, log λ + log p_kNN)``
+   (``log p_MT`` alone where the gate skips retrieval).
+4. Confirm the best few settings by decoding the dev set (and the out-of-domain dev set, when given)
+   and scoring BLEU; the best one that keeps the out-of-domain loss within bounds wins.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +43,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
+#: confidence gates tried by default (``None``: retrieve at every step)
+DEFAULT_GATES: tuple[float | None, ...] = (None, 0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+class ReferenceStats(NamedTuple):
+    """What the grid needs of every reference token ``t`` of a dev set (``T`` tokens in all)."""
+
+    #: ``[T]`` log-probability of the reference token under the model
+    log_p_mt: np.ndarray
+    #: ``[T, k_max]`` squared distances of the neighbours (``inf`` where missing)
+    distances: np.ndarray
+    #: ``[T, k_max]`` bool: the neighbour's value is the reference token
+    match: np.ndarray
+    #: ``[T]`` log-probability of the model's most likely token (what the confidence gate looks at)
+    log_p_max: np.ndarray
 
 
 @dataclasses.dataclass
@@ -49,8 +68,9 @@ class TuningResult:
     temperatures: list[float]
     lambdas: list[float]
     half_distances: list[float | None]
-    #: ``[len(ks), len(temperatures), len(lambdas), len(half_distances)]`` mean log-likelihood per
-    #: reference token.
+    gates: list[float | None]
+    #: ``[len(ks), len(temperatures), len(lambdas), len(half_distances), len(gates)]`` mean
+    #: log-likelihood per reference token.
     log_likelihood: np.ndarray
     tokens: int
     base_log_likelihood: float
@@ -59,6 +79,8 @@ class TuningResult:
     #: the same grid on the out-of-domain dev set, when one was given
     ood_log_likelihood: np.ndarray | None = None
     ood_base_log_likelihood: float | None = None
+    #: BLEU of the plain model on the out-of-domain dev set, when one was given
+    ood_base_bleu: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -72,20 +94,16 @@ class TuningResult:
 @torch.inference_mode()
 def reference_statistics(
     knn: KNNMT, sources: Sequence[str], references: Sequence[str], k_max: int, max_tokens: int = 4096
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher-force ``references`` and retrieve ``k_max`` neighbours for every target position.
-
-    Returns:
-        ``log_p_mt`` ``[T]`` (log-probability of each reference token under the model),
-        ``distances`` ``[T, k_max]`` and ``match`` ``[T, k_max]`` bool (neighbour's value == reference
-        token), over all ``T`` target tokens of the dev set.
-    """
+) -> ReferenceStats:
+    """Teacher-force ``references`` and retrieve ``k_max`` neighbours for every target position
+    (all ``T`` target tokens of the dev set; see :class:`ReferenceStats`)."""
     rows = [(i, i + 1, s, r) for i, (s, r) in enumerate(zip(sources, references, strict=True))]
     encoded, _ = encode_pairs(
         knn.tokenizer, rows, max_length=512, truncate=True, paths="dev", source_prefix=knn.source_prefix
     )
     module = knn._key_module()
     log_mt: list[np.ndarray] = []
+    log_max: list[np.ndarray] = []
     dists: list[np.ndarray] = []
     matches: list[np.ndarray] = []
     pad = knn.tokenizer.pad_token_id
@@ -107,7 +125,8 @@ def reference_statistics(
             ).logits
             assert capture.last is not None
             queries = capture.last.float().cpu()
-        logp = torch.log_softmax(logits.float().cpu(), dim=-1).gather(2, labels.unsqueeze(2)).squeeze(2)
+        log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)
+        logp = log_probs.gather(2, labels.unsqueeze(2)).squeeze(2)
         keep = label_mask.bool()
         q = queries[keep].numpy()
         groups = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep].numpy()  # sentence of each query
@@ -115,9 +134,12 @@ def reference_statistics(
         values = np.where(ids >= 0, knn.datastore.values[np.clip(ids, 0, None)], -1)
         gold = labels[keep].numpy()
         log_mt.append(logp[keep].numpy())
+        log_max.append(log_probs.max(dim=-1).values[keep].numpy())
         dists.append(np.where(ids >= 0, distances, np.inf).astype(np.float64))
         matches.append(values == gold[:, None])
-    return np.concatenate(log_mt), np.concatenate(dists), np.concatenate(matches)
+    return ReferenceStats(
+        np.concatenate(log_mt), np.concatenate(dists), np.concatenate(matches), np.concatenate(log_max)
+    )
 
 
 def grid_log_likelihood(
@@ -128,15 +150,26 @@ def grid_log_likelihood(
     temperatures: Sequence[float],
     lambdas: Sequence[float],
     half_distances: Sequence[float | None] = (None,),
+    gates: Sequence[float | None] = (None,),
+    log_p_max: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Mean ``log P(y_t)`` of the references for every (k, τ, λ, half_distance).
+    """Mean ``log P(y_t)`` of the references for every (k, τ, λ, half_distance, confidence gate).
+
+    ``None`` in ``half_distances`` is the constant λ of the paper's formula, ``None`` in ``gates``
+    retrieves at every step (see :class:`KNNConfig`). A gate ``g`` keeps ``log p_MT(y_t)`` at the
+    tokens where ``log_p_max`` (``[T]``, the model's most likely token) is ``>= log g``.
 
     Returns:
-        ``[len(ks), len(temperatures), len(lambdas), len(half_distances)]``; ``None`` in
-        ``half_distances`` is the constant λ of the paper's formula (see :class:`KNNConfig`).
+        ``[len(ks), len(temperatures), len(lambdas), len(half_distances), len(gates)]``.
     """
-    out = np.zeros((len(ks), len(temperatures), len(lambdas), len(half_distances)))
+    if any(g is not None for g in gates) and log_p_max is None:
+        raise UsageError("confidence gates need log_p_max, the model's top log-probability per token")
+    out = np.zeros((len(ks), len(temperatures), len(lambdas), len(half_distances), len(gates)))
     lam = np.asarray(lambdas, dtype=np.float64)
+    n = len(log_p_mt)
+    # per gate: which tokens are still searched, and the plain model's share of the sum elsewhere
+    kept = [np.ones(n, dtype=bool) if g is None else np.asarray(log_p_max) < math.log(g) for g in gates]
+    plain_sum = [float(log_p_mt[~keep].sum()) for keep in kept]
     for (i, k), (j, tau) in itertools.product(enumerate(ks), enumerate(temperatures)):
         logits = -distances[:, :k] / tau  # [T, k]; missing neighbours are -inf
         total = _logsumexp(logits)  # [T] log S
@@ -145,7 +178,7 @@ def grid_log_likelihood(
         for h, half in enumerate(half_distances):
             with np.errstate(divide="ignore"):
                 if half is None:
-                    log_w = np.broadcast_to(np.log(lam)[None, :], (len(log_p_mt), len(lam)))
+                    log_w = np.broadcast_to(np.log(lam)[None, :], (n, len(lam)))
                     log_1mw = np.broadcast_to(np.log1p(-lam)[None, :], log_w.shape)
                 else:  # λ_q = λ·S/(S + w0), w0 = exp(-half/τ); 1 - λ_q = (1 - λ) + λ·w0/(S + w0)
                     norm = np.logaddexp(total, -half / tau)  # [T]
@@ -153,8 +186,9 @@ def grid_log_likelihood(
                     log_1mw = np.logaddexp(
                         np.log1p(-lam)[None, :], np.log(lam)[None, :] + (-half / tau - norm)[:, None]
                     )
-                mixed = np.logaddexp(log_1mw + log_p_mt[:, None], log_w + log_knn[:, None])
-            out[i, j, :, h] = mixed.mean(axis=0)
+                mixed = np.logaddexp(log_1mw + log_p_mt[:, None], log_w + log_knn[:, None])  # [T, L]
+            for g, keep in enumerate(kept):
+                out[i, j, :, h, g] = (mixed[keep].sum(axis=0) + plain_sum[g]) / n
     return out
 
 
@@ -184,22 +218,27 @@ def tune(
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     half_distances: Sequence[float | None] | None = None,
+    gates: Sequence[float | None] = DEFAULT_GATES,
     ood_sources: Sequence[str] = (),
     ood_references: Sequence[str] = (),
     confirm: int = 3,
     k_tolerance: float = 0.005,
+    max_ood_loss: float = 0.5,
     batch_size: int = 32,
     **generate_kwargs: Any,
 ) -> TuningResult:
-    """Grid-search k, τ, λ and ``half_distance`` on ``(sources, references)``; the best by dev BLEU
-    among the best few by log-likelihood is returned (not saved).
+    """Grid-search k, τ, λ, ``half_distance`` and ``confidence_gate`` on ``(sources, references)``;
+    the best few settings by log-likelihood are decoded and the best by dev BLEU is returned (not saved).
 
     ``half_distances=None`` tries :func:`auto_half_distances`. With ``ood_sources``/``ood_references``
     (out-of-domain *dev* text, which retrieval should leave alone) the grid is ranked by the mean of
-    the in-domain and the out-of-domain log-likelihood, so that settings which only help in-domain at
-    a cost elsewhere lose. Retrieval's cost grows with k, so only settings with k up to the smallest
-    k whose best mean log-likelihood is within ``k_tolerance`` (nats per token) of the grid's best are
-    confirmed (0 = always the most likely k).
+    the in-domain and the out-of-domain log-likelihood, every confirmed setting also decodes the
+    out-of-domain dev set, and the winner is the best in-domain BLEU among the settings that lose at
+    most ``max_ood_loss`` BLEU there against the plain model (the least loss if none does).
+    Retrieval's cost grows with k, so only settings with k up to the smallest k whose best mean
+    log-likelihood is within ``k_tolerance`` (nats per token) of the grid's best are confirmed
+    (0 = always the most likely k). The ``confirm`` settings decoded are the best cells of distinct
+    (half-distance, gate) pairs, so that the decoding sees really different settings.
     """
     if not sources or len(sources) != len(references):
         raise UsageError(
@@ -212,40 +251,55 @@ def tune(
         )
     if min(ks) < 1 or min(temperatures) <= 0 or not all(0 <= x <= 1 for x in lambdas):
         raise UsageError("ks must be >= 1, temperatures > 0 and lambdas in [0, 1]")
-    log_mt, distances, match = reference_statistics(knn, sources, references, max(ks))
-    halves = list(half_distances) if half_distances is not None else auto_half_distances(distances)
-    grid = grid_log_likelihood(log_mt, distances, match, ks, temperatures, lambdas, halves)
-    base_ll = float(log_mt.mean())
+    if not all(g is None or 0 < g <= 1 for g in gates) or not gates:
+        raise UsageError(f"confidence gates must be probabilities in (0, 1] or None, got {list(gates)}")
+    if confirm < 1:
+        raise UsageError(f"confirm must be >= 1, got {confirm}")
+    stats = reference_statistics(knn, sources, references, max(ks))
+    halves = list(half_distances) if half_distances is not None else auto_half_distances(stats.distances)
+
+    def score_grid(st: ReferenceStats) -> np.ndarray:
+        return grid_log_likelihood(
+            st.log_p_mt, st.distances, st.match, ks, temperatures, lambdas, halves, gates, st.log_p_max
+        )
+
+    grid = score_grid(stats)
     objective = grid
     ood_grid: np.ndarray | None = None
     ood_base: float | None = None
     if ood_sources:
-        ood_mt, ood_d, ood_match = reference_statistics(knn, ood_sources, ood_references, max(ks))
-        ood_grid = grid_log_likelihood(ood_mt, ood_d, ood_match, ks, temperatures, lambdas, halves)
-        ood_base = float(ood_mt.mean())
+        ood = reference_statistics(knn, ood_sources, ood_references, max(ks))
+        ood_grid = score_grid(ood)
+        ood_base = float(ood.log_p_mt.mean())
         objective = (grid + ood_grid) / 2
     # search cost grows with k: the smallest k within ``k_tolerance`` of the best likelihood wins
     best_per_k = objective.reshape(len(ks), -1).max(axis=1)
     k_limit = min(
         k for k, value in zip(ks, best_per_k, strict=True) if value >= best_per_k.max() - k_tolerance
     )
-    order = np.argsort(objective, axis=None, kind="stable")[::-1]
     candidates: list[tuple[KNNConfig, tuple[int, ...]]] = []
-    for flat in order:
+    seen_pairs: set[tuple[int, int]] = set()
+    for flat in np.argsort(objective, axis=None, kind="stable")[::-1]:
         cell = tuple(int(x) for x in np.unravel_index(flat, grid.shape))
-        i, j, m, h = cell
-        if ks[i] > k_limit:
+        i, j, m, h, g = cell
+        if ks[i] > k_limit or (h, g) in seen_pairs:
             continue
+        seen_pairs.add((h, g))
         config = KNNConfig(
             k=int(ks[i]),
             temperature=float(temperatures[j]),
             lambda_=float(lambdas[m]),
             half_distance=halves[h],
+            confidence_gate=gates[g],
         )
-        if all(config != c for c, _ in candidates):
-            candidates.append((config, cell))
+        candidates.append((config, cell))
         if len(candidates) == confirm:
             break
+    ood_plain_bleu: float | None = None
+    if ood_sources:
+        plain = knn.translate(ood_sources, knn=False, batch_size=batch_size, **generate_kwargs)
+        ood_plain_bleu = score([h.text for h in plain], ood_references, name="plain").bleu
+        logger.info("out-of-domain dev BLEU of the plain model: %.2f", ood_plain_bleu)
     confirmed = []
     for config, cell in candidates:
         hyps = knn.translate(sources, knn=config, batch_size=batch_size, **generate_kwargs)
@@ -256,25 +310,48 @@ def tune(
             "chrf": result.chrf,
             "log_likelihood": float(grid[cell]),
         }
-        if ood_grid is not None:
+        if ood_grid is not None and ood_plain_bleu is not None:
             row["ood_log_likelihood"] = float(ood_grid[cell])
+            ood_hyps = knn.translate(ood_sources, knn=config, batch_size=batch_size, **generate_kwargs)
+            row["ood_bleu"] = score([h.text for h in ood_hyps], ood_references, name=str(config)).bleu
+            row["ood_bleu_loss"] = ood_plain_bleu - row["ood_bleu"]
         confirmed.append(row)
         logger.info("dev BLEU %.2f chrF %.2f for %s", result.bleu, result.chrf, config)
-    best_row = max(confirmed, key=lambda r: (r["bleu"], r["log_likelihood"]))
+    best_row = _choose(confirmed, max_ood_loss)
     best = KNNConfig.from_dict({f.name: best_row[f.name] for f in dataclasses.fields(KNNConfig)})
     return TuningResult(
         list(ks),
         [float(t) for t in temperatures],
         [float(x) for x in lambdas],
         halves,
+        list(gates),
         grid,
-        len(log_mt),
-        base_ll,
+        len(stats.log_p_mt),
+        float(stats.log_p_mt.mean()),
         confirmed,
         best,
         ood_grid,
         ood_base,
+        ood_plain_bleu,
     )
+
+
+def _choose(confirmed: list[dict[str, Any]], max_ood_loss: float) -> dict[str, Any]:
+    """The best dev BLEU (ties: likelihood) among the confirmed settings that lose at most
+    ``max_ood_loss`` out-of-domain BLEU; without such a setting, the one that loses least there."""
+    if not confirmed or "ood_bleu_loss" not in confirmed[0]:
+        return max(confirmed, key=lambda r: (r["bleu"], r["log_likelihood"]))
+    allowed = [r for r in confirmed if r["ood_bleu_loss"] <= max_ood_loss]
+    if allowed:
+        return max(allowed, key=lambda r: (r["bleu"], r["log_likelihood"]))
+    least = min(confirmed, key=lambda r: (r["ood_bleu_loss"], -r["bleu"]))
+    logger.warning(
+        "every confirmed setting loses more than %.2f BLEU out of domain; taking the one that loses least "
+        "(%.2f)",
+        max_ood_loss,
+        least["ood_bleu_loss"],
+    )
+    return least
 
 
 def plot_grid(result: TuningResult, path: str | Path) -> Path:
@@ -284,7 +361,7 @@ def plot_grid(result: TuningResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best_over_lambda = result.log_likelihood.max(axis=(2, 3))
+    best_over_lambda = result.log_likelihood.max(axis=(2, 3, 4))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     image = ax.imshow(best_over_lambda, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(result.temperatures)), [f"{t:g}" for t in result.temperatures])
@@ -292,12 +369,18 @@ def plot_grid(result: TuningResult, path: str | Path) -> Path:
     ax.set_xlabel("temperature τ")
     ax.set_ylabel("k")
     ax.set_title(
-        f"dev token log-likelihood (best λ, half-distance per cell); plain {result.base_log_likelihood:.3f}",
+        f"dev token log-likelihood (best λ, half-distance, gate per cell); plain "
+        f"{result.base_log_likelihood:.3f}",
         fontsize=9,
     )
     i, j = result.ks.index(result.best.k), result.temperatures.index(result.best.temperature)
     half = result.best.half_distance
-    label = f"chosen: λ={result.best.lambda_:g}" + (f", half-distance {half:g}" if half is not None else "")
+    gate = result.best.confidence_gate
+    label = (
+        f"chosen: λ={result.best.lambda_:g}"
+        + (f", half-distance {half:g}" if half is not None else "")
+        + (f", gate {gate:g}" if gate is not None else "")
+    )
     ax.scatter([j], [i], marker="*", s=160, c="red", label=label)
     for (r, c), value in np.ndenumerate(best_over_lambda):
         ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
