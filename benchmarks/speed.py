@@ -7,11 +7,13 @@ One command (results in runs/bench-speed/results.json, a Markdown table on stdou
 What it measures, side by side in one run, on the same target-domain test sentences with the bundled
 model (``models/opus-knnmt-en-de-small``):
 
-* modes: the plain model; vanilla kNN-MT with the default index (``auto``: IVF-PQ + exact re-rank);
-  vanilla kNN-MT with exact search (Flat, the quality reference); Subset kNN-MT with lexical (BM25)
-  and dense (mean-pooled encoder states) sentence search, where available;
-* target tokens/s (greedy and beam 4, batch 32), the ratio to the plain model, BLEU and chrF, and
-  recall@k of each mode's neighbours against exact search on teacher-forced test queries;
+* modes: the plain model; vanilla kNN-MT with the default index (``auto``: IVF-PQ + exact re-rank),
+  without and with the confidence gate (``-gated``: steps where the model's top token has probability
+  >= ``--gate`` are not searched); vanilla kNN-MT with exact search (Flat, the quality reference);
+  Subset kNN-MT with lexical (BM25) and dense (mean-pooled encoder states) sentence search;
+* target tokens/s (greedy and beam 4, batch 32), the ratio to the plain model, BLEU and chrF, recall@k
+  of each mode's neighbours against exact search on teacher-forced test queries, searched queries per
+  target token, and the share of decoding time spent in the kNN processor and in its search;
 * the same at several datastore sizes (``--sizes``, in entries): the memory is LibreOffice help
   (data/target/train.tsv) followed by the general-domain UI corpus (data/general/train.tsv; run
   ``scripts/make_corpora.py`` first) and repeated until the largest size is reached; smaller sizes are
@@ -40,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import dataclasses  # noqa: E402
+
 from knnmt.build import build_datastore  # noqa: E402
 from knnmt.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
 from knnmt.corpus import CorpusSpec  # noqa: E402
@@ -47,6 +51,7 @@ from knnmt.datastore import MANIFEST, Datastore, read_manifest, write_json_atomi
 from knnmt.evaluation import score  # noqa: E402
 from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
 from knnmt.search import IndexRetriever, Retriever  # noqa: E402
+from knnmt.subset import SubsetConfig, SubsetRetriever, SubsetSearch, build_subset_index  # noqa: E402
 from knnmt.teacher_forcing import pair_queries  # noqa: E402
 from knnmt.translator import KNNMT, load_model, timed_translate, tokens_per_second  # noqa: E402
 
@@ -112,16 +117,35 @@ def default_index(store: Datastore) -> SearchIndex:
 
 
 # ---- modes ----------------------------------------------------------------------------------------
-#: name -> function(store, exact retriever) returning the mode's retriever (``None``: plain model)
-Mode = Callable[[Datastore, Retriever], Retriever | None]
+#: name -> function(store, exact retriever, model, tokenizer) returning the mode's retriever
+#: (``None``: the plain model)
+Mode = Callable[[Datastore, Retriever, Any, Any], Retriever | None]
+
+
+def subset_retriever(store: Datastore, kind: str, model: Any, tokenizer: Any) -> Retriever:
+    """Subset kNN-MT over ``store`` with sentence search ``kind`` (its index built once, in the view)."""
+    directory = store.path / "subset"
+    settings = directory / "subset.json"
+    built = json.loads(settings.read_text())["sentence_search"] if settings.is_file() else {}
+    if kind not in built:
+        started = time.perf_counter()
+        build_subset_index(
+            store, SubsetConfig(sentence_search=kind), model=model, tokenizer=tokenizer, out=directory
+        )
+        logger.info("subset index (%s) of %d entries built in %.0f s", kind, store.count,
+                    time.perf_counter() - started)  # fmt: skip
+    return SubsetRetriever.load(store, directory, SubsetSearch(sentence_search=kind))
 
 
 def modes(names: list[str]) -> dict[str, Mode]:
     available: dict[str, Mode] = {
-        "plain": lambda store, exact: None,
-        "vanilla": lambda store, exact: IndexRetriever(default_index(store), store),
-        "exact": lambda store, exact: exact,
+        "plain": lambda store, exact, m, t: None,
+        "vanilla": lambda store, exact, m, t: IndexRetriever(default_index(store), store),
+        "exact": lambda store, exact, m, t: exact,
+        "subset-bm25": lambda store, exact, m, t: subset_retriever(store, "bm25", m, t),
+        "subset-dense": lambda store, exact, m, t: subset_retriever(store, "dense", m, t),
     }
+    available.update({f"{name}-gated": make for name, make in available.items() if name != "plain"})
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; available: {sorted(available)}")
@@ -129,13 +153,37 @@ def modes(names: list[str]) -> dict[str, Mode]:
 
 
 # ---- measurements ---------------------------------------------------------------------------------
-def test_queries(model: Any, tokenizer: Any, sources: list[str], references: list[str], n: int) -> np.ndarray:
-    """``[n, dim]`` decoder queries of the teacher-forced test references (a fixed random sample)."""
-    queries = torch.cat(
-        pair_queries(model, tokenizer, list(zip(sources, references, strict=True)), path="test")
-    )
-    pick = torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[:n]
-    return queries[pick].float().numpy()
+def test_queries(
+    model: Any, tokenizer: Any, sources: list[str], references: list[str], n: int
+) -> list[tuple[str, np.ndarray]]:
+    """Decoder queries of the teacher-forced test references: ``(source, [t, dim])`` for a fixed random
+    sample of sentences holding about ``n`` queries in all."""
+    per_sentence = pair_queries(model, tokenizer, list(zip(sources, references, strict=True)), path="test")
+    order = torch.randperm(len(sources), generator=torch.Generator().manual_seed(0)).tolist()
+    picked: list[tuple[str, np.ndarray]] = []
+    for i in order:
+        if sum(len(q) for _, q in picked) >= n:
+            break
+        picked.append((sources[i], per_sentence[i].float().numpy()))
+    return picked
+
+
+def subset_ids(
+    model: Any, tokenizer: Any, retriever: Any, recall: list[tuple[str, np.ndarray]], k: int
+) -> np.ndarray:
+    """Subset kNN-MT's neighbours of the recall queries, each sentence's queries in its own subset."""
+    from knnmt.search import prepare_retrieval
+
+    found = []
+    for start in range(0, len(recall), 32):
+        chunk = recall[start : start + 32]
+        sources = [s for s, _ in chunk]
+        inputs = tokenizer(sources, return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            prepare_retrieval(retriever, model, sources, dict(inputs))
+        groups = np.concatenate([np.full(len(q), g) for g, (_, q) in enumerate(chunk)])
+        found.append(retriever.search(np.concatenate([q for _, q in chunk]), k, groups)[1])
+    return np.concatenate(found)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,34 +194,53 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     references = [r[1] for r in rows][: args.sentences]
     sizes = sorted(args.sizes)
     full = full_datastore(model, tokenizer, max(sizes))
-    config = (
-        KNNConfig.load(args.knn_config) if args.knn_config else KNNConfig(k=8, lambda_=0.5, temperature=10.0)
-    )
-    queries = test_queries(model, tokenizer, sources, references, args.recall_queries)
+    config = dataclasses.replace(KNNConfig.load(args.knn_config), confidence_gate=None)
+    gated = dataclasses.replace(config, confidence_gate=args.gate)
+    recall = test_queries(model, tokenizer, sources, references, args.recall_queries)
+    queries = np.concatenate([q for _, q in recall])
+    zeros = np.zeros(len(queries), dtype=np.int64)
     results: list[dict[str, Any]] = []
     for size in sizes:
         store = prefix_view(full, size)
         logger.info("size %d: view of %d entries", size, store.count)
         exact = IndexRetriever(exact_index(store), store)
-        exact_ids = exact.search(queries, config.k, np.zeros(len(queries), dtype=np.int64))[1]
-        retrievers = {name: make(store, exact) for name, make in modes(args.modes).items()}
+        exact_ids = exact.search(queries, config.k, zeros)[1]
+        chosen = modes(args.modes)
         if store.count > args.exact_max_size:  # Flat search grows linearly: the reference at small sizes only
-            retrievers.pop("exact", None)
+            chosen = {n: make for n, make in chosen.items() if not n.startswith("exact")}
+        built: dict[str, Retriever | None] = {}  # "vanilla" and "vanilla-gated" share one retriever
+        for name, make in chosen.items():
+            base = name.removesuffix("-gated")
+            if base not in built:
+                built[base] = make(store, exact, model, tokenizer)
+        retrievers = {name: built[name.removesuffix("-gated")] for name in chosen}
         translator = KNNMT(model, tokenizer, store, config=config)
+        recall_ids = {  # each mode's neighbours of the recall queries
+            name: subset_ids(model, tokenizer, r, recall, config.k)
+            if hasattr(r, "prepare")
+            else r.search(queries, config.k, zeros)[1]
+            for name, r in retrievers.items()
+            if r is not None
+        }
         for beams in args.beams:
             gen = {"num_beams": beams, "max_new_tokens": 128, "batch_size": 32}
             timed_translate(translator, sources[:32], knn=False, **gen)  # warm-up
             best: dict[str, float] = {}
             outputs: dict[str, list[Any]] = {}
+            stats: dict[str, dict[str, float]] = {}
             for repeat in range(args.repeats):  # interleaved: drifting machine load hits every mode alike
                 for name, retriever in retrievers.items():
-                    if name == "exact" and (repeat > 0 or beams > 1):
+                    if name.startswith("exact") and (repeat > 0 or beams > 1):
                         continue  # the quality reference: decoded once, greedy
+                    knn: KNNConfig | bool = False
                     if retriever is not None:
                         translator.retriever = retriever
-                    hyps, secs = timed_translate(translator, sources, knn=retriever is not None, **gen)
+                        knn = gated if name.endswith("-gated") else config
+                    hyps, secs = timed_translate(translator, sources, knn=knn, **gen)
                     rate = tokens_per_second(hyps, secs, tokenizer)
-                    best[name] = max(best.get(name, 0.0), rate)
+                    if rate > best.get(name, 0.0):
+                        best[name] = rate
+                        stats[name] = {**translator.last_stats, "wall": secs} if knn else {"wall": secs}
                     outputs[name] = hyps
             for name, retriever in retrievers.items():
                 if name not in outputs:
@@ -189,8 +256,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "chrf": round(quality.chrf, 2),
                 }
                 if retriever is not None:
-                    ids = retriever.search(queries, config.k, np.zeros(len(queries), dtype=np.int64))[1]
-                    row[f"recall@{config.k}"] = round(recall_at_k(ids, exact_ids), 3)
+                    row[f"recall@{config.k}"] = round(recall_at_k(recall_ids[name], exact_ids), 3)
+                    run = stats[name]
+                    emitted = sum(len(h.token_ids) for h in outputs[name])
+                    row["searched_per_token"] = round(run["searched"] / max(1, emitted), 3)
+                    row["gated_share"] = round(run["gated"] / max(1, run["rows"]), 3)
+                    row["knn_share"] = round(run["seconds"] / run["wall"], 3)
+                    row["search_share"] = round(run["search_seconds"] / run["wall"], 3)
                 results.append(row)
                 logger.info("%s", row)
     return {
@@ -207,14 +279,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     k = report["knn"]["k"]
     lines = [
-        f"| entries | mode | beam | tok/s | × plain | BLEU | chrF | recall@{k} |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"| entries | mode | beam | tok/s | × plain | BLEU | chrF | recall@{k} | searched/token | gated "
+        "| kNN time | search time |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return "-" if row.get(key) is None else format(row[key], fmt)
+
     for r in report["rows"]:
-        recall = r.get(f"recall@{k}")
         lines.append(
             f"| {r['size']:,} | {r['mode']} | {r['beam']} | {r['tok_s']:,.0f} | {r['ratio'] or 1:.2f} | "
-            f"{r['bleu']:.2f} | {r['chrf']:.2f} | {'-' if recall is None else f'{recall:.3f}'} |"
+            f"{r['bleu']:.2f} | {r['chrf']:.2f} | {cell(r, f'recall@{k}', '.3f')} | "
+            f"{cell(r, 'searched_per_token', '.2f')} | {cell(r, 'gated_share', '.0%')} | "
+            f"{cell(r, 'knn_share', '.0%')} | {cell(r, 'search_share', '.0%')} |"
         )
     return "\n".join(lines)
 
@@ -249,7 +327,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[500_000, 1_000_000, 2_000_000, 4_000_000])
-    parser.add_argument("--modes", nargs="+", default=["plain", "vanilla", "exact"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["plain", "vanilla", "vanilla-gated", "subset-bm25-gated", "subset-dense-gated", "exact"],
+    )
+    parser.add_argument("--gate", type=float, default=0.9, help="confidence gate of the -gated modes")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--sentences", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=2)
@@ -257,7 +340,11 @@ def main() -> None:
         "--exact-max-size", type=int, default=2_500_000, help="largest size decoded with Flat"
     )
     parser.add_argument("--recall-queries", type=int, default=2000)
-    parser.add_argument("--knn-config", help="knn.json to use (default k=8, λ=0.5, τ=10)")
+    parser.add_argument(
+        "--knn-config",
+        default=str(TARGET / "knn.json"),
+        help="k, λ, τ, half distance (default: the shipped data/target/knn.json; its gate is replaced)",
+    )
     parser.add_argument("--out", default=str(WORK / "results.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -25,6 +25,9 @@ class SystemScore:
     tokens_per_second: float
     seconds: float
     sentences: int
+    #: kNN-MT: distinct queries searched per generated target token (0 for the plain model; below 1
+    #: where the confidence gate skips steps, above 1 with beams)
+    searched_per_token: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,25 +89,29 @@ def evaluate(
             **generate_kwargs,
         )
         outputs[name] = translations
-        scores.append(
-            score(
-                [t.text for t in translations],
-                references,
-                name,
-                seconds,
-                tokens_per_second(translations, seconds, knn.tokenizer),
-            )
+        result = score(
+            [t.text for t in translations],
+            references,
+            name,
+            seconds,
+            tokens_per_second(translations, seconds, knn.tokenizer),
         )
+        if config is not None:
+            generated = sum(len(t.token_ids) for t in translations)
+            searched = knn.last_stats.get("searched", 0) / max(1, generated)
+            result = dataclasses.replace(result, searched_per_token=round(searched, 3))
+        scores.append(result)
     return scores, outputs
 
 
 def format_table(scores: Sequence[SystemScore]) -> str:
     """A plain-text table of scores followed by the sacreBLEU signatures."""
-    header = f"{'system':<14}{'BLEU':>8}{'chrF':>8}{'tok/s':>10}{'seconds':>10}"
+    header = f"{'system':<14}{'BLEU':>8}{'chrF':>8}{'tok/s':>10}{'seconds':>10}{'searched/tok':>14}"
     lines = [header, "-" * len(header)]
     for s in scores:
         lines.append(
             f"{s.name:<14}{s.bleu:>8.2f}{s.chrf:>8.2f}{s.tokens_per_second:>10.1f}{s.seconds:>10.2f}"
+            f"{s.searched_per_token:>14.2f}"
         )
     if scores:
         lines += [

@@ -10,6 +10,7 @@ returns ``log((1 - λ) p_MT + λ p_kNN)``. Nothing is patched; on exit the hook 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,11 +34,21 @@ class StepStats:
         self.rows = 0
         self.searched = 0
         self.gated = 0
+        self.seconds = 0.0
+        self.search_seconds = 0.0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         """``steps``: processor calls; ``rows``: live hypotheses seen; ``gated``: of those, skipped by the
-        confidence gate; ``searched``: distinct queries searched."""
-        return {"steps": self.steps, "rows": self.rows, "gated": self.gated, "searched": self.searched}
+        confidence gate; ``searched``: distinct queries searched; ``seconds``: wall-clock time inside
+        the processor, of which ``search_seconds`` in the retriever's ``search``."""
+        return {
+            "steps": self.steps,
+            "rows": self.rows,
+            "gated": self.gated,
+            "searched": self.searched,
+            "seconds": self.seconds,
+            "search_seconds": self.search_seconds,
+        }
 
 
 class KNNLogitsProcessor(LogitsProcessor):
@@ -88,6 +99,13 @@ class KNNLogitsProcessor(LogitsProcessor):
         Rows that are finished come back as given; rows the confidence gate skips come back as the
         model's own log-probabilities (λ = 0); the others are searched in one batched call and mixed.
         """
+        started = time.perf_counter()
+        try:
+            return self._process(input_ids, scores)  # type: ignore[return-value]
+        finally:
+            self.stats.seconds += time.perf_counter() - started
+
+    def _process(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = scores.shape[0]
         queries = self._queries(rows)
         cfg = self.config
@@ -118,14 +136,14 @@ class KNNLogitsProcessor(LogitsProcessor):
             groups = torch.arange(rows) // max(1, rows // self.batch_size)
             mixed = self._mix(queries.cpu()[act_rows], groups[act_rows], log_mt)
             if act_rows.numel() == rows:
-                return mixed  # type: ignore[return-value]
+                return mixed
         out = scores.float().clone()
         if log_mt_all is not None and bool(gated.any()):
             gated_dev = gated.to(device)
             out[gated_dev] = log_mt_all[gated_dev]
         if mixed is not None:
             out[act_rows.to(device)] = mixed
-        return out  # type: ignore[return-value]
+        return out
 
     def _mix(self, queries: torch.Tensor, groups: torch.Tensor, log_mt: torch.Tensor) -> torch.Tensor:
         """Search the rows' neighbours and mix them into their model log-probabilities.
@@ -143,9 +161,11 @@ class KNNLogitsProcessor(LogitsProcessor):
         unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
         self.stats.searched += int(unique.shape[0])
         cfg = self.config
+        started = time.perf_counter()
         distances, ids = self.retriever.search(
             unique[:, :-1].contiguous().numpy(), cfg.k, unique[:, -1].long().numpy()
         )
+        self.stats.search_seconds += time.perf_counter() - started
         dist_t = torch.from_numpy(distances)[inverse]
         tokens = torch.from_numpy(np.where(ids >= 0, self.values[np.clip(ids, 0, None)], -1).astype(np.int64))
         tokens = tokens[inverse]

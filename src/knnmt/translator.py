@@ -157,7 +157,7 @@ class KNNMT:
         self.generate_defaults = set_languages(
             model, tokenizer, tokenization.get("src_lang"), tokenization.get("tgt_lang")
         )
-        self.last_stats: dict[str, int] = {}
+        self.last_stats: dict[str, float] = {}
 
     @property
     def index(self) -> SearchIndex:
