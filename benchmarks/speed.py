@@ -53,7 +53,13 @@ from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recal
 from knnmt.search import IndexRetriever, Retriever  # noqa: E402
 from knnmt.subset import SubsetConfig, SubsetRetriever, SubsetSearch, build_subset_index  # noqa: E402
 from knnmt.teacher_forcing import pair_queries  # noqa: E402
-from knnmt.translator import KNNMT, load_model, timed_translate, tokens_per_second  # noqa: E402
+from knnmt.translator import (  # noqa: E402
+    KNNMT,
+    load_model,
+    target_tokens,
+    timed_translate,
+    tokens_per_second,
+)
 
 logger = logging.getLogger("bench-speed")
 
@@ -258,7 +264,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if retriever is not None:
                     row[f"recall@{config.k}"] = round(recall_at_k(recall_ids[name], exact_ids), 3)
                     run = stats[name]
-                    emitted = sum(len(h.token_ids) for h in outputs[name])
+                    emitted = target_tokens(outputs[name], tokenizer)
                     row["searched_per_token"] = round(run["searched"] / max(1, emitted), 3)
                     row["gated_share"] = round(run["gated"] / max(1, run["rows"]), 3)
                     row["knn_share"] = round(run["seconds"] / run["wall"], 3)

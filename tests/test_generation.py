@@ -210,9 +210,10 @@ def test_confidence_gate(translator, toy_pairs, num_beams: int) -> None:
     assert [t.token_ids for t in open_] == [t.token_ids for t in ungated]
 
     gate = _median_top_probability(translator, toy_pairs[80:90])
-    translator.translate(sources, knn=KNNConfig(lambda_=0.8, k=4, confidence_gate=gate), **gen)
+    half = translator.translate(sources, knn=KNNConfig(lambda_=0.8, k=4, confidence_gate=gate), **gen)
     stats = translator.last_stats
     assert 0 < stats["gated"] < stats["rows"] and stats["searched"] > 0
+    assert any(h.token_ids != p.token_ids for h, p in zip(half, plain, strict=True))
 
 
 def test_sampling_with_a_seed(translator, marian, toy_pairs, knn_steps) -> None:

@@ -115,6 +115,8 @@ def test_tune_with_out_of_domain_dev_decodes_it_for_every_confirmed_setting(
     translator: KNNMT, toy_pairs: list[tuple[str, str]]
 ) -> None:
     pairs, ood = toy_pairs[:6], toy_pairs[200:206]
+    stats = reference_statistics(translator, [s for s, _ in pairs], [t for _, t in pairs], 1)
+    gate = float(np.exp(np.median(stats.log_p_max)))  # skips about half of the tokens
     result = tune(
         translator,
         [s for s, _ in pairs],
@@ -123,17 +125,41 @@ def test_tune_with_out_of_domain_dev_decodes_it_for_every_confirmed_setting(
         temperatures=[10.0],
         lambdas=[0.5, 0.9],
         half_distances=[None],
-        gates=[None, 0.5],
+        gates=[None, 1.0, gate],  # the toy model is never sure: gate 1.0 skips nothing, like none
         ood_sources=[s for s, _ in ood],
         ood_references=[t for _, t in ood],
         confirm=2,
         max_new_tokens=40,
     )
     assert result.ood_log_likelihood is not None and result.ood_base_bleu is not None
+    # gate 1.0 behaves like none here, so only one of them is decoded: the two settings really differ
+    assert sorted(
+        row["confidence_gate"] is None or row["confidence_gate"] == 1.0 for row in result.confirmed
+    ) == [
+        False,
+        True,
+    ]
     for row in result.confirmed:
         assert row["ood_bleu_loss"] == pytest.approx(result.ood_base_bleu - row["ood_bleu"])
     assert result.best == KNNConfig.from_dict(
         {key: value for key, value in _choose(result.confirmed, 0.5).items() if key in result.best.to_dict()}
+    )
+
+
+def test_cli_switches_a_saved_gate_off(tmp_path: Path) -> None:
+    from knnmt.cli import _knn_config, _parser
+
+    KNNConfig(k=4, half_distance=5.0, confidence_gate=0.9).save(tmp_path / "knn.json")
+    base = ["translate", "--model", "m", "--datastore", str(tmp_path)]
+    parser = _parser()
+    assert _knn_config(parser.parse_args(base), str(tmp_path)).confidence_gate == 0.9
+    off = _knn_config(
+        parser.parse_args([*base, "--confidence-gate", "none", "--half-distance", "none"]), str(tmp_path)
+    )
+    assert off.confidence_gate is None and off.half_distance is None and off.k == 4
+    assert (
+        _knn_config(parser.parse_args([*base, "--confidence-gate", "0.5"]), str(tmp_path)).confidence_gate
+        == 0.5
     )
 
 

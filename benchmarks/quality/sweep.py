@@ -1,41 +1,59 @@
-"""Decode the candidate kNN-MT settings of docs/BENCHMARKS.md ("Quality") on the dev or the test sets.
+"""Decode candidate kNN-MT settings on the dev or the test sets (docs/BENCHMARKS.md, "Quality").
 
-    python benchmarks/quality/sweep.py dev     # target dev + 500 general dev sentences (the choice)
-    python benchmarks/quality/sweep.py test    # target test + general test (reported after the choice)
+    python benchmarks/quality/sweep.py DATASTORE dev  [--beam 1]   # target dev + general dev (the choice)
+    python benchmarks/quality/sweep.py DATASTORE test [--beam 4]   # target test + general test (after it)
 
-Needs runs/quality/ from benchmarks/quality/run.sh (datastore ``runs/quality/ds`` and the split files).
-Beam 4 (the bundled model's generation default), batch 32, up to 128 new tokens.
+``DATASTORE``: the bundled model's datastore of ``data/target/train.tsv`` (with its index), e.g. the one
+``knnmt demo`` builds (runs/demo/datastore). The general-domain sets come from scripts/make_corpora.py.
+Batch 32, up to 128 new tokens. Prints one line per (set, system): BLEU, chrF, searched queries per
+target token.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+from pathlib import Path
 
 from knnmt.config import KNNConfig
-from knnmt.corpus import read_lines
 from knnmt.evaluation import evaluate
 from knnmt.translator import KNNMT
 
+ROOT = Path(__file__).resolve().parents[2]
+TUNED = KNNConfig(k=16, lambda_=0.8, temperature=30.0, half_distance=36.3)  # `knnmt tune`'s choice
 CONFIGS = {
-    "tuned-h36.3-l85": KNNConfig(k=16, lambda_=0.85, temperature=30.0, half_distance=36.3),
-    "h10.6-l80": KNNConfig(k=16, lambda_=0.8, temperature=30.0, half_distance=10.6),
-    "h5-l95": KNNConfig(k=16, lambda_=0.95, temperature=30.0, half_distance=5.0),
-    "h2-l100": KNNConfig(k=16, lambda_=1.0, temperature=30.0, half_distance=2.0),
+    "tuned": TUNED,
+    **{
+        f"tuned-gate{g:g}": KNNConfig(**{**TUNED.to_dict(), "confidence_gate": g})
+        for g in (0.9, 0.8, 0.7, 0.5)
+    },
+    "h5-l95": KNNConfig(k=16, lambda_=0.95, temperature=30.0, half_distance=5.0),  # the previous choice
 }
-SETS = {"dev": ("general-dev500", "target-dev"), "test": ("general-test", "target-test")}
+
+
+def pairs(name: str) -> tuple[list[str], list[str]]:
+    rows = [line.split("\t") for line in (ROOT / "data" / name).read_text(encoding="utf-8").splitlines()]
+    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else "dev"
-    knn = KNNMT.load("models/opus-knnmt-en-de-small", "runs/quality/ds")
-    for name in SETS[which]:
-        src = read_lines(f"runs/quality/{name}.en")
-        ref = read_lines(f"runs/quality/{name}.de")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("datastore")
+    parser.add_argument("split", choices=["dev", "test"])
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
+    args = parser.parse_args()
+    knn = KNNMT.load(str(ROOT / "models" / "opus-knnmt-en-de-small"), args.datastore)
+    chosen = {"base": None, **{name: CONFIGS[name] for name in args.configs.split(",")}}
+    for corpus in ("target", "general"):
+        sources, references = pairs(f"{corpus}/{args.split}.tsv")
         scores, _ = evaluate(
-            knn, src, ref, configs={"base": None, **CONFIGS}, batch_size=32, max_new_tokens=128, num_beams=4
+            knn, sources, references, configs=chosen, batch_size=32, max_new_tokens=128, num_beams=args.beam
         )
         for s in scores:
-            print(name, s.name, round(s.bleu, 2), round(s.chrf, 2), flush=True)
+            print(f"{corpus}-{args.split} beam{args.beam} {s.name} BLEU {s.bleu:.2f} chrF {s.chrf:.2f} "
+                  f"searched/token {s.searched_per_token:.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,6 +28,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tgt-lang", default=None, help="target language code (NLLB/M2M100/mBART tokenizers)")
 
 
+def _add_adaptive_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--half-distance",
+        type=_float_or_off,
+        default=None,
+        help="adaptive λ: retrieval's weight halves when the neighbours are this far (squared L2) "
+        "and fades for text unlike the memory ('none' = constant λ; default: saved, else constant λ)",
+    )
+    p.add_argument(
+        "--confidence-gate",
+        type=_float_or_off,
+        default=None,
+        help="skip retrieval at steps where the model's top token has at least this probability "
+        "(faster; protects text unlike the memory; 'none' = off; default: saved, else off)",
+    )
+
+
 def _add_knn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datastore", required=True, help="datastore directory")
     p.add_argument(
@@ -42,20 +59,7 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--temperature", type=float, default=None, help="softmax temperature of p_kNN (default 100)"
     )
-    p.add_argument(
-        "--half-distance",
-        type=float,
-        default=None,
-        help="adaptive λ: retrieval's weight halves when the neighbours are this far (squared L2) "
-        "and fades for text unlike the memory (default: saved, else constant λ)",
-    )
-    p.add_argument(
-        "--confidence-gate",
-        type=float,
-        default=None,
-        help="skip retrieval at steps where the model's top token has at least this probability "
-        "(faster; protects text unlike the memory; default: saved, else off)",
-    )
+    _add_adaptive_args(p)
     p.add_argument(
         "--rerank",
         type=int,
@@ -229,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--k", type=int, default=None, help="default neighbours (default: knn.json or 8)")
     v.add_argument("--lambda", dest="lambda_", type=float, default=None, help="default weight of p_kNN")
     v.add_argument("--temperature", type=float, default=None, help="default temperature of p_kNN")
+    _add_adaptive_args(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--token-file", default=None, help="bearer token for writes (default: $KNNMT_SERVE_TOKEN)")
@@ -266,6 +271,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
+    """The datastore's saved kNN settings (``knn.json``, else the defaults) with the command line's
+    ``--k/--lambda/--temperature/--half-distance/--confidence-gate`` on top (``none`` switches the
+    last two off)."""
     from .config import KNNConfig
     from .translator import KNN_CONFIG_FILE
 
@@ -282,7 +290,21 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
         }.items()
         if v is not None
     }
-    return KNNConfig(**{**base.to_dict(), **changes})
+    return KNNConfig(**{**base.to_dict(), **{k: None if v == OFF else v for k, v in changes.items()}})
+
+
+#: ``--half-distance none`` / ``--confidence-gate none``: switch off a setting saved in ``knn.json``
+OFF = "none"
+
+
+def _float_or_off(text: str) -> float | str:
+    """argparse type: a number, or ``none`` (:data:`OFF`)."""
+    if text.strip().lower() == OFF:
+        return OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def _load_knn(args: argparse.Namespace) -> Any:
@@ -442,7 +464,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(scores))
     print(
         f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
-        f"half-distance={knn.config.half_distance} {_retrieval_name(knn)} beam={args.beam}"
+        f"half-distance={knn.config.half_distance} confidence-gate={knn.config.confidence_gate} "
+        f"{_retrieval_name(knn)} beam={args.beam}"
     )
     if args.json:
         Path(args.json).write_text(
@@ -591,19 +614,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve_knn_config(args: argparse.Namespace) -> Any:
-    """The datastore's saved kNN settings (or the defaults) with serve's --k/--lambda/--temperature."""
-    import dataclasses
-
-    from .config import KNNConfig
-    from .translator import KNN_CONFIG_FILE
-
-    saved = Path(args.datastore) / KNN_CONFIG_FILE
-    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
-    changes = {"k": args.k, "lambda_": args.lambda_, "temperature": args.temperature}
-    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -628,7 +638,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.datastore,
         config,
         index=None if args.index == "exact" else args.index,
-        knn_config=_serve_knn_config(args),
+        knn_config=_knn_config(args, args.datastore),
         device=args.device,
     )
     logger.info("serving %s on http://%s:%d/ (API docs at /docs)", args.datastore, args.host, args.port)

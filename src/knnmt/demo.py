@@ -251,6 +251,7 @@ def run_demo(
         f"built (or reused) in {build_seconds:.0f} s",
         f"kNN-MT: k={config.k}, λ={config.lambda_}, τ={config.temperature}"
         + (f", half-distance {config.half_distance:g}" if config.half_distance is not None else "")
+        + (f", confidence gate {config.confidence_gate:g}" if config.confidence_gate is not None else "")
         + (" (tuned)" if tuned.is_file() else " (defaults; `knnmt tune` picks better ones)"),
         f"test: {len(inputs.test_sources)} sentences, greedy decoding, batch 32",
     ]

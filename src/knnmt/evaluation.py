@@ -10,7 +10,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from .config import KNNConfig
 from .errors import UsageError
-from .translator import KNNMT, Translation, timed_translate, tokens_per_second
+from .translator import KNNMT, Translation, target_tokens, timed_translate, tokens_per_second
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +25,9 @@ class SystemScore:
     tokens_per_second: float
     seconds: float
     sentences: int
-    #: kNN-MT: distinct queries searched per generated target token (0 for the plain model; below 1
-    #: where the confidence gate skips steps, above 1 with beams)
+    #: kNN-MT: distinct queries searched per target token produced (0 for the plain model; below 1
+    #: where the confidence gate skips steps, above 1 with beams; the end-of-sentence step is searched
+    #: too, so greedy decoding without a gate is slightly above 1)
     searched_per_token: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,8 +98,7 @@ def evaluate(
             tokens_per_second(translations, seconds, knn.tokenizer),
         )
         if config is not None:
-            generated = sum(len(t.token_ids) for t in translations)
-            searched = knn.last_stats.get("searched", 0) / max(1, generated)
+            searched = knn.last_stats.get("searched", 0) / max(1, target_tokens(translations, knn.tokenizer))
             result = dataclasses.replace(result, searched_per_token=round(searched, 3))
         scores.append(result)
     return scores, outputs

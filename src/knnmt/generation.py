@@ -3,8 +3,13 @@
 :func:`knn_generation` installs, for the duration of a ``with`` block, a forward pre-hook on
 the key module (see :mod:`knnmt.models`) that keeps the current decoding step's queries, and
 returns a :class:`KNNLogitsProcessor` to pass to ``generate(logits_processor=[...])``. At every
-step the processor searches the neighbours of all live hypotheses in one batched call and
-returns ``log((1 - λ) p_MT + λ p_kNN)``. Nothing is patched; on exit the hook is removed.
+step the processor searches the neighbours of all live hypotheses (except those the confidence gate
+skips) in one batched call and returns ``log((1 - λ) p_MT + λ p_kNN)``. Nothing is patched; on exit
+the hook is removed.
+
+The processor runs after ``generate``'s own processors, so ``p_MT`` here is the distribution they
+left (masks such as min-length or a forced first token, and sampling warpers); the confidence gate
+reads that distribution too.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         capture: the active :class:`ActivationCapture` on the key module.
         retriever: searches neighbour ids for queries.
         values: ``[N]`` int32 token id of each datastore entry.
-        config: k, λ, temperature.
+        config: k, λ, temperature, adaptive-λ half distance, confidence gate.
         batch_size: number of source sentences in this ``generate`` call (rows are grouped by
             source as ``row // (rows / batch_size)``, which matches beams and return sequences).
         finished_ids: token ids (eos, pad) after which a row is finished and not searched.

@@ -56,8 +56,11 @@ class TokenExplanation:
     top_mt: list[tuple[str, float]]
     top_knn: list[tuple[str, float]]
     neighbours: list[Neighbour]
-    #: the weight λ of ``p_kNN`` at this step (constant unless ``half_distance`` is set)
+    #: the weight λ of ``p_kNN`` at this step (constant unless ``half_distance`` is set; 0 where gated)
     weight: float = 0.0
+    #: the confidence gate skipped retrieval at this step: decoding used ``p_MT`` alone and searched
+    #: nothing (the neighbours shown are what a search would have found)
+    gated: bool = False
 
 
 @dataclasses.dataclass
@@ -377,6 +380,7 @@ class KNNMT:
         weights = retrieval_weights(
             torch.from_numpy(distances), values, config.lambda_, config.temperature, config.half_distance
         ).tolist()  # λ of each step
+        confident = [False] * len(weights)
         if config.confidence_gate is not None:  # steps the gate skips keep p_MT
             confident = (log_mt.max(dim=-1).values >= config.log_gate).tolist()
             weights = [0.0 if sure else w for w, sure in zip(weights, confident, strict=True)]
@@ -419,6 +423,7 @@ class KNNMT:
                     p_knn=p_knn,
                     p_final=weights[t] * p_knn + (1 - weights[t]) * p_mt,
                     weight=weights[t],
+                    gated=confident[t],
                     top_mt=[
                         (tok.convert_ids_to_tokens(int(i)), float(v.exp()))
                         for v, i in zip(top_mt.values, top_mt.indices, strict=True)
@@ -441,10 +446,15 @@ class KNNMT:
         return path
 
 
+def target_tokens(translations: Sequence[Translation], tokenizer: Any) -> int:
+    """Target tokens produced, special tokens (decoder start, eos, pad) excluded."""
+    special = set(tokenizer.all_special_ids)
+    return sum(sum(1 for i in t.token_ids if i not in special) for t in translations)
+
+
 def tokens_per_second(translations: Sequence[Translation], seconds: float, tokenizer: Any) -> float:
     """Target tokens (special tokens excluded) produced per second."""
-    special = set(tokenizer.all_special_ids)
-    count = sum(sum(1 for i in t.token_ids if i not in special) for t in translations)
+    count = target_tokens(translations, tokenizer)
     return count / seconds if seconds > 0 else float("nan")
 
 

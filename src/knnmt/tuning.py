@@ -256,6 +256,7 @@ def tune(
     if confirm < 1:
         raise UsageError(f"confirm must be >= 1, got {confirm}")
     stats = reference_statistics(knn, sources, references, max(ks))
+    ood: ReferenceStats | None = None
     halves = list(half_distances) if half_distances is not None else auto_half_distances(stats.distances)
 
     def score_grid(st: ReferenceStats) -> np.ndarray:
@@ -277,14 +278,21 @@ def tune(
     k_limit = min(
         k for k, value in zip(ks, best_per_k, strict=True) if value >= best_per_k.max() - k_tolerance
     )
+    # gates that skip the same dev tokens (e.g. none and a gate no token reaches) behave alike: decode one
+    every_max = np.concatenate([st.log_p_max for st in (stats, ood) if st is not None])
+    masks = [_gate_mask(gate, every_max) for gate in gates]
+    same_gate = [
+        next(a for a in range(len(gates)) if np.array_equal(masks[a], masks[b])) for b in range(len(gates))
+    ]
     candidates: list[tuple[KNNConfig, tuple[int, ...]]] = []
-    seen_pairs: set[tuple[int, int]] = set()
+    seen: set[tuple[Any, ...]] = set()
     for flat in np.argsort(objective, axis=None, kind="stable")[::-1]:
         cell = tuple(int(x) for x in np.unravel_index(flat, grid.shape))
         i, j, m, h, g = cell
-        if ks[i] > k_limit or (h, g) in seen_pairs:
+        behaviour = ("plain",) if lambdas[m] == 0 else (h, same_gate[g])  # λ = 0 is the plain model
+        if ks[i] > k_limit or behaviour in seen:
             continue
-        seen_pairs.add((h, g))
+        seen.add(behaviour)
         config = KNNConfig(
             k=int(ks[i]),
             temperature=float(temperatures[j]),
@@ -336,10 +344,16 @@ def tune(
     )
 
 
+def _gate_mask(gate: float | None, log_p_max: np.ndarray) -> np.ndarray:
+    """``[T]`` bool: the tokens ``gate`` leaves to retrieval (the model's top log-probability below
+    ``log gate``)."""
+    return np.ones(len(log_p_max), dtype=bool) if gate is None else np.asarray(log_p_max) < math.log(gate)
+
+
 def _choose(confirmed: list[dict[str, Any]], max_ood_loss: float) -> dict[str, Any]:
     """The best dev BLEU (ties: likelihood) among the confirmed settings that lose at most
     ``max_ood_loss`` out-of-domain BLEU; without such a setting, the one that loses least there."""
-    if not confirmed or "ood_bleu_loss" not in confirmed[0]:
+    if not all("ood_bleu_loss" in row for row in confirmed):
         return max(confirmed, key=lambda r: (r["bleu"], r["log_likelihood"]))
     allowed = [r for r in confirmed if r["ood_bleu_loss"] <= max_ood_loss]
     if allowed:

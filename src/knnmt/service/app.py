@@ -364,7 +364,13 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
             "entries": store.count,
             "sentences": int(store.manifest["sentences"]),
             "index": service.memory.retriever.state.main.factory,
-            "knn": {"k": knn.k, "lambda": knn.lambda_, "temperature": knn.temperature},
+            "knn": {
+                "k": knn.k,
+                "lambda": knn.lambda_,
+                "temperature": knn.temperature,
+                "half_distance": knn.half_distance,
+                "confidence_gate": knn.confidence_gate,
+            },
             "writes": config.writes,
             "limits": {
                 "max_sentences": config.max_sentences,
@@ -424,6 +430,8 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
                 "k": knn.k,
                 "lambda": knn.lambda_,
                 "temperature": knn.temperature,
+                "half_distance": knn.half_distance,
+                "confidence_gate": knn.confidence_gate,
                 "beam": request.beam,
                 "max_new_tokens": max_new,
             },
