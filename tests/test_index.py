@@ -187,3 +187,26 @@ def test_self_recall_flags_a_broken_index(synthetic, tmp_path: Path) -> None:
     shuffled.add(np.ascontiguousarray(keys[::-1]))
     broken = SearchIndex(shuffled, {"factory": "Flat", "dim": store.dim})
     assert self_recall(broken, store) < 0.1
+
+
+def test_coarse_graph_finds_the_same_lists(synthetic, tmp_path: Path) -> None:
+    """The HNSW graph over the IVF centroids replaces the exact coarse scan at load; probing every list,
+    both give the same neighbours, and probing a few, nearly the same recall."""
+    store, queries, exact = synthetic
+    out = tmp_path / "ivf"
+    config = IndexConfig(factory="IVF64,Flat", nprobe=64, train_size=4_000, coarse_ef_search=0)
+    build_index(store, config, out=out, progress=False)
+    flat = SearchIndex.load(out, store)  # saved without the graph
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(flat.index).quantizer), faiss.IndexFlat)
+    graph = SearchIndex.load(out, store)
+    graph.settings["coarse_ef_search"] = 32
+    graph.set_params()
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(graph.index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.hnsw.efSearch == 64  # >= nprobe
+    np.testing.assert_array_equal(graph.search(queries, K)[1], flat.search(queries, K)[1])
+    graph.set_params(nprobe=1)
+    flat.set_params(nprobe=1)
+    assert faiss.downcast_index(faiss.extract_index_ivf(graph.index).quantizer).hnsw.efSearch == 32
+    few_graph = recall_at_k(graph.search(queries, K)[1], exact)
+    few_flat = recall_at_k(flat.search(queries, K)[1], exact)
+    assert few_flat < 1.0 and few_graph >= few_flat - 0.05

@@ -102,6 +102,8 @@ def test_translate_matches_library_and_explains_tokens(client, translator, toy_p
         "k": 4,
         "lambda": 0.4,
         "temperature": 10.0,
+        "half_distance": None,
+        "confidence_gate": None,
         "beam": 1,
         "max_new_tokens": 40,
     }
@@ -373,7 +375,14 @@ def test_batching_off_and_concurrent_http_clients(open_service, toy_pairs) -> No
 def test_health_info_openapi_and_page(client, datastore) -> None:
     assert client.get("/health").json()["entries"] == datastore.count
     info = client.get("/info").json()
-    assert info["knn"] == {"k": 8, "lambda": 0.5, "temperature": 100.0} and info["writes"] is True
+    assert info["knn"] == {
+        "k": 8,
+        "lambda": 0.5,
+        "temperature": 100.0,
+        "half_distance": None,
+        "confidence_gate": None,
+    }
+    assert info["writes"] is True
     schema = client.get("/openapi.json").json()
     assert {"/translate", "/memory", "/memory/{sentence_id}", "/health", "/metrics"} <= set(schema["paths"])
     page = client.get("/")

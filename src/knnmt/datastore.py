@@ -235,20 +235,18 @@ class Datastore:
             return np.zeros(0, dtype=VALUE_DTYPE)
         return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
 
-    def _locate(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._starts, ids, side="right") - 1
-
     def _gather(self, name: str, ids: np.ndarray, width: int | None, dtype: Any) -> np.ndarray:
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
         shape = (*np.shape(ids), width) if width else np.shape(ids)
         out = np.zeros((flat.size, width) if width else flat.size, dtype=dtype)
-        valid = (flat >= 0) & (flat < self.count)
-        which = self._locate(np.where(valid, flat, 0))
-        for s in np.unique(which[valid]):
-            rows = np.nonzero(valid & (which == s))[0]
-            local = flat[rows] - self.shards[s].start
-            order = np.argsort(local)  # sorted reads are kinder to the page cache
-            out[rows[order]] = self.shards[s].load(name)[local[order]]
+        valid = np.nonzero((flat >= 0) & (flat < self.count))[0]
+        order = valid[np.argsort(flat[valid], kind="stable")]  # sorted reads are kinder to the page cache
+        wanted = flat[order]
+        bounds = np.searchsorted(wanted, self._starts)  # [shards + 1]: each shard's slice of ``wanted``
+        for s, shard in enumerate(self.shards):
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            if lo < hi:
+                out[order[lo:hi]] = shard.load(name)[wanted[lo:hi] - shard.start]
         return out.reshape(shape)
 
     def get_keys(self, ids: np.ndarray) -> np.ndarray:

@@ -72,6 +72,39 @@ def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
             params.set_index_parameter(index, name, value)
 
 
+#: Links per node of the HNSW graph over an IVF index's coarse centroids.
+COARSE_HNSW_M = 32
+
+
+def _coarse_graph(index: Any, ef_search: int) -> tuple[Any, ...]:
+    """Search the coarse centroids of an IVF ``index`` with an HNSW graph (``ef_search`` > 0) instead of
+    an exact scan; returns the faiss objects that must outlive ``index``.
+
+    The lists stay as they are (the graph holds the same centroids, so a query still probes the lists
+    of its nearest centroids, found approximately); only flat (exact) quantizers of CPU indexes are
+    replaced, an HNSW one just gets the new ``efSearch``.
+    """
+    ivf = faiss.try_extract_index_ivf(index) if "Gpu" not in type(index).__name__ else None
+    if ivf is None or ef_search <= 0:
+        return ()
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = ef_search
+        return ()
+    if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal == 0:
+        return ()
+    graph = faiss.IndexHNSWFlat(ivf.d, COARSE_HNSW_M)
+    graph.hnsw.efConstruction = 2 * COARSE_HNSW_M
+    with omp_threads(0):
+        graph.add(quantizer.reconstruct_n(0, quantizer.ntotal))
+    graph.hnsw.efSearch = ef_search
+    if ivf.own_fields:  # the flat quantizer was the index's; now Python owns it, and nobody the graph
+        quantizer.this.own(True)  # type: ignore[attr-defined]
+        ivf.own_fields = False
+    ivf.quantizer = graph
+    return (graph, quantizer)
+
+
 class SearchIndex:
     """A loaded faiss index plus its settings; ``search`` follows faiss's ``(D, I)`` convention."""
 
@@ -79,6 +112,7 @@ class SearchIndex:
         self.index = index
         self.settings = settings
         self.path = path
+        self._keep_alive: tuple[Any, ...] = ()  # faiss objects the index points to (coarse graph)
 
     @property
     def factory(self) -> str:
@@ -110,6 +144,11 @@ class SearchIndex:
         if ef_search is not None:
             self.settings["ef_search"] = ef_search
         _set_search_params(self.index, self.settings["nprobe"], self.settings["ef_search"])
+        coarse = int(self.settings.get("coarse_ef_search", IndexConfig.coarse_ef_search))
+        if coarse > 0:  # efSearch below nprobe would return fewer lists than asked for
+            self._keep_alive = (
+                _coarse_graph(self.index, max(coarse, self.settings["nprobe"])) or self._keep_alive
+            )
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest keys of ``queries`` (float32 ``[n, dim]``): ``(D [n, k] float32, I [n, k] int64)``."""
@@ -240,6 +279,7 @@ def build_index(
         "ef_search": config.ef_search,
         "rerank": config.rerank,
         "search_threads": config.search_threads,
+        "coarse_ef_search": config.coarse_ef_search,
         "config": config.to_dict(),
         "datastore_fingerprint": datastore.fingerprint,
         "build_seconds": round(time.perf_counter() - start, 3),

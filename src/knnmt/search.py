@@ -85,18 +85,13 @@ def exact_rerank(
     """
     keys = datastore.get_keys(ids)  # [n, c, dim] float32
     q = np.asarray(queries, dtype=np.float32)
-    exact = ((keys - q[:, None, :]) ** 2).sum(-1, dtype=np.float32)
+    keys -= q[:, None, :]  # in place: ``keys`` is our own array; exact differences, no expansion
+    exact = np.einsum("ncd,ncd->nc", keys, keys)
     exact = np.where(ids >= 0, exact, np.inf).astype(np.float32)
     kk = min(k, ids.shape[1])
-    part = (
-        np.argpartition(exact, kk - 1, axis=1)[:, :kk]
-        if kk < ids.shape[1]
-        else np.tile(np.arange(ids.shape[1]), (len(ids), 1))
-    )
-    part_d = np.take_along_axis(exact, part, axis=1)
-    order = np.take_along_axis(part, np.argsort(part_d, axis=1, kind="stable"), axis=1)
-    distances = np.take_along_axis(exact, order, axis=1)
-    out_ids = np.where(np.isfinite(distances), np.take_along_axis(ids, order, axis=1), -1)
+    best = torch.topk(torch.from_numpy(exact), kk, dim=1, largest=False, sorted=True)
+    distances = best.values.numpy()
+    out_ids = np.where(np.isfinite(distances), np.take_along_axis(ids, best.indices.numpy(), axis=1), -1)
     if kk < k:  # pad to k columns, faiss style
         pad = k - kk
         distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
