@@ -10,7 +10,8 @@ model (``models/opus-knnmt-en-de-small``):
 * modes: the plain model; vanilla kNN-MT with the default index (``auto``: IVF-PQ + exact re-rank),
   without and with the confidence gate (``-gated``: steps where the model's top token has probability
   >= ``--gate`` are not searched), and ``vanilla-fast`` (gated, nprobe 8, re-rank 4); vanilla kNN-MT
-  with exact search (Flat, the quality reference);
+  with exact search (Flat, the quality reference); ``vanilla-k4``, ``vanilla-k32``...: vanilla with
+  another k (the k sweep);
   Subset kNN-MT with lexical (BM25) and dense (mean-pooled encoder states) sentence search;
 * target tokens/s (greedy and beam 4, batch 32), the ratio to the plain model, BLEU and chrF, recall@k
   of each mode's neighbours against exact search on teacher-forced test queries, searched queries per
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 
 from knnmt.build import build_datastore  # noqa: E402
 from knnmt.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
@@ -157,6 +159,9 @@ def modes(names: list[str]) -> dict[str, Mode]:
         "subset-dense": lambda store, exact, m, t: subset_retriever(store, "dense", m, t),
     }
     available.update({f"{name}-gated": make for name, make in available.items() if name != "plain"})
+    for name in names:  # vanilla-k4, vanilla-k32...: vanilla with another k (the k sweep)
+        if re.fullmatch(r"vanilla-k\d+", name):
+            available[name] = available["vanilla"]
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; available: {sorted(available)}")
@@ -221,17 +226,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             chosen = {n: make for n, make in chosen.items() if not n.startswith("exact")}
         built: dict[str, Retriever | None] = {}  # "vanilla" and "vanilla-gated" share one retriever
         for name, make in chosen.items():
-            base = name.removesuffix("-gated")
+            base = re.sub(r"-k\d+$", "", name.removesuffix("-gated"))
             if base not in built:
                 built[base] = make(store, exact, model, tokenizer)
-        retrievers = {name: built[name.removesuffix("-gated")] for name in chosen}
+        retrievers = {name: built[re.sub(r"-k\d+$", "", name.removesuffix("-gated"))] for name in chosen}
         translator = KNNMT(model, tokenizer, store, config=config)
-        recall_ids = {  # each mode's neighbours of the recall queries
+        recall_ids = {  # each mode's neighbours of the recall queries (the k sweep's modes: same as vanilla)
             name: subset_ids(model, tokenizer, r, recall, config.k)
             if hasattr(r, "prepare")
             else r.search(queries, config.k, zeros)[1]
             for name, r in retrievers.items()
-            if r is not None
+            if r is not None and not re.search(r"-k\d+$", name)
         }
         for beams in args.beams:
             gen = {"num_beams": beams, "max_new_tokens": 128, "batch_size": 32}
@@ -247,6 +252,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     if retriever is not None:
                         translator.retriever = retriever
                         knn = gated if name.endswith(("-gated", "-fast")) else config
+                        if match := re.search(r"-k(\d+)$", name):
+                            knn = dataclasses.replace(config, k=int(match.group(1)))
                     hyps, secs = timed_translate(translator, sources, knn=knn, **gen)
                     rate = tokens_per_second(hyps, secs, tokenizer)
                     if rate > best.get(name, 0.0):
@@ -267,7 +274,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "chrf": round(quality.chrf, 2),
                 }
                 if retriever is not None:
-                    row[f"recall@{config.k}"] = round(recall_at_k(recall_ids[name], exact_ids), 3)
+                    if name in recall_ids:
+                        row[f"recall@{config.k}"] = round(recall_at_k(recall_ids[name], exact_ids), 3)
                     run = stats[name]
                     emitted = target_tokens(outputs[name], tokenizer)
                     row["searched_per_token"] = round(run["searched"] / max(1, emitted), 3)
