@@ -498,9 +498,7 @@ def _same(row: dict[str, Any], config: Any) -> bool:
 
 def _optional_floats(text: str, what: str) -> list[float | None]:
     """``"none,0.5,0.9"`` -> ``[None, 0.5, 0.9]``."""
-    return [
-        None if x.strip().lower() == "none" else _floats(x, what)[0] for x in text.split(",") if x.strip()
-    ]
+    return [None if x.strip().lower() == OFF else _floats(x, what)[0] for x in text.split(",") if x.strip()]
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:

@@ -168,7 +168,7 @@ def grid_log_likelihood(
     lam = np.asarray(lambdas, dtype=np.float64)
     n = len(log_p_mt)
     # per gate: which tokens are still searched, and the plain model's share of the sum elsewhere
-    kept = [np.ones(n, dtype=bool) if g is None else np.asarray(log_p_max) < math.log(g) for g in gates]
+    kept = [np.ones(n, dtype=bool) if g is None else _gate_mask(g, np.asarray(log_p_max)) for g in gates]
     plain_sum = [float(log_p_mt[~keep].sum()) for keep in kept]
     for (i, k), (j, tau) in itertools.product(enumerate(ks), enumerate(temperatures)):
         logits = -distances[:, :k] / tau  # [T, k]; missing neighbours are -inf
