@@ -11,7 +11,8 @@ model (``models/opus-knnmt-en-de-small``):
   without and with the confidence gate (``-gated``: steps where the model's top token has probability
   >= ``--gate`` are not searched), and ``vanilla-fast`` (gated, nprobe 8, re-rank 4); vanilla kNN-MT
   with exact search (Flat, the quality reference); ``vanilla-k4``, ``vanilla-k32``...: vanilla with
-  another k (the k sweep);
+  another k (the k sweep); ``vanilla-n32``...: another nprobe; ``vanilla-pq8``: the previous default
+  index (8-bit PQ), where a view keeps it in ``index-pq8/``;
   Subset kNN-MT with lexical (BM25) and dense (mean-pooled encoder states) sentence search;
 * target tokens/s (greedy and beam 4, batch 32), the ratio to the plain model, BLEU and chrF, recall@k
   of each mode's neighbours against exact search on teacher-forced test queries, searched queries per
@@ -155,6 +156,10 @@ def modes(names: list[str]) -> dict[str, Mode]:
         "vanilla-fast": lambda store, exact, m, t: IndexRetriever(
             SearchIndex.load(store.path / "index", store, nprobe=8, rerank=4), store
         ),
+        # the previous default index (8-bit PQ, IVF{n},PQ{dim/8}), where a view keeps it in index-pq8/
+        "vanilla-pq8": lambda store, exact, m, t: IndexRetriever(
+            SearchIndex.load(store.path / "index-pq8", store), store
+        ),
         "subset-bm25": lambda store, exact, m, t: subset_retriever(store, "bm25", m, t),
         "subset-dense": lambda store, exact, m, t: subset_retriever(store, "dense", m, t),
     }
@@ -162,6 +167,10 @@ def modes(names: list[str]) -> dict[str, Mode]:
     for name in names:  # vanilla-k4, vanilla-k32...: vanilla with another k (the k sweep)
         if re.fullmatch(r"vanilla-k\d+", name):
             available[name] = available["vanilla"]
+        if probes := re.fullmatch(r"vanilla-n(\d+)", name):  # vanilla-n32...: another nprobe
+            available[name] = lambda store, exact, m, t, n=int(probes[1]): IndexRetriever(
+                SearchIndex.load(store.path / "index", store, nprobe=n), store
+            )
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; available: {sorted(available)}")
@@ -210,7 +219,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     references = [r[1] for r in rows][: args.sentences]
     sizes = sorted(args.sizes)
     full = full_datastore(model, tokenizer, max(sizes))
-    config = dataclasses.replace(KNNConfig.load(args.knn_config), confidence_gate=None)
+    # the search is measured on every sentence: no domain gate (on target text it would only skip a few)
+    config = dataclasses.replace(KNNConfig.load(args.knn_config), confidence_gate=None, domain_gate=None)
     gated = dataclasses.replace(config, confidence_gate=args.gate)
     recall = test_queries(model, tokenizer, sources, references, args.recall_queries)
     queries = np.concatenate([q for _, q in recall])
@@ -362,7 +372,7 @@ def main() -> None:
     parser.add_argument(
         "--knn-config",
         default=str(TARGET / "knn.json"),
-        help="k, λ, τ, half distance (default: the shipped data/target/knn.json; its gate is replaced)",
+        help="k, λ, τ, half distance (default: the shipped data/target/knn.json; its gates are replaced)",
     )
     parser.add_argument("--out", default=str(WORK / "results.json"))
     args = parser.parse_args()

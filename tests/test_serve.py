@@ -104,6 +104,7 @@ def test_translate_matches_library_and_explains_tokens(client, translator, toy_p
         "temperature": 10.0,
         "half_distance": None,
         "confidence_gate": None,
+        "domain_gate": None,
         "beam": 1,
         "max_new_tokens": 40,
     }
@@ -381,6 +382,7 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
         "temperature": 100.0,
         "half_distance": None,
         "confidence_gate": None,
+        "domain_gate": None,
     }
     assert info["writes"] is True
     schema = client.get("/openapi.json").json()

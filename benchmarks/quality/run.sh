@@ -15,6 +15,7 @@ M=models/opus-knnmt-en-de-small
 DS=$Q/ds
 date
 [ -f $DS/index/index.json ] || { $K -q build --model $M --corpus data/target/train.tsv --out $DS --force && $K -q index $DS; }
+[ -d $DS/subset/dense ] || $K -q index $DS --subset --sentence-search dense   # what the domain gate reads
 date
 $K tune --model $M --datastore $DS --source $Q/target-dev.en --reference $Q/target-dev.de \
   --ood-source $Q/general-dev.en --ood-reference $Q/general-dev.de --confirm 4 --max-new-tokens 128 --no-save \
@@ -23,5 +24,6 @@ cat $Q/tune.txt
 date
 .venv/bin/python benchmarks/quality/sweep.py $DS dev --beam 1 | tee $Q/sweep-dev.txt
 .venv/bin/python benchmarks/quality/sweep.py $DS test --beam 1 | tee $Q/sweep-test-beam1.txt
-.venv/bin/python benchmarks/quality/sweep.py $DS test --beam 4 --configs tuned,tuned-gate0.8 | tee $Q/sweep-test-beam4.txt
+.venv/bin/python benchmarks/quality/sweep.py $DS test --beam 4 --configs tuned,tuned-domain,h5-l95,shipped \
+  | tee $Q/sweep-test-beam4.txt
 date

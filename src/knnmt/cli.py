@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import KnnmtError, UsageError
+from .errors import DatastoreError, KnnmtError, UsageError
 
 logger = logging.getLogger("knnmt")
 
@@ -42,6 +42,14 @@ def _add_adaptive_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="skip retrieval at steps where the model's top token has at least this probability "
         "(faster; protects text unlike the memory; 'none' = off; default: saved, else off)",
+    )
+    p.add_argument(
+        "--domain-gate",
+        type=_float_or_off,
+        default=None,
+        help="retrieve only for inputs whose cosine similarity to the nearest memory source sentence is "
+        "at least this (needs `knnmt index --subset --sentence-search dense`; 'none' = off; default: "
+        "saved, else off)",
     )
 
 
@@ -130,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="build a faiss index over a datastore's keys")
     i.add_argument("datastore", help="datastore directory")
     i.add_argument(
-        "--factory", default="auto", help="faiss factory string (Flat, IVF4096,PQ64, HNSW32...) or auto"
+        "--factory", default="auto", help="faiss factory string (Flat, IVF4096,PQ64x4fs, HNSW32...) or auto"
     )
     i.add_argument("--out", default=None, help="index directory (default: <datastore>/index)")
     i.add_argument("--nprobe", type=int, default=16)
@@ -215,6 +223,12 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated confidence gates, 'none' = retrieve at every step",
     )
     u.add_argument(
+        "--domain-recall",
+        default="auto",
+        help="add a sentence-level domain gate that keeps retrieval on for this share of the dev sources "
+        "('none' = no gate; default auto: 0.9 when the datastore has its dense sentence index)",
+    )
+    u.add_argument(
         "--max-ood-loss",
         type=float,
         default=0.5,
@@ -272,8 +286,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     """The datastore's saved kNN settings (``knn.json``, else the defaults) with the command line's
-    ``--k/--lambda/--temperature/--half-distance/--confidence-gate`` on top (``none`` switches the
-    last two off)."""
+    ``--k/--lambda/--temperature/--half-distance/--confidence-gate/--domain-gate`` on top (``none``
+    switches the last three off)."""
     from .config import KNNConfig
     from .translator import KNN_CONFIG_FILE
 
@@ -287,13 +301,14 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
             "temperature": args.temperature,
             "half_distance": args.half_distance,
             "confidence_gate": args.confidence_gate,
+            "domain_gate": args.domain_gate,
         }.items()
         if v is not None
     }
     return KNNConfig(**{**base.to_dict(), **{k: None if v == OFF else v for k, v in changes.items()}})
 
 
-#: ``--half-distance none`` / ``--confidence-gate none``: switch off a setting saved in ``knn.json``
+#: ``--half-distance/--confidence-gate/--domain-gate none``: switch off a setting saved in ``knn.json``
 OFF = "none"
 
 
@@ -465,7 +480,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
         f"half-distance={knn.config.half_distance} confidence-gate={knn.config.confidence_gate} "
-        f"{_retrieval_name(knn)} beam={args.beam}"
+        f"domain-gate={knn.config.domain_gate} {_retrieval_name(knn)} beam={args.beam}"
     )
     if args.json:
         Path(args.json).write_text(
@@ -501,6 +516,29 @@ def _optional_floats(text: str, what: str) -> list[float | None]:
     return [None if x.strip().lower() == OFF else _floats(x, what)[0] for x in text.split(",") if x.strip()]
 
 
+#: ``knnmt tune --domain-recall auto``: the share of in-domain dev sources the domain gate keeps
+AUTO_DOMAIN_RECALL = 0.9
+
+
+def _domain_recall(text: str, knn: Any) -> float | None:
+    """``--domain-recall``: a share in (0, 1], ``none``, or ``auto`` (:data:`AUTO_DOMAIN_RECALL` when the
+    datastore has the dense sentence index the gate needs, else no gate)."""
+    value = text.strip().lower()
+    if value == OFF:
+        return None
+    if value != "auto":
+        recall = _floats(value, "--domain-recall")[0]
+        if not 0 < recall <= 1:
+            raise UsageError(f"--domain-recall must be in (0, 1] or 'none', got {text!r}")
+        return recall
+    try:
+        knn.domain_gate  # noqa: B018  (loads it, or says why it cannot)
+    except (DatastoreError, UsageError) as exc:
+        logger.info("no domain gate: %s", exc)
+        return None
+    return AUTO_DOMAIN_RECALL
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .corpus import read_lines
     from .tuning import DEFAULT_LAMBDAS, plot_grid, tune
@@ -528,6 +566,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         half_distances=halves,
         gates=_optional_floats(args.gates, "--gates"),
         max_ood_loss=args.max_ood_loss,
+        domain_recall=_domain_recall(args.domain_recall, knn),
         ood_sources=ood_sources,
         ood_references=ood_references,
         confirm=args.confirm,
@@ -557,8 +596,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     best = result.best
     print(
         f"chosen: k={best.k} lambda={best.lambda_} temperature={best.temperature} "
-        f"half-distance={best.half_distance} confidence-gate={best.confidence_gate}"
+        f"half-distance={best.half_distance} confidence-gate={best.confidence_gate} "
+        f"domain-gate={best.domain_gate}"
     )
+    if best.domain_gate is not None:
+        print(
+            f"domain gate: retrieval for inputs at least {best.domain_gate:g} similar to a memory source "
+            f"({result.domain_recall:.0%} of the dev sources)"
+        )
     datastore = Path(args.datastore)
     plot = plot_grid(result, args.plot or datastore / "tuning.png")
     (datastore / "tuning.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -571,6 +616,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(
             f"out-of-domain dev BLEU: plain {result.ood_base_bleu:.2f} -> kNN-MT {chosen['ood_bleu']:.2f} "
             f"({-chosen['ood_bleu_loss']:+.2f})"
+            + (
+                f"; the domain gate left {chosen['ood_sentences_off']:.0%} of it to the plain model"
+                if "ood_sentences_off" in chosen
+                else ""
+            )
         )
     return EXIT_OK
 

@@ -64,6 +64,11 @@ class KNNConfig(JsonConfig):
     ``p_MT`` (its λ is 0). ``None`` searches at every step. The gate is decided from ``p_MT`` alone,
     before any search, so it saves the search itself (most tokens of familiar text are confident), and
     it keeps a memory of one domain from overriding a confident model on other text.
+
+    ``domain_gate`` decides per input *sentence*: only inputs whose mean-pooled encoder states have a
+    cosine similarity ``>= domain_gate`` to the nearest memory source sentence are searched; the others
+    are translated by the plain model (:mod:`knnmt.domain_gate`; it needs the datastore's dense
+    sentence index, ``knnmt index --subset --sentence-search dense``). ``None`` searches for every input.
     """
 
     k: int = 8
@@ -71,6 +76,7 @@ class KNNConfig(JsonConfig):
     temperature: float = 100.0
     half_distance: float | None = None
     confidence_gate: float | None = None
+    domain_gate: float | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -89,6 +95,10 @@ class KNNConfig(JsonConfig):
         _check(
             self.confidence_gate is None or 0.0 < self.confidence_gate <= 1.0,
             f"confidence_gate must be a probability in (0, 1] or None, got {self.confidence_gate!r}",
+        )
+        _check(
+            self.domain_gate is None or -1.0 <= self.domain_gate <= 1.0,
+            f"domain_gate must be a cosine similarity in [-1, 1] or None, got {self.domain_gate!r}",
         )
 
     @property

@@ -28,7 +28,7 @@ from .build import build_datastore
 from .config import BuildConfig, KNNConfig
 from .corpus import CorpusSpec, read_lines
 from .datastore import MANIFEST, Datastore, read_manifest
-from .errors import DatastoreError, IncompatibleError
+from .errors import DatastoreError, IncompatibleError, KnnmtError
 from .evaluation import SystemScore, evaluate, format_table
 from .index import INDEX_FILE, build_index
 from .toy import build_toy_model, toy_corpus
@@ -196,6 +196,26 @@ def _html(
     return "\n".join(parts)
 
 
+def _dense_sentence_index(store: Datastore, model: Any, tokenizer: Any, force: bool, progress: bool) -> None:
+    """Build the dense sentence index the domain gate reads, unless it is there for this datastore."""
+    from .subset import SUBSET_DIR, SubsetConfig, build_subset_index, checked_settings
+
+    if not force:
+        try:
+            if "dense" in checked_settings(store.path / SUBSET_DIR, store).get("sentence_search", {}):
+                return
+        except KnnmtError:  # none yet, or one of an older datastore: (re)built below
+            pass
+    build_subset_index(
+        store,
+        SubsetConfig(sentence_search="dense"),
+        model=model,
+        tokenizer=tokenizer,
+        progress=progress,
+        force=True,
+    )
+
+
 def run_demo(
     workdir: Path, force: bool = False, progress: bool = True, limit: int | None = None, toy: bool = False
 ) -> str:
@@ -229,11 +249,13 @@ def run_demo(
             store = build(force=True)
     if force or not (store_dir / "index" / INDEX_FILE).is_file():
         build_index(store, out=store_dir / "index", progress=progress, force=True)
-    build_seconds = time.perf_counter() - start
     tuned = store_dir / KNN_CONFIG_FILE
     if not tuned.is_file() and inputs.tuned is not None:
         shutil.copyfile(inputs.tuned, tuned)  # the setting `knnmt tune` chose for the bundled model
     config = KNNConfig.load(tuned) if tuned.is_file() else inputs.knn
+    if config.domain_gate is not None:
+        _dense_sentence_index(store, model, tokenizer, force, progress)
+    build_seconds = time.perf_counter() - start
     knn = KNNMT.load((model, tokenizer), store_dir, config=config)
     scores, outputs = evaluate(
         knn,
@@ -252,8 +274,14 @@ def run_demo(
         f"kNN-MT: k={config.k}, λ={config.lambda_}, τ={config.temperature}"
         + (f", half-distance {config.half_distance:g}" if config.half_distance is not None else "")
         + (f", confidence gate {config.confidence_gate:g}" if config.confidence_gate is not None else "")
+        + (f", domain gate {config.domain_gate:g}" if config.domain_gate is not None else "")
         + (" (tuned)" if tuned.is_file() else " (defaults; `knnmt tune` picks better ones)"),
-        f"test: {len(inputs.test_sources)} sentences, greedy decoding, batch 32",
+        f"test: {len(inputs.test_sources)} sentences, greedy decoding, batch 32"
+        + (
+            f"; the domain gate left {int(knn.last_stats.get('sentences_off', 0))} of them to the plain model"
+            if config.domain_gate is not None
+            else ""
+        ),
     ]
     examples = _examples(knn, outputs["base"], outputs["knn-mt"], inputs.test_references)
     lines = [

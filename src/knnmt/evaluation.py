@@ -29,6 +29,8 @@ class SystemScore:
     #: where the confidence gate skips steps, above 1 with beams; the end-of-sentence step is searched
     #: too, so greedy decoding without a gate is slightly above 1)
     searched_per_token: float = 0.0
+    #: kNN-MT: share of the sentences the domain gate left to the plain model (0 without a gate)
+    sentences_off: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,19 +101,25 @@ def evaluate(
         )
         if config is not None:
             searched = knn.last_stats.get("searched", 0) / max(1, target_tokens(translations, knn.tokenizer))
-            result = dataclasses.replace(result, searched_per_token=round(searched, 3))
+            off = knn.last_stats.get("sentences_off", 0) / max(1, len(sources))
+            result = dataclasses.replace(
+                result, searched_per_token=round(searched, 3), sentences_off=round(off, 3)
+            )
         scores.append(result)
     return scores, outputs
 
 
 def format_table(scores: Sequence[SystemScore]) -> str:
     """A plain-text table of scores followed by the sacreBLEU signatures."""
-    header = f"{'system':<14}{'BLEU':>8}{'chrF':>8}{'tok/s':>10}{'seconds':>10}{'searched/tok':>14}"
+    gate = any(s.sentences_off > 0 for s in scores)  # the domain-gate column only when it acted
+    header = f"{'system':<14}{'BLEU':>8}{'chrF':>8}{'tok/s':>10}{'seconds':>10}{'searched/tok':>14}" + (
+        f"{'plain-only':>12}" if gate else ""
+    )
     lines = [header, "-" * len(header)]
     for s in scores:
         lines.append(
             f"{s.name:<14}{s.bleu:>8.2f}{s.chrf:>8.2f}{s.tokens_per_second:>10.1f}{s.seconds:>10.2f}"
-            f"{s.searched_per_token:>14.2f}"
+            f"{s.searched_per_token:>14.2f}" + (f"{s.sentences_off:>12.0%}" if gate else "")
         )
     if scores:
         lines += [

@@ -39,17 +39,22 @@ class StepStats:
         self.rows = 0
         self.searched = 0
         self.gated = 0
+        self.sentences = 0
+        self.sentences_off = 0
         self.seconds = 0.0
         self.search_seconds = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """``steps``: processor calls; ``rows``: live hypotheses seen; ``gated``: of those, skipped by the
-        confidence gate; ``searched``: distinct queries searched; ``seconds``: wall-clock time inside
-        the processor, of which ``search_seconds`` in the retriever's ``search``."""
+        confidence gate; ``searched``: distinct queries searched; ``sentences``: input sentences, of
+        which ``sentences_off`` the domain gate left to the plain model; ``seconds``: wall-clock time
+        inside the processor, of which ``search_seconds`` in the retriever's ``search``."""
         return {
             "steps": self.steps,
             "rows": self.rows,
             "gated": self.gated,
+            "sentences": self.sentences,
+            "sentences_off": self.sentences_off,
             "searched": self.searched,
             "seconds": self.seconds,
             "search_seconds": self.search_seconds,
@@ -67,6 +72,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         batch_size: number of source sentences in this ``generate`` call (rows are grouped by
             source as ``row // (rows / batch_size)``, which matches beams and return sequences).
         finished_ids: token ids (eos, pad) after which a row is finished and not searched.
+        sentence_on: ``[batch_size]`` bool, the sources whose rows are searched (the domain gate's
+            decision); the rows of the others keep the model's log-probabilities. ``None``: all.
     """
 
     def __init__(
@@ -77,16 +84,23 @@ class KNNLogitsProcessor(LogitsProcessor):
         config: KNNConfig,
         batch_size: int,
         finished_ids: Sequence[int],
+        sentence_on: torch.Tensor | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sentence_on is not None and sentence_on.shape != (batch_size,):
+            raise ValueError(f"sentence_on must have shape ({batch_size},), got {tuple(sentence_on.shape)}")
         self.capture = capture
         self.retriever = retriever
         self.values = np.asarray(values)  # [N] int32; gathered per step, never copied whole
         self.config = config
         self.batch_size = batch_size
         self.finished_ids = torch.tensor(sorted(set(finished_ids)), dtype=torch.long)
+        self.sentence_on = None if sentence_on is None else sentence_on.detach().cpu().bool()
         self.stats = StepStats()
+        self.stats.sentences = batch_size
+        if self.sentence_on is not None:
+            self.stats.sentences_off = int((~self.sentence_on).sum())
 
     def _queries(self, rows: int) -> torch.Tensor:
         captured = self.capture.last
@@ -119,13 +133,20 @@ class KNNLogitsProcessor(LogitsProcessor):
         if input_ids.shape[1] > 1:  # a row that emitted eos/pad is finished: nothing to search
             active = ~torch.isin(input_ids[:, -1].cpu(), self.finished_ids)
         self.stats.rows += int(active.sum())
+        groups = torch.arange(rows) // max(1, rows // self.batch_size)
         log_mt_all: torch.Tensor | None = None
         gated = torch.zeros(rows, dtype=torch.bool)
+        if self.sentence_on is not None:  # the domain gate: sources unlike the memory keep p_MT
+            gated = active & ~self.sentence_on[groups]
+            active = active & ~gated
         if cfg.confidence_gate is not None:  # the model is sure: keep p_MT, search nothing
             log_mt_all = torch.log_softmax(scores.float(), dim=-1)
-            gated = active & (log_mt_all.max(dim=-1).values >= cfg.log_gate).cpu()
-            active = active & ~gated
-            self.stats.gated += int(gated.sum())
+            sure = active & (log_mt_all.max(dim=-1).values >= cfg.log_gate).cpu()
+            active = active & ~sure
+            gated = gated | sure
+            self.stats.gated += int(sure.sum())
+        if bool(gated.any()) and log_mt_all is None:
+            log_mt_all = torch.log_softmax(scores.float(), dim=-1)
         act_rows = active.nonzero().squeeze(1)
         if act_rows.numel() == 0 and not bool(gated.any()):
             return scores
@@ -138,7 +159,6 @@ class KNNLogitsProcessor(LogitsProcessor):
                 if log_mt_all is not None
                 else torch.log_softmax(scores[act_dev].float(), dim=-1)
             )
-            groups = torch.arange(rows) // max(1, rows // self.batch_size)
             mixed = self._mix(queries.cpu()[act_rows], groups[act_rows], log_mt)
             if act_rows.numel() == rows:
                 return mixed
@@ -194,6 +214,7 @@ def knn_generation(
     batch_size: int,
     finished_ids: Sequence[int],
     key_layer: str = "ffn_input",
+    sentence_on: torch.Tensor | None = None,
 ) -> Iterator[KNNLogitsProcessor]:
     """Install the query hook on ``model`` and yield the processor for ``generate``.
 
@@ -204,7 +225,7 @@ def knn_generation(
             out = model.generate(**inputs, logits_processor=[proc])
     """
     with ActivationCapture(key_module(model, key_layer)) as capture:
-        yield KNNLogitsProcessor(capture, retriever, values, config, batch_size, finished_ids)
+        yield KNNLogitsProcessor(capture, retriever, values, config, batch_size, finished_ids, sentence_on)
 
 
 def generation_kwargs(model: Any, extra: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,11 @@ class Retriever(Protocol):
 
 
 def prepare_retrieval(
-    retriever: Retriever, model: Any, sources: Sequence[str], inputs: dict[str, torch.Tensor]
+    retriever: Retriever,
+    model: Any,
+    sources: Sequence[str],
+    inputs: dict[str, torch.Tensor],
+    encoder_outputs: Any = None,
 ) -> dict[str, Any]:
     """Give a sentence-dependent retriever its batch before decoding; returns extra ``generate`` kwargs.
 
@@ -37,6 +41,7 @@ def prepare_retrieval(
     Args:
         sources: the batch's source sentences (without model prefix).
         inputs: the tokenised batch (``input_ids``, ``attention_mask`` ``[B, L]``).
+        encoder_outputs: the encoder's output for ``inputs`` when the caller already has it.
     """
     prepare = getattr(retriever, "prepare", None)
     if prepare is None:
@@ -44,9 +49,10 @@ def prepare_retrieval(
     if not getattr(retriever, "needs_encoder_states", False):
         prepare(list(sources))
         return {}
-    encoder_outputs = model.get_encoder()(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=True
-    )
+    if encoder_outputs is None:
+        encoder_outputs = model.get_encoder()(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=True
+        )
     prepare(list(sources), encoder_outputs.last_hidden_state, inputs["attention_mask"])
     return {"encoder_outputs": encoder_outputs}
 

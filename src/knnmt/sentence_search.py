@@ -221,6 +221,19 @@ class DenseSentenceSearch:
         out[:, :kk] = ids
         return out
 
+    def similarity(self, embeddings: np.ndarray) -> np.ndarray:
+        """``[B]`` float32 cosine similarity of each embedding to its nearest indexed sentence.
+
+        Args:
+            embeddings: ``[B, d]`` L2-normalised float32 from :func:`mean_pool` (``-1`` for an empty index).
+        """
+        if len(embeddings) == 0 or self.count == 0:
+            return np.full(len(embeddings), -1.0, dtype=np.float32)
+        with omp_threads(1):
+            distances, _ = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), 1)
+        # unit vectors: |a - b|^2 = 2 - 2 cos(a, b)
+        return (1.0 - distances[:, 0] / 2.0).astype(np.float32)
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (self.INDEX_FILE + ".tmp")

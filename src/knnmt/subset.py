@@ -181,6 +181,23 @@ def _read_settings(directory: Path) -> dict[str, Any] | None:
     return settings
 
 
+def checked_settings(directory: Path, datastore: Datastore) -> dict[str, Any]:
+    """The settings of the subset index at ``directory``, checked to belong to ``datastore``."""
+    settings = _read_settings(directory)
+    if settings is None:
+        raise DatastoreError(
+            f"no subset index at {directory} (expected {SETTINGS_FILE}); run `knnmt index --subset`"
+        )
+    if settings.get("datastore_fingerprint") != datastore.fingerprint:
+        raise IncompatibleError(
+            f"subset index {directory} was built for another datastore (fingerprint "
+            f"{settings.get('datastore_fingerprint')}, {settings.get('entries')} entries); datastore "
+            f"{datastore.path} has fingerprint {datastore.fingerprint} and {datastore.count} entries. "
+            "Rebuild it with `knnmt index --subset --force`"
+        )
+    return settings
+
+
 def _self_hits(search: SentenceSearch, sources: list[str], embeddings: np.ndarray | None, seed: int) -> float:
     """Fraction of up to 200 sampled datastore sentences whose own text comes back first."""
     rng = np.random.default_rng(seed)
@@ -393,18 +410,7 @@ class SubsetIndex:
     ) -> SubsetIndex:
         """Load the subset index at ``directory``, checking that it was built for ``datastore``."""
         path = Path(directory)
-        settings = _read_settings(path)
-        if settings is None:
-            raise DatastoreError(
-                f"no subset index at {path} (expected {SETTINGS_FILE}); run `knnmt index --subset`"
-            )
-        if settings.get("datastore_fingerprint") != datastore.fingerprint:
-            raise IncompatibleError(
-                f"subset index {path} was built for another datastore (fingerprint "
-                f"{settings.get('datastore_fingerprint')}, {settings.get('entries')} entries); datastore "
-                f"{datastore.path} has fingerprint {datastore.fingerprint} and {datastore.count} entries. "
-                "Rebuild it with `knnmt index --subset --force`"
-            )
+        settings = checked_settings(path, datastore)
         codebook = PQCodebook.load(path / CODEBOOK_FILE, device)
         try:
             codes = np.load(path / CODES_FILE)

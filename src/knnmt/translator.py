@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import KNNConfig
 from .datastore import Datastore
+from .domain_gate import DomainGate
 from .errors import KnnmtError, UsageError
 from .generation import knn_generation
 from .index import INDEX_FILE, SearchIndex, exact_index
@@ -58,8 +59,9 @@ class TokenExplanation:
     neighbours: list[Neighbour]
     #: the weight λ of ``p_kNN`` at this step (constant unless ``half_distance`` is set; 0 where gated)
     weight: float = 0.0
-    #: the confidence gate skipped retrieval at this step: decoding used ``p_MT`` alone and searched
-    #: nothing (the neighbours shown are what a search would have found)
+    #: the confidence gate skipped retrieval at this step, or the domain gate at every step of this
+    #: sentence: decoding used ``p_MT`` alone and searched nothing (the neighbours shown are what a
+    #: search would have found)
     gated: bool = False
 
 
@@ -145,6 +147,7 @@ class KNNMT:
         config: KNNConfig | None = None,
         retriever: Retriever | None = None,
         check: bool = True,
+        domain_gate: DomainGate | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -161,6 +164,7 @@ class KNNMT:
             model, tokenizer, tokenization.get("src_lang"), tokenization.get("tgt_lang")
         )
         self.last_stats: dict[str, float] = {}
+        self._domain_gate = domain_gate  # None: loaded from the datastore when a config needs it
 
     @property
     def index(self) -> SearchIndex:
@@ -243,19 +247,7 @@ class KNNMT:
             if knn is None:
                 out = self.model.generate(**inputs, **gen)
             else:
-                extra = prepare_retrieval(self.retriever, self.model, sources, inputs)
-                with knn_generation(
-                    self.model,
-                    self.retriever,
-                    self.datastore.values,
-                    knn,
-                    batch_size=len(sources),
-                    finished_ids=self._finished_ids(),
-                    key_layer=self.key_layer,
-                ) as proc:
-                    out = self.model.generate(**inputs, logits_processor=[proc], **extra, **gen)
-                for key, value in proc.stats.as_dict().items():
-                    self.last_stats[key] = self.last_stats.get(key, 0) + value
+                out = self._generate_knn(sources, inputs, knn, gen)
         sequences = out.sequences if hasattr(out, "sequences") else out
         pad = self.tokenizer.pad_token_id
         rows = [row.tolist() for row in sequences.cpu()]
@@ -263,6 +255,55 @@ class KNNMT:
             while len(row) > 1 and row[-1] == pad:
                 row.pop()
         return rows
+
+    def _generate_knn(self, sources: Sequence[str], inputs: Any, knn: KNNConfig, gen: dict[str, Any]) -> Any:
+        """``generate`` with retrieval for one tokenised batch (the domain gate decides per sentence)."""
+        extra: dict[str, Any] = {}
+        sentence_on: torch.Tensor | None = None
+        if knn.domain_gate is not None:
+            encoder_outputs = self.model.get_encoder()(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=True
+            )
+            extra["encoder_outputs"] = encoder_outputs
+            similarity = self.domain_gate.similarity(
+                encoder_outputs.last_hidden_state, inputs["attention_mask"]
+            )
+            sentence_on = torch.from_numpy(similarity >= knn.domain_gate)
+            if not bool(sentence_on.any()):  # nothing like the memory: the plain model, no search at all
+                self._add_stats({"sentences": len(sources), "sentences_off": len(sources)})
+                return self.model.generate(**inputs, **extra, **gen)
+        extra.update(
+            prepare_retrieval(self.retriever, self.model, sources, inputs, extra.get("encoder_outputs"))
+        )
+        with knn_generation(
+            self.model,
+            self.retriever,
+            self.datastore.values,
+            knn,
+            batch_size=len(sources),
+            finished_ids=self._finished_ids(),
+            key_layer=self.key_layer,
+            sentence_on=sentence_on,
+        ) as proc:
+            out = self.model.generate(**inputs, logits_processor=[proc], **extra, **gen)
+        self._add_stats(proc.stats.as_dict())
+        return out
+
+    def _add_stats(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.last_stats[key] = self.last_stats.get(key, 0) + value
+
+    @property
+    def domain_gate(self) -> DomainGate:
+        """The datastore's :class:`~knnmt.domain_gate.DomainGate` (loaded on first use)."""
+        if self._domain_gate is None:
+            self._domain_gate = DomainGate.load(self.datastore)
+        return self._domain_gate
+
+    def source_similarity(self, sources: Sequence[str]) -> np.ndarray:
+        """``[len(sources)]`` what the domain gate compares with its threshold: the cosine similarity of
+        each source's mean-pooled encoder states to the nearest memory source sentence."""
+        return self.domain_gate.similarity_of(self.model, self.tokenizer, sources, self.source_prefix)
 
     def translate_iterable(
         self,
@@ -286,6 +327,14 @@ class KNNMT:
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and gen.get("max_new_tokens", 0) >= positions:
             gen["max_new_tokens"] = positions - 1  # beyond, learned/sinusoidal position tables overflow
+        if (
+            gen.get("max_new_tokens") is not None
+            and "max_length" not in gen
+            and self.model.config.is_encoder_decoder
+        ):
+            # the same limit (the decoder starts from one start token); passed as max_length, transformers
+            # does not warn on every batch that the model's generation config sets max_length too
+            gen["max_length"] = int(gen.pop("max_new_tokens")) + 1
         if gen.get("num_return_sequences", 1) != 1:
             raise UsageError(
                 "num_return_sequences > 1 is not supported by translate(); call generate() directly"
@@ -384,6 +433,9 @@ class KNNMT:
         if config.confidence_gate is not None:  # steps the gate skips keep p_MT
             confident = (log_mt.max(dim=-1).values >= config.log_gate).tolist()
             weights = [0.0 if sure else w for w, sure in zip(weights, confident, strict=True)]
+        if config.domain_gate is not None and self.source_similarity([source])[0] < config.domain_gate:
+            confident = [True] * len(weights)  # the domain gate leaves this sentence to the model
+            weights = [0.0] * len(weights)
         sent_ids, positions = self.datastore.provenance(ids)
         cache: dict[int, dict[str, Any]] = {}
         out: list[TokenExplanation] = []

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import KNNConfig
+from .domain_gate import threshold_for_recall
 from .errors import UsageError
 from .evaluation import score
 from .search import prepare_retrieval
@@ -81,6 +82,8 @@ class TuningResult:
     ood_base_log_likelihood: float | None = None
     #: BLEU of the plain model on the out-of-domain dev set, when one was given
     ood_base_bleu: float | None = None
+    #: the share of dev sources the domain gate was set to keep (``None``: no domain gate)
+    domain_recall: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -224,6 +227,7 @@ def tune(
     confirm: int = 3,
     k_tolerance: float = 0.005,
     max_ood_loss: float = 0.5,
+    domain_recall: float | None = None,
     batch_size: int = 32,
     **generate_kwargs: Any,
 ) -> TuningResult:
@@ -239,6 +243,10 @@ def tune(
     log-likelihood is within ``k_tolerance`` (nats per token) of the grid's best are confirmed
     (0 = always the most likely k). The ``confirm`` settings decoded are the best cells of distinct
     (half-distance, gate) pairs, so that the decoding sees really different settings.
+
+    ``domain_recall`` (e.g. 0.9) adds a sentence-level domain gate (:mod:`knnmt.domain_gate`; needs the
+    datastore's dense sentence index): its threshold keeps retrieval on for that share of the dev
+    sources, and every confirmed setting is decoded with it.
     """
     if not sources or len(sources) != len(references):
         raise UsageError(
@@ -255,6 +263,14 @@ def tune(
         raise UsageError(f"confidence gates must be probabilities in (0, 1] or None, got {list(gates)}")
     if confirm < 1:
         raise UsageError(f"confirm must be >= 1, got {confirm}")
+    domain_gate: float | None = None
+    if domain_recall is not None:
+        domain_gate = threshold_for_recall(knn.source_similarity(sources), domain_recall)
+        logger.info(
+            "domain gate %.4f keeps retrieval on for %.0f%% of the dev sources",
+            domain_gate,
+            100 * domain_recall,
+        )
     stats = reference_statistics(knn, sources, references, max(ks))
     ood: ReferenceStats | None = None
     halves = list(half_distances) if half_distances is not None else auto_half_distances(stats.distances)
@@ -299,6 +315,7 @@ def tune(
             lambda_=float(lambdas[m]),
             half_distance=halves[h],
             confidence_gate=gates[g],
+            domain_gate=domain_gate,
         )
         candidates.append((config, cell))
         if len(candidates) == confirm:
@@ -323,6 +340,8 @@ def tune(
             ood_hyps = knn.translate(ood_sources, knn=config, batch_size=batch_size, **generate_kwargs)
             row["ood_bleu"] = score([h.text for h in ood_hyps], ood_references, name=str(config)).bleu
             row["ood_bleu_loss"] = ood_plain_bleu - row["ood_bleu"]
+            if domain_gate is not None:
+                row["ood_sentences_off"] = knn.last_stats.get("sentences_off", 0) / len(ood_sources)
         confirmed.append(row)
         logger.info("dev BLEU %.2f chrF %.2f for %s", result.bleu, result.chrf, config)
     best_row = _choose(confirmed, max_ood_loss)
@@ -341,6 +360,7 @@ def tune(
         ood_grid,
         ood_base,
         ood_plain_bleu,
+        domain_recall,
     )
 
 

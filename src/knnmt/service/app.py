@@ -147,6 +147,8 @@ class Service:
             translator = KNNMT(
                 model_obj, tokenizer, store, index=main, config=knn_config, retriever=memory.retriever
             )
+            if knn_config.domain_gate is not None:  # load it now: fail at start, and gate on the
+                translator.domain_gate  # noqa: B018  memory as started (pairs added later are not in it)
         except BaseException:
             memory.close()
             raise
@@ -370,6 +372,7 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
                 "temperature": knn.temperature,
                 "half_distance": knn.half_distance,
                 "confidence_gate": knn.confidence_gate,
+                "domain_gate": knn.domain_gate,
             },
             "writes": config.writes,
             "limits": {
@@ -432,6 +435,7 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
                 "temperature": knn.temperature,
                 "half_distance": knn.half_distance,
                 "confidence_gate": knn.confidence_gate,
+                "domain_gate": knn.domain_gate,
                 "beam": request.beam,
                 "max_new_tokens": max_new,
             },
