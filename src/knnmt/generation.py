@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from .beam_tracking import BeamSettings, BeamTracker
 from .config import KNNConfig
 from .errors import KnnmtError
 from .models import key_module
@@ -39,13 +40,15 @@ class StepStats:
         self.rows = 0
         self.searched = 0
         self.gated = 0
+        self.decided = 0
         self.sentences = 0
         self.sentences_off = 0
         self.seconds = 0.0
         self.search_seconds = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        """``steps``: processor calls; ``rows``: live hypotheses seen; ``gated``: of those, skipped by the
+        """``steps``: processor calls; ``rows``: live hypotheses seen (beams of sentences whose beam search
+        is decided are not live: ``decided`` counts those rows); ``gated``: of those, skipped by the
         confidence gate; ``searched``: distinct queries searched; ``sentences``: input sentences, of
         which ``sentences_off`` the domain gate left to the plain model; ``seconds``: wall-clock time
         inside the processor, of which ``search_seconds`` in the retriever's ``search``."""
@@ -53,6 +56,7 @@ class StepStats:
             "steps": self.steps,
             "rows": self.rows,
             "gated": self.gated,
+            "decided": self.decided,
             "sentences": self.sentences,
             "sentences_off": self.sentences_off,
             "searched": self.searched,
@@ -74,6 +78,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         finished_ids: token ids (eos, pad) after which a row is finished and not searched.
         sentence_on: ``[batch_size]`` bool, the sources whose rows are searched (the domain gate's
             decision); the rows of the others keep the model's log-probabilities. ``None``: all.
+        beam: the settings of the beam search this processor runs in
+            (:func:`knnmt.beam_tracking.beam_settings`); the beams of sentences whose result is
+            already fixed are then not searched. ``None``: every live row is searched.
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         batch_size: int,
         finished_ids: Sequence[int],
         sentence_on: torch.Tensor | None = None,
+        beam: BeamSettings | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -97,6 +105,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.batch_size = batch_size
         self.finished_ids = torch.tensor(sorted(set(finished_ids)), dtype=torch.long)
         self.sentence_on = None if sentence_on is None else sentence_on.detach().cpu().bool()
+        # beam search: rows of sentences whose result is already fixed are not searched
+        self.tracker = BeamTracker(beam, batch_size) if beam is not None else None
         self.stats = StepStats()
         self.stats.sentences = batch_size
         if self.sentence_on is not None:
@@ -115,12 +125,16 @@ class KNNLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``input_ids [R, L]`` and ``scores [R, V]`` (logits or log-probs) -> ``[R, V]`` log-probs.
 
-        Rows that are finished come back as given; rows the confidence gate skips come back as the
-        model's own log-probabilities (λ = 0); the others are searched in one batched call and mixed.
+        Rows that are finished come back as given (or as their log-softmax, the same distribution, when
+        a gate acted at this step); rows a gate skips come back as the model's own log-probabilities
+        (λ = 0); the others are searched in one batched call and mixed.
         """
         started = time.perf_counter()
         try:
-            return self._process(input_ids, scores)  # type: ignore[return-value]
+            out = self._process(input_ids, scores)
+            if self.tracker is not None:
+                self.tracker.update(input_ids, out)
+            return out  # type: ignore[return-value]
         finally:
             self.stats.seconds += time.perf_counter() - started
 
@@ -132,6 +146,10 @@ class KNNLogitsProcessor(LogitsProcessor):
         active = torch.ones(rows, dtype=torch.bool)
         if input_ids.shape[1] > 1:  # a row that emitted eos/pad is finished: nothing to search
             active = ~torch.isin(input_ids[:, -1].cpu(), self.finished_ids)
+        decided = self.tracker.decided(input_ids) if self.tracker is not None else None
+        if decided is not None:  # beams of a sentence whose result is fixed: their output is unused
+            self.stats.decided += int((active & decided.cpu()).sum())
+            active = active & ~decided.cpu()
         self.stats.rows += int(active.sum())
         groups = torch.arange(rows) // max(1, rows // self.batch_size)
         log_mt_all: torch.Tensor | None = None
@@ -148,26 +166,24 @@ class KNNLogitsProcessor(LogitsProcessor):
         if bool(gated.any()) and log_mt_all is None:
             log_mt_all = torch.log_softmax(scores.float(), dim=-1)
         act_rows = active.nonzero().squeeze(1)
-        if act_rows.numel() == 0 and not bool(gated.any()):
+        if act_rows.numel() == 0 and log_mt_all is None:
             return scores
-        device = scores.device
-        mixed: torch.Tensor | None = None
-        if act_rows.numel():
-            act_dev = act_rows.to(device)
-            log_mt = (
-                log_mt_all[act_dev]
-                if log_mt_all is not None
-                else torch.log_softmax(scores[act_dev].float(), dim=-1)
-            )
-            mixed = self._mix(queries.cpu()[act_rows], groups[act_rows], log_mt)
-            if act_rows.numel() == rows:
-                return mixed
-        out = scores.float().clone()
-        if log_mt_all is not None and bool(gated.any()):
-            gated_dev = gated.to(device)
-            out[gated_dev] = log_mt_all[gated_dev]
-        if mixed is not None:
-            out[act_rows.to(device)] = mixed
+        act_dev = act_rows.to(scores.device)
+        if act_rows.numel() == rows:  # every row searched (also when a gate looked and skipped none)
+            log_mt = log_mt_all if log_mt_all is not None else torch.log_softmax(scores.float(), dim=-1)
+            return self._mix(queries.cpu(), groups, log_mt)
+        if log_mt_all is not None:
+            # our own tensor: gated rows keep p_MT as it is; finished rows get the log-softmax of their
+            # scores (the same distribution; generate pads them anyway); searched rows are mixed in
+            if act_rows.numel():
+                log_mt_all[act_dev] = self._mix(
+                    queries.cpu()[act_rows], groups[act_rows], log_mt_all[act_dev]
+                )
+            return log_mt_all
+        out = scores.float().clone()  # finished rows come back as given
+        out[act_dev] = self._mix(
+            queries.cpu()[act_rows], groups[act_rows], torch.log_softmax(scores[act_dev].float(), dim=-1)
+        )
         return out
 
     def _mix(self, queries: torch.Tensor, groups: torch.Tensor, log_mt: torch.Tensor) -> torch.Tensor:
@@ -215,6 +231,7 @@ def knn_generation(
     finished_ids: Sequence[int],
     key_layer: str = "ffn_input",
     sentence_on: torch.Tensor | None = None,
+    beam: BeamSettings | None = None,
 ) -> Iterator[KNNLogitsProcessor]:
     """Install the query hook on ``model`` and yield the processor for ``generate``.
 
@@ -225,7 +242,9 @@ def knn_generation(
             out = model.generate(**inputs, logits_processor=[proc])
     """
     with ActivationCapture(key_module(model, key_layer)) as capture:
-        yield KNNLogitsProcessor(capture, retriever, values, config, batch_size, finished_ids, sentence_on)
+        yield KNNLogitsProcessor(
+            capture, retriever, values, config, batch_size, finished_ids, sentence_on, beam
+        )
 
 
 def generation_kwargs(model: Any, extra: dict[str, Any]) -> dict[str, Any]:

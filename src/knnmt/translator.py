@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .beam_tracking import beam_settings
 from .config import KNNConfig
 from .datastore import Datastore
 from .domain_gate import DomainGate
@@ -165,6 +166,8 @@ class KNNMT:
         )
         self.last_stats: dict[str, float] = {}
         self._domain_gate = domain_gate  # None: loaded from the datastore when a config needs it
+        #: beam search: skip the searches of sentences whose beam search is decided (knnmt.beam_tracking)
+        self.track_beams = True
 
     @property
     def index(self) -> SearchIndex:
@@ -284,6 +287,7 @@ class KNNMT:
             finished_ids=self._finished_ids(),
             key_layer=self.key_layer,
             sentence_on=sentence_on,
+            beam=beam_settings(self.model, gen) if self.track_beams else None,
         ) as proc:
             out = self.model.generate(**inputs, logits_processor=[proc], **extra, **gen)
         self._add_stats(proc.stats.as_dict())
