@@ -11,7 +11,8 @@ model (``models/opus-knnmt-en-de-small``):
   without and with the confidence gate (``-gated``: steps where the model's top token has probability
   >= ``--gate`` are not searched), and ``vanilla-fast`` (gated, nprobe 8, re-rank 4); vanilla kNN-MT
   with exact search (Flat, the quality reference); ``vanilla-k4``, ``vanilla-k32``...: vanilla with
-  another k (the k sweep); ``vanilla-n32``...: another nprobe; ``vanilla-pq8``: the previous default
+  another k (the k sweep); ``vanilla-n32``, ``vanilla-n8-r2``...: another nprobe (and re-rank
+  factor); ``vanilla-pq8``: the previous default
   index (8-bit PQ), where a view keeps it in ``index-pq8/``;
   Subset kNN-MT with lexical (BM25) and dense (mean-pooled encoder states) sentence search;
 * target tokens/s (greedy and beam 4, batch 32), the ratio to the plain model, BLEU and chrF, recall@k
@@ -167,10 +168,13 @@ def modes(names: list[str]) -> dict[str, Mode]:
     for name in names:  # vanilla-k4, vanilla-k32...: vanilla with another k (the k sweep)
         if re.fullmatch(r"vanilla-k\d+", name):
             available[name] = available["vanilla"]
-        if probes := re.fullmatch(r"vanilla-n(\d+)", name):  # vanilla-n32...: another nprobe
-            available[name] = lambda store, exact, m, t, n=int(probes[1]): IndexRetriever(
-                SearchIndex.load(store.path / "index", store, nprobe=n), store
+        # vanilla-n32, vanilla-n8-r2(-gated)...: another nprobe (and re-rank factor)
+        if probes := re.fullmatch(r"vanilla-n(\d+)(?:-r(\d+))?", name.removesuffix("-gated")):
+            available[probes[0]] = lambda store, exact, m, t, n=int(probes[1]), r=probes[2]: IndexRetriever(
+                SearchIndex.load(store.path / "index", store, nprobe=n, rerank=None if r is None else int(r)),
+                store,
             )
+            available[f"{probes[0]}-gated"] = available[probes[0]]
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}; available: {sorted(available)}")

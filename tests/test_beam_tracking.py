@@ -82,6 +82,9 @@ def test_settings_only_for_deterministic_beam_search(translator) -> None:
     assert beam_settings(model, {"num_beams": 1}) is None
     assert beam_settings(model, {"num_beams": 4, "do_sample": True}) is None
     assert beam_settings(model, {"num_beams": 4, "max_time": 1.0}) is None
+    # settings it cannot read for certain, or processors that would run after the kNN processor
+    assert beam_settings(model, {"num_beams": 4, "generation_config": model.generation_config}) is None
+    assert beam_settings(model, {"num_beams": 4, "renormalize_logits": True}) is None
     settings = beam_settings(model, {"num_beams": 4, "max_new_tokens": 9, "length_penalty": 0.5})
     assert settings is not None
     assert (settings.num_beams, settings.max_length, settings.length_penalty) == (4, 10, 0.5)

@@ -149,3 +149,26 @@ def test_cli_gate_options(tmp_path: Path, gated: KNNMT) -> None:
     assert _domain_recall("auto", KNNMT(model, tokenizer, gated.datastore)) is None  # it has none
     with pytest.raises(UsageError, match="domain-recall"):
         _domain_recall("1.5", gated)
+
+
+def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: Path, caplog) -> None:
+    """Pairs appended after the dense sentence index was built (the service adds some): the gate still
+    loads, compares with the sentences it covers, and says how to include the new ones."""
+    from conftest import build_test_subset, write_text_corpus
+    from knnmt.build import build_datastore
+    from knnmt.errors import IncompatibleError
+    from knnmt.subset import SubsetIndex
+
+    model, tokenizer = marian
+    first = write_text_corpus(tmp_path / "a", toy_pairs[:40])
+    store = build_datastore(model, tokenizer, first, tmp_path / "ds", progress=False)
+    build_test_subset(store, model, tokenizer)
+    more = write_text_corpus(tmp_path / "b", toy_pairs[40:60])
+    grown = build_datastore(model, tokenizer, more, tmp_path / "ds", append=True, progress=False)
+    with caplog.at_level("WARNING"):
+        gate = DomainGate.load(grown)
+    assert "covers 40 of the datastore's 60 sentences" in caplog.text
+    sims = gate.similarity_of(model, tokenizer, [s for s, _ in toy_pairs[:2]])
+    assert np.allclose(sims, 1.0, atol=1e-4)
+    with pytest.raises(IncompatibleError):  # Subset kNN-MT itself needs an index of every entry
+        SubsetIndex.load(tmp_path / "ds" / "subset", grown)

@@ -167,7 +167,7 @@ def test_index_belongs_to_its_datastore(synthetic, tmp_path: Path) -> None:
         build_index(store, IndexConfig(factory="IVF64,PQ7"), out=tmp_path / "bad", progress=False)
 
 
-@pytest.mark.parametrize("dim", [64, 100, 512, 1024])
+@pytest.mark.parametrize("dim", [64, 100, 257, 512, 1024])
 @pytest.mark.parametrize("count", [1_000, 100_000, 100_001, 2_000_000, 300_000_000])
 def test_auto_factory_is_valid(count: int, dim: int) -> None:
     factory = auto_factory(count, dim)
@@ -177,9 +177,12 @@ def test_auto_factory_is_valid(count: int, dim: int) -> None:
     index = faiss.index_factory(dim, factory)  # parses, and is the structure announced
     ivf = faiss.extract_index_ivf(index)
     assert ivf.nlist >= 64 and ivf.nlist * 39 <= count
-    fast_scan = faiss.downcast_index(index)
-    assert isinstance(fast_scan, faiss.IndexIVFPQFastScan)
-    pq = fast_scan.pq
+    pq_index = faiss.downcast_index(index)
+    pq = pq_index.pq
+    if dim % 2:  # fast-scan needs an even number of sub-quantizers: 8-bit PQ instead
+        assert isinstance(pq_index, faiss.IndexIVFPQ) and dim % pq.M == 0 and pq.nbits == 8
+        return
+    assert isinstance(pq_index, faiss.IndexIVFPQFastScan)
     assert dim % pq.M == 0 and pq.M % 2 == 0 and pq.nbits == 4 and pq.M <= 128
 
 

@@ -22,8 +22,11 @@ $K tune --model $M --datastore $DS --source $Q/target-dev.en --reference $Q/targ
   > $Q/tune.txt 2> $Q/tune.log
 cat $Q/tune.txt
 date
-.venv/bin/python benchmarks/quality/sweep.py $DS dev --beam 1 | tee $Q/sweep-dev.txt
-.venv/bin/python benchmarks/quality/sweep.py $DS test --beam 1 | tee $Q/sweep-test-beam1.txt
+.venv/bin/python benchmarks/quality/sweep.py $DS dev --beam 1 --configs h5-l95,shipped,tuned,tuned-domain | tee $Q/sweep-dev.txt
+.venv/bin/python benchmarks/quality/sweep.py $DS test --beam 1 --configs h5-l95,shipped,tuned,tuned-domain | tee $Q/sweep-test-beam1.txt
 .venv/bin/python benchmarks/quality/sweep.py $DS test --beam 4 --configs tuned,tuned-domain,h5-l95,shipped \
   | tee $Q/sweep-test-beam4.txt
+date
+.venv/bin/python benchmarks/quality/domain_recall.py $DS dev --beam 4 | tee $Q/domain-recall-dev-beam4.txt
+.venv/bin/python benchmarks/quality/domain_recall.py $DS test --beam 4 | tee $Q/domain-recall-test-beam4.txt
 date

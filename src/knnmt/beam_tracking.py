@@ -3,7 +3,7 @@
 transformers' vectorised beam search keeps decoding every sentence of a batch until the whole batch
 is done: once a sentence has its ``num_beams`` finished hypotheses and no running beam can beat them,
 its beams keep running and their continuations are discarded. The processor is still called for
-those rows, and kNN-MT would search for them: with beam 4 about half of all searches went to decided
+those rows, and kNN-MT would search for them: with beam 4, 40 % of all searches went to decided
 sentences (docs/BENCHMARKS.md, "Speed").
 
 A processor cannot read the beam search's state, but that state is a function of what the processor
@@ -14,7 +14,12 @@ the same tensor operations (so the same floating-point results), and checks at e
 running sequences it predicted are the ones the beam search hands over next. On any difference (a
 transformers version with other rules, a processor after ours, sampling) it switches itself off and
 every row is searched again. Rows of a decided sentence can then be left alone: nothing they produce
-reaches the output.
+reaches the output sequences or their ``sequences_scores`` (the per-step ``scores`` that
+``output_scores=True`` returns do show those rows unmixed).
+
+The check on the running sequences cannot see the settings that only decide *when* a sentence is
+done (``length_penalty``, ``early_stopping``, ``max_length``), so :func:`beam_settings` declines
+every call whose settings it cannot read with certainty.
 
 Mirrors ``GenerationMixin._beam_search`` of transformers 5.x (``_get_top_k_continuations``,
 ``_get_running_beams_for_next_iteration``, ``_update_finished_beams``, ``_check_early_stop_heuristic``).
@@ -168,15 +173,28 @@ def beam_settings(model: object, generate_kwargs: dict[str, object]) -> BeamSett
     num_beams = int(setting("num_beams", 1) or 1)  # type: ignore[call-overload]
     if num_beams < 2 or setting("do_sample", False):
         return None
-    unsupported = ("stopping_criteria", "stop_strings", "max_time", "constraints", "force_words_ids")
+    # settings the tracker does not read, or that add stopping rules or processors after ours
+    unsupported = (
+        "generation_config",
+        "stopping_criteria",
+        "stop_strings",
+        "max_time",
+        "constraints",
+        "force_words_ids",
+        "renormalize_logits",
+        "watermarking_config",
+        "decoder_input_ids",
+    )
     if any(generate_kwargs.get(name) for name in unsupported):
+        return None
+    if any(getattr(config, name, None) for name in unsupported[1:]):
         return None
     if int(setting("num_beam_groups", 1) or 1) > 1:  # type: ignore[call-overload]
         return None
     eos = setting("eos_token_id")
     eos_ids: Sequence[int] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)  # type: ignore[call-overload]
     max_length = setting("max_length")
-    new_tokens = generate_kwargs.get("max_new_tokens")
+    new_tokens = setting("max_new_tokens")  # transformers lets max_new_tokens win over max_length
     if new_tokens is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         max_length = int(new_tokens) + 1  # type: ignore[call-overload]  # one decoder start token
     if max_length is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import DatastoreError, KnnmtError, UsageError
+from .errors import KnnmtError, UsageError
 
 logger = logging.getLogger("knnmt")
 
@@ -533,7 +533,7 @@ def _domain_recall(text: str, knn: Any) -> float | None:
         return recall
     try:
         knn.domain_gate  # noqa: B018  (loads it, or says why it cannot)
-    except (DatastoreError, UsageError) as exc:
+    except KnnmtError as exc:  # no dense sentence index, or one of an older datastore
         logger.info("no domain gate: %s", exc)
         return None
     return AUTO_DOMAIN_RECALL

@@ -46,11 +46,12 @@ class DomainGate:
     @classmethod
     def load(cls, datastore: Datastore, subset_dir: str | Path | None = None) -> DomainGate:
         """The gate of ``datastore``, from the dense sentence index of its subset directory
-        (``subset_dir``, default ``<datastore>/subset``)."""
+        (``subset_dir``, default ``<datastore>/subset``). An index built before pairs were appended
+        is used with a warning: inputs are compared with the sentences it covers."""
         from .subset import SUBSET_DIR, checked_settings
 
         directory = Path(subset_dir) if subset_dir is not None else datastore.path / SUBSET_DIR
-        settings = checked_settings(directory, datastore)
+        settings = checked_settings(directory, datastore, allow_grown=True)
         if GATE_SEARCH not in settings.get("sentence_search", {}):
             raise UsageError(
                 f"the domain gate needs the dense sentence index of {datastore.path}; build it with "

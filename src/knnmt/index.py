@@ -48,8 +48,13 @@ def auto_factory(count: int, dim: int) -> str:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(count)))
     nlist = int(max(64, min(nlist, 65536, 2 ** math.floor(math.log2(count / 39)))))
+    if dim % 2:  # fast-scan packs codes in pairs: an odd dimension gets 8-bit PQ of dim/8 bytes
+        m = min(64, max(1, dim // 8))
+        while dim % m:
+            m -= 1
+        return f"IVF{nlist},PQ{m}"
     m = min(128, max(2, dim // 4))
-    while dim % m or m % 2:  # sub-vectors must tile the key; fast-scan packs codes in pairs
+    while dim % m or m % 2:  # sub-vectors must tile the key (m = 2 always does for an even dim)
         m -= 1
     return f"IVF{nlist},PQ{m}x4fs"
 

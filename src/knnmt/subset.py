@@ -181,14 +181,31 @@ def _read_settings(directory: Path) -> dict[str, Any] | None:
     return settings
 
 
-def checked_settings(directory: Path, datastore: Datastore) -> dict[str, Any]:
-    """The settings of the subset index at ``directory``, checked to belong to ``datastore``."""
+def checked_settings(directory: Path, datastore: Datastore, allow_grown: bool = False) -> dict[str, Any]:
+    """The settings of the subset index at ``directory``, checked to belong to ``datastore``.
+
+    ``allow_grown`` accepts an index of fewer entries and sentences than the datastore now holds (pairs
+    appended since, e.g. by the service) with a warning: it still describes the sentences it covers.
+    """
     settings = _read_settings(directory)
     if settings is None:
         raise DatastoreError(
             f"no subset index at {directory} (expected {SETTINGS_FILE}); run `knnmt index --subset`"
         )
-    if settings.get("datastore_fingerprint") != datastore.fingerprint:
+    grown = (
+        allow_grown
+        and int(settings.get("entries", -1)) < datastore.count
+        and int(settings.get("sentences", -1)) <= int(datastore.manifest["sentences"])
+    )
+    if grown:
+        logger.warning(
+            "the subset index at %s covers %s of the datastore's %d sentences (pairs were added since); "
+            "rebuild it with `knnmt index --subset --force` to include them",
+            directory,
+            settings.get("sentences"),
+            int(datastore.manifest["sentences"]),
+        )
+    elif settings.get("datastore_fingerprint") != datastore.fingerprint:
         raise IncompatibleError(
             f"subset index {directory} was built for another datastore (fingerprint "
             f"{settings.get('datastore_fingerprint')}, {settings.get('entries')} entries); datastore "

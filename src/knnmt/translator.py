@@ -334,7 +334,9 @@ class KNNMT:
         if (
             gen.get("max_new_tokens") is not None
             and "max_length" not in gen
+            and "decoder_input_ids" not in gen
             and self.model.config.is_encoder_decoder
+            and getattr(self.model.generation_config, "max_new_tokens", None) is None
         ):
             # the same limit (the decoder starts from one start token); passed as max_length, transformers
             # does not warn on every batch that the model's generation config sets max_length too

@@ -147,8 +147,10 @@ class Service:
             translator = KNNMT(
                 model_obj, tokenizer, store, index=main, config=knn_config, retriever=memory.retriever
             )
-            if knn_config.domain_gate is not None:  # load it now: fail at start, and gate on the
-                translator.domain_gate  # noqa: B018  memory as started (pairs added later are not in it)
+            if knn_config.domain_gate is not None:
+                # loaded now, so that a missing index fails at start; it gates on the memory as indexed
+                # (pairs added while serving are searched, but do not count as similar sources)
+                translator.domain_gate  # noqa: B018
         except BaseException:
             memory.close()
             raise
