@@ -13,34 +13,21 @@ rest of its batch (the batch-1-equals-batch-N oracle test). DATASTORE needs its 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
+from sweep import ROOT, arguments, pairs  # the same directory: python benchmarks/quality/...
 
 from knnmt.config import KNNConfig
 from knnmt.domain_gate import threshold_for_recall
 from knnmt.evaluation import score
 from knnmt.translator import KNNMT
 
-ROOT = Path(__file__).resolve().parents[2]
 RECALLS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 
 
-def pairs(name: str) -> tuple[list[str], list[str]]:
-    rows = [line.split("\t") for line in (ROOT / "data" / name).read_text(encoding="utf-8").splitlines()]
-    return [r[0] for r in rows], [r[1] for r in rows]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("datastore")
-    parser.add_argument("split", choices=["dev", "test"])
-    parser.add_argument("--beam", type=int, default=1)
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
     knn = KNNMT.load(str(ROOT / "models" / "opus-knnmt-en-de-small"), args.datastore)
     config = dataclasses.replace(KNNConfig.load(ROOT / "data" / "target" / "knn.json"), domain_gate=None)
     gen = {"num_beams": args.beam, "max_new_tokens": 128, "batch_size": 32}
