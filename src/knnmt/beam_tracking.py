@@ -68,6 +68,11 @@ class BeamTracker:
         self.finished: torch.Tensor | None = None  # [B, nb] scores of the finished pool
         self.sent_finished: torch.Tensor | None = None  # [B, nb] slot holds a finished hypothesis
         self.open: torch.Tensor | None = None  # [B, 1] early-stop heuristic unsatisfied: can improve
+        nb = settings.num_beams
+        #: continuations kept per step (the beam search's ``beams_to_keep``); only the first ``nb`` of
+        #: them may enter the finished pool (its ``top_num_beam_mask``)
+        self.keep = max(2, 1 + len(settings.eos_token_ids)) * nb
+        self.top_num_beam_mask = torch.arange(self.keep) < nb
 
     def _stop(self, why: str) -> None:
         if self.active:
@@ -112,8 +117,7 @@ class BeamTracker:
         # _get_top_k_continuations (greedy selection)
         accumulated = log_probs.float().view(batch, nb, vocab) + self.running[:, :, None]
         accumulated = accumulated.reshape(batch, -1)
-        keep = max(2, 1 + len(s.eos_token_ids)) * nb
-        topk_log_probs, topk_indices = torch.topk(accumulated, k=keep)
+        topk_log_probs, topk_indices = torch.topk(accumulated, k=self.keep)
         beams = topk_indices // vocab
         tokens = topk_indices % vocab
         sequences = input_ids.view(batch, nb, cur_len)
@@ -130,10 +134,7 @@ class BeamTracker:
         ).view(batch * nb, cur_len + 1)
         self.running = torch.gather(running_log_probs, 1, next_indices)
         # _update_finished_beams
-        top_num_beam_mask = torch.cat(
-            (torch.ones(nb, dtype=torch.bool), torch.zeros(keep - nb, dtype=torch.bool)), dim=0
-        ).to(hits.device)
-        just_finished = hits & top_num_beam_mask[None, :]
+        just_finished = hits & self.top_num_beam_mask.to(hits.device)[None, :]
         scores = topk_log_probs / ((cur_len + 1 - self.prompt_len) ** s.length_penalty)
         full = torch.all(self.sent_finished, dim=-1, keepdim=True) & (s.early_stopping is True)
         scores += full.to(torch.float32) * _OUT

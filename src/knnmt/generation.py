@@ -148,8 +148,9 @@ class KNNLogitsProcessor(LogitsProcessor):
             active = ~torch.isin(input_ids[:, -1].cpu(), self.finished_ids)
         decided = self.tracker.decided(input_ids) if self.tracker is not None else None
         if decided is not None:  # beams of a sentence whose result is fixed: their output is unused
-            self.stats.decided += int((active & decided.cpu()).sum())
-            active = active & ~decided.cpu()
+            decided = active & decided.cpu()
+            self.stats.decided += int(decided.sum())
+            active = active & ~decided
         self.stats.rows += int(active.sum())
         groups = torch.arange(rows) // max(1, rows // self.batch_size)
         log_mt_all: torch.Tensor | None = None

@@ -283,6 +283,18 @@ class _Guard:
             )
 
 
+def _knn_settings(knn: KNNConfig) -> dict[str, Any]:
+    """The kNN settings a response reports (``/info`` and ``/translate``), in the API's field names."""
+    return {
+        "k": knn.k,
+        "lambda": knn.lambda_,
+        "temperature": knn.temperature,
+        "half_distance": knn.half_distance,
+        "confidence_gate": knn.confidence_gate,
+        "domain_gate": knn.domain_gate,
+    }
+
+
 def _explanation(service: Service, translation: Translation) -> list[dict[str, Any]] | None:
     if translation.explanation is None:
         return None
@@ -368,14 +380,7 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
             "entries": store.count,
             "sentences": int(store.manifest["sentences"]),
             "index": service.memory.retriever.state.main.factory,
-            "knn": {
-                "k": knn.k,
-                "lambda": knn.lambda_,
-                "temperature": knn.temperature,
-                "half_distance": knn.half_distance,
-                "confidence_gate": knn.confidence_gate,
-                "domain_gate": knn.domain_gate,
-            },
+            "knn": _knn_settings(knn),
             "writes": config.writes,
             "limits": {
                 "max_sentences": config.max_sentences,
@@ -432,12 +437,7 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
             ],
             "config": {
                 "knn": request.knn,
-                "k": knn.k,
-                "lambda": knn.lambda_,
-                "temperature": knn.temperature,
-                "half_distance": knn.half_distance,
-                "confidence_gate": knn.confidence_gate,
-                "domain_gate": knn.domain_gate,
+                **_knn_settings(knn),
                 "beam": request.beam,
                 "max_new_tokens": max_new,
             },
