@@ -10,11 +10,18 @@ Steps (all settings are CLI flags whose defaults are the shipped run; they are l
 1. shared SentencePiece unigram vocabulary on both sides of the general train set → MarianTokenizer;
 2. a small ``MarianMTModel`` trained with a plain PyTorch loop: token-budget batches bucketed by length,
    AdamW, linear warm-up + inverse-sqrt decay, label smoothing, gradient clipping;
-3. every ``--ckpt-minutes``: checkpoint (model + optimizer + step + data position) to ``<run-dir>/ckpt/``
-   and greedy dev BLEU on ``--dev-eval-size`` general-dev sentences; the best one is kept;
-4. stop when ``--time-budget-minutes`` of training time is spent (or on SIGINT/SIGTERM), export the best
-   checkpoint as fp16 safetensors + tokenizer + generation config, evaluate on the general and target
+3. every ``--eval-steps`` steps: checkpoint (model + optimizer + step + data position + RNG state) to
+   ``<run-dir>/ckpt/`` and greedy dev BLEU on ``--dev-eval-size`` general-dev sentences (plus a
+   checkpoint without evaluation every ``--ckpt-minutes``, so a stopped run loses little);
+4. stop after ``--max-steps`` steps (or when the optional ``--time-budget-minutes`` is spent, or on
+   SIGINT/SIGTERM), export the last checkpoint (``--export-checkpoint best`` takes the best dev BLEU
+   instead) as fp16 safetensors + tokenizer + generation config, evaluate on the general and target
    test sets (greedy and beam 4) and write the model card.
+
+Everything is deterministic given the seed, the training file and the step count (on the same CPU
+type and thread count: bf16 kernels differ between instruction sets), so the shipped model is
+reproduced by its ``--max-steps``. The tokenizer and the encoded-corpus cache in ``--run-dir`` are tied to
+the SHA-256 of the training file, so a rebuilt corpus never trains on a stale cache.
 
 ``--resume`` continues from ``<run-dir>/ckpt/last.pt``; ``--export-only`` skips training.
 ``--bench`` measures training throughput of a few candidate sizes and exits.
@@ -23,6 +30,7 @@ Steps (all settings are CLI flags whose defaults are the shipped run; they are l
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -30,6 +38,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -79,17 +88,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.98))
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.autocast('cpu', bfloat16) for forward/backward")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.autocast('cpu', bfloat16) for forward/backward (faster only on CPUs with "
+                        "native bf16, e.g. AVX512-BF16/AMX; see --bench)")
     # time / checkpoints / eval
-    p.add_argument("--time-budget-minutes", type=float, default=90.0)
-    p.add_argument("--max-steps", type=int, default=0, help="0 = no step limit")
-    p.add_argument("--ckpt-minutes", type=float, default=10.0)
+    p.add_argument("--max-steps", type=int, default=5000, help="stop after this many updates (0 = no limit)")
+    p.add_argument("--time-budget-minutes", type=float, default=0.0,
+                   help="also stop when this much wall-clock time is spent (0 = no limit); the weights then "
+                        "depend on the machine's speed")
+    p.add_argument("--eval-steps", type=int, default=500, help="checkpoint + dev BLEU every this many steps")
+    p.add_argument("--ckpt-minutes", type=float, default=10.0,
+                   help="also save a resumable checkpoint (no evaluation) this often")
+    p.add_argument("--export-checkpoint", choices=("last", "best"), default="last")
     p.add_argument("--dev-eval-size", type=int, default=200)
     p.add_argument("--eval-batch-size", type=int, default=48)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--export-only", action="store_true", help="skip training; export + evaluate best ckpt")
+    p.add_argument("--export-only", action="store_true", help="skip training; export + evaluate a checkpoint")
     p.add_argument("--no-final-eval", action="store_true")
     p.add_argument("--bench", action="store_true", help="measure tokens/s of candidate sizes and exit")
     p.add_argument("--bench-steps", type=int, default=12)
@@ -110,6 +125,37 @@ def read_tsv(path: str | Path) -> list[tuple[str, str]]:
             if len(parts) >= 2 and parts[0].strip() and parts[1].strip():
                 pairs.append((parts[0], parts[1]))
     return pairs
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_run_data(run_dir: Path, train_sha: str, resume: bool) -> None:
+    """Tie ``run_dir``'s tokenizer and encoded cache to the training file; drop them if it changed.
+
+    A resumed run must see the same file it started on, so there a change is an error.
+    """
+    stamp = run_dir / "train_sha256.txt"
+    old = stamp.read_text().strip() if stamp.exists() else None
+    if old == train_sha:
+        return
+    if resume and (run_dir / "ckpt" / "last.pt").exists():
+        raise SystemExit(f"{run_dir}: the training file changed since this run started (sha256 {old} → "
+                         f"{train_sha}); resume with the same file, or start a new --run-dir")
+    for stale in (run_dir / "train_encoded.pt", run_dir / "tokenizer"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    if old is not None:
+        logger.warning("training file changed (sha256 %s… → %s…): tokenizer and cache rebuilt", old[:12],
+                       train_sha[:12])
+    stamp.write_text(train_sha + "\n")
 
 
 def build_tokenizer(args: argparse.Namespace, pairs: list[tuple[str, str]], tok_dir: Path) -> Any:
@@ -369,7 +415,18 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
     signal.signal(signal.SIGTERM, Stop.handler)
     signal.signal(signal.SIGINT, Stop.handler)
 
-    def checkpoint() -> None:
+    def save() -> None:
+        """Resumable checkpoint: model, optimizer, counters, data position and RNG state."""
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
+                   ckpt_dir / "last.pt.tmp")
+        os.replace(ckpt_dir / "last.pt.tmp", last)
+
+    def evaluate_and_save() -> None:
+        """Greedy dev BLEU (no RNG is drawn, so training stays deterministic), then :func:`save`."""
+        if state["history"] and state["history"][-1]["step"] == state["step"]:
+            save()  # already evaluated at this step (a resumed run that stopped right after an evaluation)
+            return
         t_eval = time.time()
         hyps = translate(model, tok, [s for s, _ in dev_n], 1, args.eval_batch_size)
         sc = score(hyps, [t for _, t in dev_n])
@@ -382,10 +439,7 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
         if sc["bleu"] > state["best_bleu"]:
             state["best_bleu"], state["best_step"] = sc["bleu"], state["step"]
             torch.save({"model": model.state_dict(), "state": dict(state)}, ckpt_dir / "best.pt")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}},
-                   ckpt_dir / "last.pt.tmp")
-        os.replace(ckpt_dir / "last.pt.tmp", last)
+        save()
         (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
         logger.info("ckpt step %d: dev BLEU %.2f chrF %.2f (best %.2f @ %d) [eval %.0fs] e.g. %r",
                     state["step"], sc["bleu"], sc["chrf"], state["best_bleu"], state["best_step"],
@@ -424,18 +478,21 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
                             state["epoch"], state["step"], state["pos"], len(batches), win_loss / win_n, lr,
                             float(gnorm), win_tok / (now - win_t), state["elapsed"] / 60)
                 win_tok, win_t, win_loss, win_n = 0, now, 0.0, 0
-            out_of_time = state["elapsed"] >= budget or (args.max_steps and state["step"] >= args.max_steps)
-            if out_of_time or Stop.requested:
+            if ((budget and state["elapsed"] >= budget) or Stop.requested
+                    or (args.max_steps and state["step"] >= args.max_steps)):
                 done = True
                 break
-            if state["elapsed"] - last_ckpt >= args.ckpt_minutes * 60:
-                checkpoint()
-                last_ckpt = state["elapsed"]  # the budget is wall-clock: evaluation time counts too
+            if args.eval_steps and state["step"] % args.eval_steps == 0:
+                evaluate_and_save()
+                last_ckpt = state["elapsed"]  # wall-clock: evaluation time counts too
                 win_tok, win_t, win_loss, win_n = 0, time.time(), 0.0, 0
+            elif state["elapsed"] - last_ckpt >= args.ckpt_minutes * 60:
+                save()
+                last_ckpt = state["elapsed"]
         else:
             state["epoch"] += 1
             state["pos"] = 0
-    checkpoint()
+    evaluate_and_save()
     logger.info("training stopped at step %d after %.1f min; %d tgt / %d src tokens seen",
                 state["step"], state["elapsed"] / 60, state["tgt_tokens"], state["src_tokens"])
 
@@ -444,8 +501,10 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
 
 
 def export(args: argparse.Namespace, tok: Any, run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    ck = torch.load(run_dir / "ckpt" / "best.pt", weights_only=False)
-    last = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)["state"]
+    last_ck = torch.load(run_dir / "ckpt" / "last.pt", weights_only=False)
+    last = last_ck["state"]
+    ck = last_ck if args.export_checkpoint == "last" else torch.load(run_dir / "ckpt" / "best.pt",
+                                                                      weights_only=False)
     model = make_model(args, tok, args.d_model, args.encoder_layers, args.decoder_layers, args.ffn_dim)
     model.load_state_dict(ck["model"])
     model = model.half().eval()
@@ -455,7 +514,7 @@ def export(args: argparse.Namespace, tok: Any, run_dir: Path) -> tuple[Path, dic
     tok.model_max_length = args.model_max_length
     tok.save_pretrained(out)
     info = {"best": ck["state"], "last": last, "params": n_params(model)}
-    logger.info("exported step %d (dev BLEU %.2f) to %s", ck["state"]["step"], ck["state"]["best_bleu"], out)
+    logger.info("exported step %d (%s checkpoint) to %s", ck["state"]["step"], args.export_checkpoint, out)
     return out, info
 
 
@@ -483,8 +542,27 @@ def evaluate_export(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return results
 
 
+def reproduce_command(saved: dict[str, Any], steps: int) -> str:
+    """The command that trains this run from scratch: its settings, with the step count it reached."""
+    defaults = vars(parse_args([]))
+    flags: list[str] = []
+    for key, value in saved.items():
+        if key not in defaults or key in ("resume", "max_steps", "time_budget_minutes", "no_final_eval",
+                                          "export_only", "bench", "bench_steps", "bench_sizes"):
+            continue
+        if value != defaults[key] and not (isinstance(value, list) and tuple(value) == tuple(defaults[key])):
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + key.replace("_", "-"))
+            elif isinstance(value, list):
+                flags += [flag, *map(str, value)]
+            else:
+                flags += [flag, str(value)]
+    return "python " + shlex.join(["scripts/train_base_model.py", "--max-steps", str(steps), *flags])
+
+
 def write_card(args: argparse.Namespace, out: Path, info: dict[str, Any], results: dict[str, Any],
-               tok: Any, command: str, n_train: int) -> None:
+               tok: Any, command: str, n_train: int, train_sha: str) -> None:
     best, last = info["best"], info["last"]
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     hist = "\n".join(f"| {h['step']} | {h['minutes']} | {h['tgt_tokens'] / 1e6:.1f}M "
@@ -522,8 +600,8 @@ def write_card(args: argparse.Namespace, out: Path, info: dict[str, Any], result
                                 f"{tok.pad_token_id}, eos = {tok.eos_token_id}, pad banned"),
     ]
     train_rows = [
-        ("data", f"`data/general/train.tsv`: {n_train} pairs (pairs longer than {args.max_len} tokens "
-                 "dropped)"),
+        ("data", f"`data/general/train.tsv` (sha256 `{train_sha[:16]}…`): {n_train} pairs (pairs longer "
+                 f"than {args.max_len} tokens dropped)"),
         ("batches", f"≤ {args.max_tokens} padded tokens per side, bucketed by length, shuffled per epoch"),
         ("optimiser", f"AdamW (β = {tuple(args.adam_betas)}, weight decay {args.weight_decay}), peak lr "
                       f"{args.lr}, {args.warmup_steps} linear warm-up steps then inverse-sqrt decay, "
@@ -534,10 +612,8 @@ def write_card(args: argparse.Namespace, out: Path, info: dict[str, Any], result
         ("tokens seen", f"{last['tgt_tokens'] / 1e6:.1f}M target / {last['src_tokens'] / 1e6:.1f}M source "
                         "(non-padding)"),
         ("training time", f"{last['elapsed'] / 60:.1f} min wall-clock (of which "
-                          f"{last.get('eval_seconds', 0) / 60:.1f} min periodic dev evaluation), budget "
-                          f"{args.time_budget_minutes} min"),
-        ("machine", f"{cpu}, {args.threads} threads (`torch.set_num_threads`), shared with other jobs; "
-                    f"torch {torch.__version__}"),
+                          f"{last.get('eval_seconds', 0) / 60:.1f} min periodic dev evaluation)"),
+        ("machine", f"{cpu}, {args.threads} threads (`torch.set_num_threads`); torch {torch.__version__}"),
         ("seed", str(args.seed)),
     ]
     model_table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in model_rows)
@@ -576,13 +652,15 @@ print(tok.batch_decode(model.generate(**batch), skip_special_tokens=True))  # be
 
 {train_table}
 
-Size choice: throughput of a few training steps (`--bench`, 4096-token batches, on the shared 2-core machine
-while other jobs ran, so ± noisy): 256/6+3 layers (10.1M params) 206 target tok/s in fp32, 297 with bf16
-autocast; 256/3+3 layers (7.7M) 295 fp32, 318 bf16 (384/6+3 was stopped unmeasured).
-bf16 autocast is faster here
-(the CPU has AVX512-BF16) and is kept. The deeper encoder cost only ~7% throughput under bf16, so the 6+3
-model was chosen. At ~300 target tokens/s the budget allows well under one epoch, hence the small
-(2048-token) batches and short warm-up, to get more updates.
+Size and precision: `--bench` measures the training throughput of candidate sizes in fp32 and with bf16
+autocast. On an AMD EPYC with AVX512-BF16 (shared with other jobs, so noisy), 256/6+3 layers ran at 206
+target tok/s in fp32 and 297 with bf16; 256/3+3 layers (7.7M) at 295 and 318. The deeper encoder cost
+little, so 6+3 was chosen. On the Intel Xeon without native bf16 that trained this model, bf16 autocast is
+emulated: 510 against 1,349 tok/s in fp32 (`--bench --bench-sizes 256:6:3:1024 --bench-steps 20`), so
+training runs in fp32 (`--bf16` turns autocast on where the CPU has it). At ~2,200 target tokens/s in the
+real run (2048-token batches), {last['step']} steps take about an hour; the step count leaves the
+rest of a two-hour budget to evaluation and the kNN-MT pipeline. Small (2048-token) batches and a short
+warm-up give more updates per token seen.
 
 Settings: `training_settings.json`. Reproduce (from the repository root, after `scripts/make_corpora.py`):
 
@@ -590,8 +668,10 @@ Settings: `training_settings.json`. Reproduce (from the repository root, after `
 {command}
 ```
 
-Training stops when the time budget is spent, so the number of steps (and the exact weights) depend on
-the machine's speed; everything else is deterministic given the seed.
+Training is deterministic given the seed, the training file (its SHA-256 is above) and the step count:
+two runs on the same CPU type with the same thread count give bit-identical weights. Another instruction
+set (e.g. a CPU without AVX512-BF16) rounds bf16 differently, so the weights differ slightly there and
+the scores should agree to within a few tenths of a BLEU point.
 
 ### Dev BLEU (greedy, first {args.dev_eval_size} sentences of `data/general/dev.tsv`)
 
@@ -629,9 +709,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "nice -n 5 python " + shlex.join(["scripts/train_base_model.py", *(argv or sys.argv[1:])])
     settings = {k: v for k, v in vars(args).items()}
     settings["command"] = command
+
+    train_sha = file_sha256(args.train)
+    settings["train_sha256"] = train_sha
     if not (args.bench or args.export_only):
         (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
-
+    check_run_data(run_dir, train_sha, args.resume)
     pairs = read_tsv(args.train)
     tok = build_tokenizer(args, pairs, run_dir / "tokenizer")
     logger.info("vocabulary: %d entries, pad %d eos %d", len(tok), tok.pad_token_id, tok.eos_token_id)
@@ -647,7 +730,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {} if args.no_final_eval else evaluate_export(args, out)
     n_train = sum(1 for s, t in zip(data["src"], data["tgt"], strict=True)
                   if len(s) <= args.max_len and len(t) <= args.max_len)
-    write_card(args, out, info, results, tok, saved["command"], n_train)
+    write_card(args, out, info, results, tok, reproduce_command(saved, info["last"]["step"]), n_train,
+               saved.get("train_sha256", ""))
     logger.info("done: %s", out)
 
 

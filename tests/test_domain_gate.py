@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from knnmt.config import KNNConfig
-from knnmt.domain_gate import DomainGate, threshold_for_recall
+from knnmt.domain_gate import DomainGate, threshold_for_recall, threshold_separating
 from knnmt.errors import DatastoreError, UsageError
 from knnmt.toy import toy_corpus
 from knnmt.translator import KNNMT
@@ -130,6 +130,7 @@ def test_tune_sets_the_gate_from_the_dev_sources(gated: KNNMT, toy_pairs, mixed_
     off = float((gated.source_similarity(ood_sources) < expected).mean())
     assert off > 0.5
     assert result.domain_recall == 1.0 and result.best.domain_gate == expected
+    assert result.domain_rule == "recall"
     for row in result.confirmed:
         assert row["domain_gate"] == expected and row["ood_sentences_off"] == pytest.approx(off)
 
@@ -143,12 +144,60 @@ def test_cli_gate_options(tmp_path: Path, gated: KNNMT) -> None:
     assert _knn_config(parser.parse_args(base), str(tmp_path)).domain_gate == 0.8
     assert _knn_config(parser.parse_args([*base, "--domain-gate", "none"]), str(tmp_path)).domain_gate is None
     assert _knn_config(parser.parse_args([*base, "--domain-gate", "0.6"]), str(tmp_path)).domain_gate == 0.6
-    assert _domain_recall("auto", gated) == AUTO_DOMAIN_RECALL  # it has the dense sentence index
-    assert _domain_recall("none", gated) is None and _domain_recall("0.75", gated) == 0.75
+    from knnmt.cli import SEPARATE
+
+    # it has the dense sentence index: with out-of-domain dev data the gate separates, else keeps 0.9
+    assert _domain_recall("auto", gated, has_ood=False) == AUTO_DOMAIN_RECALL
+    assert _domain_recall("auto", gated, has_ood=True) == SEPARATE
+    assert _domain_recall("separate", gated, has_ood=True) == SEPARATE
+    assert _domain_recall("none", gated, True) is None and _domain_recall("0.75", gated, True) == 0.75
     model, tokenizer = gated.model, gated.tokenizer
-    assert _domain_recall("auto", KNNMT(model, tokenizer, gated.datastore)) is None  # it has none
+    assert _domain_recall("auto", KNNMT(model, tokenizer, gated.datastore), True) is None  # it has none
     with pytest.raises(UsageError, match="domain-recall"):
-        _domain_recall("1.5", gated)
+        _domain_recall("1.5", gated, False)
+    with pytest.raises(UsageError, match="ood-source"):
+        _domain_recall("separate", gated, has_ood=False)
+
+
+def test_threshold_separating_maximises_kept_in_minus_kept_out() -> None:
+    rng = np.random.default_rng(0)
+    ins, outs = rng.normal(0.85, 0.05, 400), rng.normal(0.7, 0.08, 300)
+    t = threshold_separating(ins, outs)
+
+    def j(x: float) -> float:
+        return float((ins >= x).mean() - (outs >= x).mean())
+
+    # no threshold on a fine grid separates better, and the chosen one keeps the sentence it sits under
+    assert all(j(t) >= j(x) - 1e-9 for x in np.linspace(0.5, 1.0, 2001))
+    assert (ins >= t).sum() >= 1 and t == round(t, 4)
+    # cleanly separated sets: everything in domain is kept, nothing else
+    assert threshold_separating(np.array([0.9, 0.95]), np.array([0.2, 0.5])) == 0.9
+    # ties go to the lowest threshold (most in-domain kept)
+    assert threshold_separating(np.array([0.3, 0.9]), np.array([0.1])) == 0.3
+    with pytest.raises(UsageError, match="out-of-domain"):
+        threshold_separating(ins, np.array([]))
+
+
+def test_tune_separates_the_domains(gated: KNNMT, toy_pairs, mixed_sources) -> None:
+    from knnmt.tuning import tune
+
+    dev = toy_pairs[100:106]
+    ood_sources = mixed_sources[1::2]
+    kwargs: dict[str, Any] = dict(
+        ks=[4], temperatures=[10.0], lambdas=[0.9], half_distances=[None], gates=[None],
+        ood_sources=ood_sources, ood_references=["x y z"] * len(ood_sources), confirm=1,
+        max_new_tokens=24,
+    )
+    result = tune(gated, [s for s, _ in dev], [t for _, t in dev], separate_domains=True, **kwargs)
+    ins = gated.source_similarity([s for s, _ in dev])
+    outs = gated.source_similarity(ood_sources)
+    expected = threshold_separating(ins, outs)
+    assert result.best.domain_gate == expected and result.domain_rule == "separate"
+    assert result.domain_recall == pytest.approx(float((ins >= expected).mean()))
+    assert result.ood_domain_kept == pytest.approx(float((outs >= expected).mean()))
+    with pytest.raises(UsageError, match="out-of-domain"):
+        tune(gated, [s for s, _ in dev], [t for _, t in dev], separate_domains=True, domain_recall=0.9,
+             **kwargs)
 
 
 def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: Path, caplog) -> None:

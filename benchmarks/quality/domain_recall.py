@@ -4,7 +4,10 @@
 
 Decodes each set (target and general, dev or test) once with the plain model and once with kNN-MT
 without a domain gate (the shipped ``data/target/knn.json`` otherwise), then, for each recall, sets
-the gate from the *target dev* sources (:func:`knnmt.domain_gate.threshold_for_recall`) and scores
+the gate from the *target dev* sources (:func:`knnmt.domain_gate.threshold_for_recall`), and for
+"separate" at the best split of target dev from general dev sources
+(:func:`knnmt.domain_gate.threshold_separating`, what ``knnmt tune --domain-recall auto`` picks with
+an out-of-domain dev set), and scores
 the per-sentence mix (kNN-MT output where the similarity passes, plain output elsewhere). The mix is
 exactly what decoding with the gate gives, because a sentence's translation does not depend on the
 rest of its batch (the batch-1-equals-batch-N oracle test). DATASTORE needs its dense sentence index
@@ -19,7 +22,7 @@ import numpy as np
 from sweep import ROOT, arguments, pairs  # the same directory: python benchmarks/quality/...
 
 from knnmt.config import KNNConfig
-from knnmt.domain_gate import threshold_for_recall
+from knnmt.domain_gate import threshold_for_recall, threshold_separating
 from knnmt.evaluation import score
 from knnmt.translator import KNNMT
 
@@ -32,23 +35,32 @@ def main() -> None:
     config = dataclasses.replace(KNNConfig.load(ROOT / "data" / "target" / "knn.json"), domain_gate=None)
     gen = {"num_beams": args.beam, "max_new_tokens": 128, "batch_size": 32}
     in_domain = knn.source_similarity(pairs("target/dev.tsv")[0])
+    out_of_domain = knn.source_similarity(pairs("general/dev.tsv")[0])
     decoded = {}
     for corpus in ("target", "general"):
         sources, references = pairs(f"{corpus}/{args.split}.tsv")
         plain = [t.text for t in knn.translate(sources, knn=False, **gen)]
         retrieved = [t.text for t in knn.translate(sources, knn=config, **gen)]
         decoded[corpus] = (references, plain, retrieved, knn.source_similarity(sources))
-    print(f"| recall | threshold | target {args.split} | general {args.split} (plain-only) |")
-    print("|---:|---:|---:|---:|")
-    for recall in RECALLS:
-        threshold = threshold_for_recall(in_domain, recall)
+        print(f"{corpus} {args.split} beam {args.beam}: plain BLEU {score(plain, references).bleu:.2f}, "
+              f"kNN-MT without the gate {score(retrieved, references).bleu:.2f}", flush=True)  # fmt: skip
+    print(f"| gate | threshold | target dev kept | general dev kept | target {args.split} | "
+          f"general {args.split} (plain-only) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    rules = [(f"recall {r:.2f}", threshold_for_recall(in_domain, r)) for r in RECALLS]
+    rules.append(("separate", threshold_separating(in_domain, out_of_domain)))
+    for name, threshold in sorted(rules, key=lambda rule: rule[1]):
         cells = []
         for corpus, (references, plain, retrieved, similarity) in decoded.items():
             on = similarity >= threshold
             mixed = [r if o else p for r, p, o in zip(retrieved, plain, on, strict=True)]
-            gain = score(mixed, references).bleu - score(plain, references).bleu
-            cells.append(f"{gain:+.2f}" + (f" ({np.mean(~on):.0%})" if corpus == "general" else ""))
-        print(f"| {recall:.2f} | {threshold:.4f} | {cells[0]} | {cells[1]} |", flush=True)
+            bleu = score(mixed, references).bleu
+            gain = bleu - score(plain, references).bleu
+            off = f" ({np.mean(~on):.0%})" if corpus == "general" else ""
+            cells.append(f"{bleu:.2f} ({gain:+.2f}){off}")
+        kept_in, kept_out = np.mean(in_domain >= threshold), np.mean(out_of_domain >= threshold)
+        print(f"| {name} | {threshold:.4f} | {kept_in:.0%} | {kept_out:.0%} | {cells[0]} | {cells[1]} |",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ target token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from knnmt.config import KNNConfig
@@ -19,19 +20,18 @@ from knnmt.evaluation import evaluate
 from knnmt.translator import KNNMT
 
 ROOT = Path(__file__).resolve().parents[2]
-TUNED = KNNConfig(k=16, lambda_=0.8, temperature=30.0, half_distance=36.3)  # `knnmt tune`'s choice
-CONFIGS = {
-    "tuned": TUNED,
-    **{
-        f"tuned-gate{g:g}": KNNConfig(**{**TUNED.to_dict(), "confidence_gate": g})
-        for g in (0.9, 0.8, 0.7, 0.5)
-    },
-    "h5-l95": KNNConfig(k=16, lambda_=0.95, temperature=30.0, half_distance=5.0),  # the previous choice
-}
-#: ``knnmt tune --domain-recall 0.9``'s domain gate: keeps retrieval for 90% of the target dev sources
-DOMAIN_GATE = 0.7849
-CONFIGS["tuned-domain"] = KNNConfig(**{**TUNED.to_dict(), "domain_gate": DOMAIN_GATE})
-CONFIGS["shipped"] = KNNConfig(**{**CONFIGS["h5-l95"].to_dict(), "domain_gate": DOMAIN_GATE})  # knn.json
+SHIPPED = ROOT / "data" / "target" / "knn.json"
+
+
+def configs(datastore: str) -> dict[str, KNNConfig]:
+    """The settings to compare: the shipped one (``data/target/knn.json``, what the demo uses), the same
+    without its domain gate, and the datastore's own ``knn.json`` (``knnmt tune``'s choice) if any."""
+    shipped = KNNConfig.load(SHIPPED)
+    found = {"shipped": shipped, "shipped-nogate": dataclasses.replace(shipped, domain_gate=None)}
+    tuned = Path(datastore) / "knn.json"
+    if tuned.is_file():
+        found["tuned"] = KNNConfig.load(tuned)
+    return found
 
 
 def pairs(name: str) -> tuple[list[str], list[str]]:
@@ -50,10 +50,12 @@ def arguments(doc: str | None) -> argparse.ArgumentParser:
 
 def main() -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
+    parser.add_argument("--configs", default="shipped,shipped-nogate,tuned",
+                        help="comma-separated: shipped, shipped-nogate, tuned (the datastore's knn.json)")
     args = parser.parse_args()
     knn = KNNMT.load(str(ROOT / "models" / "opus-knnmt-en-de-small"), args.datastore)
-    chosen = {"base": None, **{name: CONFIGS[name] for name in args.configs.split(",")}}
+    found = configs(args.datastore)
+    chosen = {"base": None, **{name: found[name] for name in args.configs.split(",") if name in found}}
     for corpus in ("target", "general"):
         sources, references = pairs(f"{corpus}/{args.split}.tsv")
         scores, _ = evaluate(

@@ -225,8 +225,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--domain-recall",
         default="auto",
-        help="add a sentence-level domain gate that keeps retrieval on for this share of the dev sources "
-        "('none' = no gate; default auto: 0.9 when the datastore has its dense sentence index)",
+        help="add a sentence-level domain gate: a share R keeps retrieval on for R of the dev sources; "
+        "'separate' (needs --ood-*) sets it where it best tells the dev sources from the out-of-domain "
+        "ones; 'none' = no gate; default auto: when the datastore has its dense sentence index, "
+        "'separate' with --ood-* and 0.9 without",
     )
     u.add_argument(
         "--max-ood-loss",
@@ -516,27 +518,35 @@ def _optional_floats(text: str, what: str) -> list[float | None]:
     return [None if x.strip().lower() == OFF else _floats(x, what)[0] for x in text.split(",") if x.strip()]
 
 
-#: ``knnmt tune --domain-recall auto``: the share of in-domain dev sources the domain gate keeps
+#: ``knnmt tune --domain-recall auto`` without out-of-domain dev data: the share of in-domain dev
+#: sources the domain gate keeps
 AUTO_DOMAIN_RECALL = 0.9
+#: ``--domain-recall separate``: the threshold that best splits in-domain from out-of-domain dev sources
+SEPARATE = "separate"
 
 
-def _domain_recall(text: str, knn: Any) -> float | None:
-    """``--domain-recall``: a share in (0, 1], ``none``, or ``auto`` (:data:`AUTO_DOMAIN_RECALL` when the
-    datastore has the dense sentence index the gate needs, else no gate)."""
+def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
+    """``--domain-recall``: a share in (0, 1], ``separate``, ``none``, or ``auto``: when the datastore has
+    the dense sentence index the gate needs, ``separate`` with out-of-domain dev data and
+    :data:`AUTO_DOMAIN_RECALL` without; else no gate."""
     value = text.strip().lower()
     if value == OFF:
         return None
+    if value == SEPARATE:
+        if not has_ood:
+            raise UsageError("--domain-recall separate needs --ood-source and --ood-reference")
+        return SEPARATE
     if value != "auto":
         recall = _floats(value, "--domain-recall")[0]
         if not 0 < recall <= 1:
-            raise UsageError(f"--domain-recall must be in (0, 1] or 'none', got {text!r}")
+            raise UsageError(f"--domain-recall must be in (0, 1], 'separate', 'auto' or 'none', got {text!r}")
         return recall
     try:
         knn.domain_gate  # noqa: B018  (loads it, or says why it cannot)
     except KnnmtError as exc:  # no dense sentence index, or one of an older datastore
         logger.info("no domain gate: %s", exc)
         return None
-    return AUTO_DOMAIN_RECALL
+    return SEPARATE if has_ood else AUTO_DOMAIN_RECALL
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -556,6 +566,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("--ood-source and --ood-reference go together")
     ood_sources = read_lines(args.ood_source) if args.ood_source else []
     ood_references = read_lines(args.ood_reference) if args.ood_reference else []
+    domain = _domain_recall(args.domain_recall, knn, bool(ood_sources))
     result = tune(
         knn,
         sources,
@@ -566,7 +577,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         half_distances=halves,
         gates=_optional_floats(args.gates, "--gates"),
         max_ood_loss=args.max_ood_loss,
-        domain_recall=_domain_recall(args.domain_recall, knn),
+        domain_recall=domain if isinstance(domain, float) else None,
+        separate_domains=domain == SEPARATE,
         ood_sources=ood_sources,
         ood_references=ood_references,
         confirm=args.confirm,
@@ -602,7 +614,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if best.domain_gate is not None:
         print(
             f"domain gate: retrieval for inputs at least {best.domain_gate:g} similar to a memory source "
-            f"({result.domain_recall:.0%} of the dev sources)"
+            f"({result.domain_recall:.0%} of the dev sources"
+            + (
+                ""
+                if result.ood_domain_kept is None
+                else f", {result.ood_domain_kept:.0%} of the out-of-domain dev sources"
+            )
+            + (", the best split of the two" if result.domain_rule == SEPARATE else "")
+            + ")"
         )
     datastore = Path(args.datastore)
     plot = plot_grid(result, args.plot or datastore / "tuning.png")

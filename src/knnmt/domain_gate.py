@@ -8,8 +8,10 @@ sentence index that ``knnmt index --subset --sentence-search dense`` builds for 
 Sentences below ``KNNConfig.domain_gate`` are translated by the plain model and searched nowhere,
 which also saves all of their search time.
 
-``knnmt tune`` sets the threshold from the in-domain dev set: the similarity that keeps retrieval on
-for a chosen share of in-domain sentences (:func:`threshold_for_recall`).
+``knnmt tune`` sets the threshold on the dev sets: with out-of-domain dev sources, the similarity that
+best separates them from the in-domain ones (:func:`threshold_separating`); with in-domain dev
+sources alone, the similarity that keeps retrieval on for a chosen share of them
+(:func:`threshold_for_recall`).
 """
 
 from __future__ import annotations
@@ -88,5 +90,36 @@ def threshold_for_recall(similarities: np.ndarray, recall: float) -> float:
     values = np.asarray(similarities, dtype=np.float64)
     if values.size == 0:
         raise UsageError("the domain gate needs at least one in-domain sentence to set its threshold")
-    value = float(np.quantile(values, 1.0 - recall, method="lower"))
+    return _round_down(float(np.quantile(values, 1.0 - recall, method="lower")))
+
+
+def _round_down(value: float) -> float:
+    """A threshold just below ``value`` (4 decimals), so that the sentence at ``value`` passes it."""
     return max(-1.0, math.floor(value * 10_000) / 10_000)
+
+
+def threshold_separating(in_domain: np.ndarray, out_of_domain: np.ndarray) -> float:
+    """The domain gate that best tells in-domain from out-of-domain sentences by their similarities.
+
+    It maximises (share of ``in_domain`` kept) − (share of ``out_of_domain`` kept), Youden's J, over
+    thresholds at the in-domain values; among equal scores the lowest threshold (keeping the most
+    in-domain sentences) wins. Rounded down to 4 decimals like :func:`threshold_for_recall`.
+
+    Args:
+        in_domain: ``[N]`` similarities of in-domain (dev) sentences, whose retrieval should stay on.
+        out_of_domain: ``[M]`` similarities of out-of-domain (dev) sentences, which retrieval should leave
+            alone.
+    """
+    ins = np.sort(np.asarray(in_domain, dtype=np.float64))
+    outs = np.sort(np.asarray(out_of_domain, dtype=np.float64))
+    if ins.size == 0 or outs.size == 0:
+        raise UsageError(
+            "separating the domains needs in-domain and out-of-domain sentences, got "
+            f"{ins.size} and {outs.size}"
+        )
+    candidates = np.unique(ins)  # ascending
+    kept_in = 1.0 - np.searchsorted(ins, candidates, side="left") / ins.size
+    kept_out = 1.0 - np.searchsorted(outs, candidates, side="left") / outs.size
+    score = kept_in - kept_out
+    best = int(np.flatnonzero(score >= score.max() - 1e-12)[0])
+    return _round_down(float(candidates[best]))

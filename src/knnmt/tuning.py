@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import KNNConfig
-from .domain_gate import threshold_for_recall
+from .domain_gate import threshold_for_recall, threshold_separating
 from .errors import UsageError
 from .evaluation import score
 from .search import prepare_retrieval
@@ -82,8 +82,13 @@ class TuningResult:
     ood_base_log_likelihood: float | None = None
     #: BLEU of the plain model on the out-of-domain dev set, when one was given
     ood_base_bleu: float | None = None
-    #: the share of dev sources the domain gate was set to keep (``None``: no domain gate)
+    #: the share of dev sources the domain gate keeps (``None``: no domain gate)
     domain_recall: float | None = None
+    #: how the domain gate's threshold was set: ``"recall"`` (a share of the in-domain dev sources) or
+    #: ``"separate"`` (the best split of in-domain from out-of-domain dev sources)
+    domain_rule: str | None = None
+    #: the share of out-of-domain dev sources the domain gate keeps, when there are some
+    ood_domain_kept: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -228,6 +233,7 @@ def tune(
     k_tolerance: float = 0.005,
     max_ood_loss: float = 0.5,
     domain_recall: float | None = None,
+    separate_domains: bool = False,
     batch_size: int = 32,
     **generate_kwargs: Any,
 ) -> TuningResult:
@@ -246,7 +252,9 @@ def tune(
 
     ``domain_recall`` (e.g. 0.9) adds a sentence-level domain gate (:mod:`knnmt.domain_gate`; needs the
     datastore's dense sentence index): its threshold keeps retrieval on for that share of the dev
-    sources, and every confirmed setting is decoded with it.
+    sources, and every confirmed setting is decoded with it. ``separate_domains`` sets the gate instead
+    to the similarity that best separates the in-domain from the out-of-domain dev sources
+    (:func:`~knnmt.domain_gate.threshold_separating`; needs ``ood_sources``).
     """
     if not sources or len(sources) != len(references):
         raise UsageError(
@@ -263,13 +271,30 @@ def tune(
         raise UsageError(f"confidence gates must be probabilities in (0, 1] or None, got {list(gates)}")
     if confirm < 1:
         raise UsageError(f"confirm must be >= 1, got {confirm}")
+    if separate_domains and (domain_recall is not None or not ood_sources):
+        raise UsageError(
+            "separating the domains needs out-of-domain dev sources and replaces domain_recall"
+        )
     domain_gate: float | None = None
-    if domain_recall is not None:
-        domain_gate = threshold_for_recall(knn.source_similarity(sources), domain_recall)
+    domain_rule: str | None = None
+    ood_kept: float | None = None
+    if domain_recall is not None or separate_domains:
+        similarity = knn.source_similarity(sources)
+        ood_similarity = knn.source_similarity(ood_sources) if ood_sources else None
+        if separate_domains:
+            assert ood_similarity is not None
+            domain_gate, domain_rule = threshold_separating(similarity, ood_similarity), "separate"
+            domain_recall = float(np.mean(similarity >= domain_gate))
+        else:
+            assert domain_recall is not None
+            domain_gate, domain_rule = threshold_for_recall(similarity, domain_recall), "recall"
+        if ood_similarity is not None:
+            ood_kept = float(np.mean(ood_similarity >= domain_gate))
         logger.info(
-            "domain gate %.4f keeps retrieval on for %.0f%% of the dev sources",
+            "domain gate %.4f keeps retrieval on for %.0f%% of the dev sources%s",
             domain_gate,
             100 * domain_recall,
+            "" if ood_kept is None else f" and {100 * ood_kept:.0f}% of the out-of-domain ones",
         )
     stats = reference_statistics(knn, sources, references, max(ks))
     ood: ReferenceStats | None = None
@@ -361,6 +386,8 @@ def tune(
         ood_base,
         ood_plain_bleu,
         domain_recall,
+        domain_rule,
+        ood_kept,
     )
 
 
