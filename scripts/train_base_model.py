@@ -18,10 +18,12 @@ Steps (all settings are CLI flags whose defaults are the shipped run; they are l
    instead) as fp16 safetensors + tokenizer + generation config, evaluate on the general and target
    test sets (greedy and beam 4) and write the model card.
 
-Everything is deterministic given the seed, the training file and the step count (on the same CPU
-type and thread count: bf16 kernels differ between instruction sets), so the shipped model is
-reproduced by its ``--max-steps``. The tokenizer and the encoded-corpus cache in ``--run-dir`` are tied to
-the SHA-256 of the training file, so a rebuilt corpus never trains on a stale cache.
+Everything is deterministic given the training file, the settings and the step count (on the same CPU
+type, thread count and library versions: kernels round differently elsewhere), so the shipped model is
+reproduced by the command in its card. ``--run-dir`` records the training file's SHA-256 and the
+settings (``run.json``): a fresh run over another file or other settings starts the directory over
+(tokenizer, encoded cache, checkpoints), and ``--resume``/``--export-only`` refuse a mismatch, so a
+rebuilt corpus never trains on a stale cache.
 
 ``--resume`` continues from ``<run-dir>/ckpt/last.pt``; ``--export-only`` skips training.
 ``--bench`` measures training throughput of a few candidate sizes and exits.
@@ -46,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece
 import torch
 import torch.nn.functional as F
+import transformers
 
 logger = logging.getLogger("train_base_model")
 
@@ -135,27 +139,60 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_run_data(run_dir: Path, train_sha: str, resume: bool) -> None:
-    """Tie ``run_dir``'s tokenizer and encoded cache to the training file; drop them if it changed.
+#: the settings that decide the weights (with the training file's SHA-256): a run directory holds one
+#: of each, and --resume / --export-only refuse a directory trained with others
+IDENTITY_KEYS = (
+    "seed", "threads", "vocab_size", "model_max_length", "d_model", "encoder_layers", "decoder_layers",
+    "heads", "ffn_dim", "dropout", "activation", "max_len", "max_tokens", "lr", "warmup_steps",
+    "weight_decay", "adam_betas", "label_smoothing", "clip_norm", "bf16",
+)  # fmt: skip
+RUN_FILE = "run.json"
 
-    A resumed run must see the same file it started on, so there a change is an error.
+
+def run_identity(args: argparse.Namespace, train_sha: str) -> dict[str, Any]:
+    """What the weights of a run depend on besides its step count."""
+    identity = {key: getattr(args, key) for key in IDENTITY_KEYS}
+    identity["adam_betas"] = list(identity["adam_betas"])
+    identity["train_sha256"] = train_sha
+    return identity
+
+
+def saved_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The identity ``run_dir`` was started with (``None``: a new directory)."""
+    path = run_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Tie ``run_dir`` (tokenizer, encoded cache, checkpoints) to one run identity.
+
+    A fresh run in a directory of another identity starts it over (tokenizer, cache and checkpoints
+    removed, so nothing of the old data or settings can be reused or resumed); ``--resume`` from a
+    checkpoint of another identity is an error that names the differences.
     """
-    stamp = run_dir / "train_sha256.txt"
-    old = stamp.read_text().strip() if stamp.exists() else None
-    if old == train_sha:
+    old = saved_identity(run_dir)
+    if old == identity:
         return
     if resume and (run_dir / "ckpt" / "last.pt").exists():
-        raise SystemExit(f"{run_dir}: the training file changed since this run started (sha256 {old} → "
-                         f"{train_sha}); resume with the same file, or start a new --run-dir")
-    for stale in (run_dir / "train_encoded.pt", run_dir / "tokenizer"):
+        raise SystemExit(f"{run_dir}: cannot resume: {identity_changes(old, identity)}; resume with the "
+                         "run's own training file and settings, or start a new --run-dir")
+    for stale in (run_dir / "train_encoded.pt", run_dir / "tokenizer", run_dir / "ckpt",
+                  run_dir / "history.json"):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
     if old is not None:
-        logger.warning("training file changed (sha256 %s… → %s…): tokenizer and cache rebuilt", old[:12],
-                       train_sha[:12])
-    stamp.write_text(train_sha + "\n")
+        logger.warning("%s: %s; tokenizer, cache and checkpoints removed", run_dir,
+                       identity_changes(old, identity))
+    (run_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+
+
+def identity_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    if old is None:
+        return "the run directory records no training file or settings (it predates run.json)"
+    changed = [f"{key} {old.get(key)!r} → {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
+    return "it was trained with other settings or data: " + ", ".join(changed)
 
 
 def build_tokenizer(args: argparse.Namespace, pairs: list[tuple[str, str]], tok_dir: Path) -> Any:
@@ -396,8 +433,8 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8)
-    state = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0, "src_tokens": 0, "tgt_tokens": 0,
-             "best_bleu": -1.0, "best_step": 0, "history": []}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0, "src_tokens": 0,
+                             "tgt_tokens": 0, "best_bleu": -1.0, "best_step": 0, "history": []}
     last = ckpt_dir / "last.pt"
     if args.resume and last.exists():
         ck = torch.load(last, weights_only=False)
@@ -425,7 +462,7 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
     def evaluate_and_save() -> None:
         """Greedy dev BLEU (no RNG is drawn, so training stays deterministic), then :func:`save`."""
         if state["history"] and state["history"][-1]["step"] == state["step"]:
-            save()  # already evaluated at this step (a resumed run that stopped right after an evaluation)
+            save()  # already evaluated at this step (e.g. a finished run resumed with the same --max-steps)
             return
         t_eval = time.time()
         hyps = translate(model, tok, [s for s, _ in dev_n], 1, args.eval_batch_size)
@@ -449,7 +486,12 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
     t_start = time.time() - state["elapsed"]
     last_ckpt = state["elapsed"]
     win_tok, win_t, win_loss, win_n = 0, time.time(), 0.0, 0
-    done = False
+
+    def finished() -> bool:
+        return bool((args.max_steps and state["step"] >= args.max_steps)
+                    or (budget and state["elapsed"] >= budget))
+
+    done = finished()
     while not done:
         batches = make_batches(src, tgt, args.max_tokens, args.max_len, args.seed + state["epoch"])
         random.Random(args.seed * 1000 + state["epoch"]).shuffle(batches)
@@ -478,10 +520,13 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
                             state["epoch"], state["step"], state["pos"], len(batches), win_loss / win_n, lr,
                             float(gnorm), win_tok / (now - win_t), state["elapsed"] / 60)
                 win_tok, win_t, win_loss, win_n = 0, now, 0.0, 0
-            if ((budget and state["elapsed"] >= budget) or Stop.requested
-                    or (args.max_steps and state["step"] >= args.max_steps)):
+            if finished():
                 done = True
                 break
+            if Stop.requested:  # not a finished run: keep it resumable and export nothing
+                save()
+                raise SystemExit(f"stopped by a signal at step {state['step']} (checkpoint saved); continue "
+                                 f"with the same command plus --resume")
             if args.eval_steps and state["step"] % args.eval_steps == 0:
                 evaluate_and_save()
                 last_ckpt = state["elapsed"]  # wall-clock: evaluation time counts too
@@ -513,7 +558,7 @@ def export(args: argparse.Namespace, tok: Any, run_dir: Path) -> tuple[Path, dic
     model.save_pretrained(out, safe_serialization=True)
     tok.model_max_length = args.model_max_length
     tok.save_pretrained(out)
-    info = {"best": ck["state"], "last": last, "params": n_params(model)}
+    info = {"exported": ck["state"], "last": last, "params": n_params(model)}
     logger.info("exported step %d (%s checkpoint) to %s", ck["state"]["step"], args.export_checkpoint, out)
     return out, info
 
@@ -542,10 +587,12 @@ def evaluate_export(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return results
 
 
-def reproduce_command(saved: dict[str, Any], steps: int) -> str:
-    """The command that trains this run from scratch: its settings, with the step count it reached."""
+def reproduce_command(saved: dict[str, Any], steps: int, export_checkpoint: str) -> str:
+    """The command that trains this run from scratch: its settings, with the step count it reached and
+    the checkpoint that was exported."""
     defaults = vars(parse_args([]))
     flags: list[str] = []
+    saved = {**saved, "export_checkpoint": export_checkpoint}
     for key, value in saved.items():
         if key not in defaults or key in ("resume", "max_steps", "time_budget_minutes", "no_final_eval",
                                           "export_only", "bench", "bench_steps", "bench_sizes"):
@@ -563,7 +610,7 @@ def reproduce_command(saved: dict[str, Any], steps: int) -> str:
 
 def write_card(args: argparse.Namespace, out: Path, info: dict[str, Any], results: dict[str, Any],
                tok: Any, command: str, n_train: int, train_sha: str) -> None:
-    best, last = info["best"], info["last"]
+    exported, last = info["exported"], info["last"]
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     hist = "\n".join(f"| {h['step']} | {h['minutes']} | {h['tgt_tokens'] / 1e6:.1f}M "
                      f"| {h['dev_bleu_greedy']} "
@@ -600,20 +647,22 @@ def write_card(args: argparse.Namespace, out: Path, info: dict[str, Any], result
                                 f"{tok.pad_token_id}, eos = {tok.eos_token_id}, pad banned"),
     ]
     train_rows = [
-        ("data", f"`data/general/train.tsv` (sha256 `{train_sha[:16]}…`): {n_train} pairs (pairs longer "
-                 f"than {args.max_len} tokens dropped)"),
+        ("data", f"`{args.train}` (SHA-256 `{train_sha}`): {n_train} pairs (pairs longer than "
+                 f"{args.max_len} tokens dropped)"),
         ("batches", f"≤ {args.max_tokens} padded tokens per side, bucketed by length, shuffled per epoch"),
         ("optimiser", f"AdamW (β = {tuple(args.adam_betas)}, weight decay {args.weight_decay}), peak lr "
                       f"{args.lr}, {args.warmup_steps} linear warm-up steps then inverse-sqrt decay, "
                       f"grad-norm clip {args.clip_norm}"),
         ("regularisation", f"dropout {args.dropout}, label smoothing {args.label_smoothing}"),
         ("precision", "bf16 autocast" if args.bf16 else "fp32"),
-        ("steps", f"{last['step']} (epoch {last['epoch']}); exported checkpoint: step {best['step']}"),
+        ("steps", f"{last['step']} (epoch {last['epoch']}); exported checkpoint: step {exported['step']}"),
         ("tokens seen", f"{last['tgt_tokens'] / 1e6:.1f}M target / {last['src_tokens'] / 1e6:.1f}M source "
                         "(non-padding)"),
         ("training time", f"{last['elapsed'] / 60:.1f} min wall-clock (of which "
                           f"{last.get('eval_seconds', 0) / 60:.1f} min periodic dev evaluation)"),
-        ("machine", f"{cpu}, {args.threads} threads (`torch.set_num_threads`); torch {torch.__version__}"),
+        ("machine", f"{cpu}, {args.threads} threads (`torch.set_num_threads`)"),
+        ("software", f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+                     f"{transformers.__version__}, sentencepiece {sentencepiece.__version__}"),
         ("seed", str(args.seed)),
     ]
     model_table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in model_rows)
@@ -653,13 +702,11 @@ print(tok.batch_decode(model.generate(**batch), skip_special_tokens=True))  # be
 {train_table}
 
 Size and precision: `--bench` measures the training throughput of candidate sizes in fp32 and with bf16
-autocast. On an AMD EPYC with AVX512-BF16 (shared with other jobs, so noisy), 256/6+3 layers ran at 206
-target tok/s in fp32 and 297 with bf16; 256/3+3 layers (7.7M) at 295 and 318. The deeper encoder cost
-little, so 6+3 was chosen. On the Intel Xeon without native bf16 that trained this model, bf16 autocast is
-emulated: 510 against 1,349 tok/s in fp32 (`--bench --bench-sizes 256:6:3:1024 --bench-steps 20`), so
-training runs in fp32 (`--bf16` turns autocast on where the CPU has it). At ~2,200 target tokens/s in the
-real run (2048-token batches), {last['step']} steps take about an hour; the step count leaves the
-rest of a two-hour budget to evaluation and the kNN-MT pipeline. Small (2048-token) batches and a short
+autocast. For this model, on an AMD EPYC with AVX512-BF16 (shared with other jobs, so noisy), 256/6+3
+layers ran at 206 target tok/s in fp32 and 297 with bf16, 256/3+3 layers (7.7M) at 295 and 318: the
+deeper encoder cost little, so 6+3 was chosen. On an Intel Xeon without native bf16, autocast is
+emulated and slower (510 against 1,349 tok/s in fp32, `--bench --bench-sizes 256:6:3:1024 --bench-steps
+20`), so fp32 is the default (`--bf16` turns autocast on). Small (2048-token) batches and a short
 warm-up give more updates per token seen.
 
 Settings: `training_settings.json`. Reproduce (from the repository root, after `scripts/make_corpora.py`):
@@ -668,10 +715,11 @@ Settings: `training_settings.json`. Reproduce (from the repository root, after `
 {command}
 ```
 
-Training is deterministic given the seed, the training file (its SHA-256 is above) and the step count:
-two runs on the same CPU type with the same thread count give bit-identical weights. Another instruction
-set (e.g. a CPU without AVX512-BF16) rounds bf16 differently, so the weights differ slightly there and
-the scores should agree to within a few tenths of a BLEU point.
+Training is deterministic given the training file (its SHA-256 is above), the settings and the step
+count: two runs on the same CPU type, with the same thread count and the same library versions (above),
+give bit-identical weights (`tests/test_train_script.py` checks this on a tiny model, with and without
+`--resume`). Other CPUs (other vector instructions) or library versions round differently, so the
+weights there differ slightly; how much that moves the scores has not been measured.
 
 ### Dev BLEU (greedy, first {args.dev_eval_size} sentences of `data/general/dev.tsv`)
 
@@ -704,17 +752,30 @@ def main(argv: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    if args.export_only:  # the run's own settings, whatever this call's defaults are
+        saved_run = saved_identity(run_dir) or {}
+        for key in IDENTITY_KEYS:
+            if key in saved_run:
+                setattr(args, key, saved_run[key])
     torch.set_num_threads(args.threads)
     seed_all(args.seed)
-    command = "nice -n 5 python " + shlex.join(["scripts/train_base_model.py", *(argv or sys.argv[1:])])
+    command = "python " + shlex.join(["scripts/train_base_model.py", *(argv or sys.argv[1:])])
     settings = {k: v for k, v in vars(args).items()}
     settings["command"] = command
-
     train_sha = file_sha256(args.train)
     settings["train_sha256"] = train_sha
-    if not (args.bench or args.export_only):
-        (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
-    check_run_data(run_dir, train_sha, args.resume)
+    identity = run_identity(args, train_sha)
+    if args.export_only or args.bench:
+        old = saved_identity(run_dir)
+        if (old is not None and old != identity) or (args.export_only and old is None):
+            raise SystemExit(f"{run_dir}: cannot {'export' if args.export_only else 'bench'} there: "
+                             f"{identity_changes(old, identity)}")
+        if old is None:
+            (run_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+    else:
+        prepare_run_dir(run_dir, identity, args.resume)
+        if not (args.resume and (run_dir / "ckpt" / "last.pt").exists()):  # a resumed run keeps its start's
+            (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
     pairs = read_tsv(args.train)
     tok = build_tokenizer(args, pairs, run_dir / "tokenizer")
     logger.info("vocabulary: %d entries, pad %d eos %d", len(tok), tok.pad_token_id, tok.eos_token_id)
@@ -730,8 +791,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {} if args.no_final_eval else evaluate_export(args, out)
     n_train = sum(1 for s, t in zip(data["src"], data["tgt"], strict=True)
                   if len(s) <= args.max_len and len(t) <= args.max_len)
-    write_card(args, out, info, results, tok, reproduce_command(saved, info["last"]["step"]), n_train,
-               saved.get("train_sha256", ""))
+    command = reproduce_command(saved, info["last"]["step"], args.export_checkpoint)
+    write_card(args, out, info, results, tok, command, n_train, train_sha)
     logger.info("done: %s", out)
 
 

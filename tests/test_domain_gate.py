@@ -144,7 +144,7 @@ def test_cli_gate_options(tmp_path: Path, gated: KNNMT) -> None:
     assert _knn_config(parser.parse_args(base), str(tmp_path)).domain_gate == 0.8
     assert _knn_config(parser.parse_args([*base, "--domain-gate", "none"]), str(tmp_path)).domain_gate is None
     assert _knn_config(parser.parse_args([*base, "--domain-gate", "0.6"]), str(tmp_path)).domain_gate == 0.6
-    from knnmt.cli import SEPARATE
+    from knnmt.domain_gate import SEPARATE
 
     # it has the dense sentence index: with out-of-domain dev data the gate separates, else keeps 0.9
     assert _domain_recall("auto", gated, has_ood=False) == AUTO_DOMAIN_RECALL
@@ -167,13 +167,17 @@ def test_threshold_separating_maximises_kept_in_minus_kept_out() -> None:
     def j(x: float) -> float:
         return float((ins >= x).mean() - (outs >= x).mean())
 
-    # no threshold on a fine grid separates better, and the chosen one keeps the sentence it sits under
-    assert all(j(t) >= j(x) - 1e-9 for x in np.linspace(0.5, 1.0, 2001))
-    assert (ins >= t).sum() >= 1 and t == round(t, 4)
+    # no threshold on a fine grid separates better; the chosen one is an in-domain value rounded down
+    assert t is not None and all(j(t) >= j(x) - 1e-9 for x in np.linspace(0.5, 1.0, 2001))
+    assert t == round(t, 4) and 0 <= ins[ins >= t].min() - t < 1e-4
     # cleanly separated sets: everything in domain is kept, nothing else
     assert threshold_separating(np.array([0.9, 0.95]), np.array([0.2, 0.5])) == 0.9
-    # ties go to the lowest threshold (most in-domain kept)
-    assert threshold_separating(np.array([0.3, 0.9]), np.array([0.1])) == 0.3
+    # ties go to the lowest threshold (most in-domain kept): 0.2 and 0.6 both score 1/2
+    assert threshold_separating(np.array([0.2, 0.6]), np.array([0.1, 0.4])) == 0.2
+    # rounding down must not let an out-of-domain sentence through
+    assert threshold_separating(np.array([0.80005, 0.9]), np.array([0.80002, 0.1])) == 0.80005
+    # a similarity that does not separate the sets gives no gate
+    assert threshold_separating(np.array([0.1, 0.2]), np.array([0.5, 0.6])) is None
     with pytest.raises(UsageError, match="out-of-domain"):
         threshold_separating(ins, np.array([]))
 
@@ -184,8 +188,14 @@ def test_tune_separates_the_domains(gated: KNNMT, toy_pairs, mixed_sources) -> N
     dev = toy_pairs[100:106]
     ood_sources = mixed_sources[1::2]
     kwargs: dict[str, Any] = dict(
-        ks=[4], temperatures=[10.0], lambdas=[0.9], half_distances=[None], gates=[None],
-        ood_sources=ood_sources, ood_references=["x y z"] * len(ood_sources), confirm=1,
+        ks=[4],
+        temperatures=[10.0],
+        lambdas=[0.9],
+        half_distances=[None],
+        gates=[None],
+        ood_sources=ood_sources,
+        ood_references=["x y z"] * len(ood_sources),
+        confirm=1,
         max_new_tokens=24,
     )
     result = tune(gated, [s for s, _ in dev], [t for _, t in dev], separate_domains=True, **kwargs)
@@ -195,9 +205,18 @@ def test_tune_separates_the_domains(gated: KNNMT, toy_pairs, mixed_sources) -> N
     assert result.best.domain_gate == expected and result.domain_rule == "separate"
     assert result.domain_recall == pytest.approx(float((ins >= expected).mean()))
     assert result.ood_domain_kept == pytest.approx(float((outs >= expected).mean()))
-    with pytest.raises(UsageError, match="out-of-domain"):
-        tune(gated, [s for s, _ in dev], [t for _, t in dev], separate_domains=True, domain_recall=0.9,
-             **kwargs)
+    with pytest.raises(UsageError, match="either domain_recall or separate_domains"):
+        tune(
+            gated,
+            [s for s, _ in dev],
+            [t for _, t in dev],
+            separate_domains=True,
+            domain_recall=0.9,
+            **kwargs,
+        )
+    kwargs.update(ood_sources=[], ood_references=[])
+    with pytest.raises(UsageError, match="needs out-of-domain dev sources"):
+        tune(gated, [s for s, _ in dev], [t for _, t in dev], separate_domains=True, **kwargs)
 
 
 def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: Path, caplog) -> None:

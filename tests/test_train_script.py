@@ -11,6 +11,8 @@ import pytest
 
 from knnmt.toy import toy_corpus
 
+pytestmark = pytest.mark.slow  # seven small training runs in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_base_model.py"
 TINY = [
@@ -52,10 +54,12 @@ def test_same_steps_same_weights(corpus: tuple[Path, Path, Path]) -> None:
     assert a.read_bytes() == b.read_bytes()
     card = (tmp / "a-model" / "README.md").read_text(encoding="utf-8")
     assert "scripts/train_base_model.py --max-steps 7" in card  # the reproduce command names the steps
-    # resuming a stopped run continues where it stopped: 4 + 3 steps equal 7 steps
-    for steps in ("4", "7"):
+    # resuming a stopped run continues where it stopped: 4 + 3 steps equal 7 steps, and resuming a
+    # finished run trains nothing more
+    for steps in ("4", "7", "7"):
         done = train(tmp, "c", train_file, dev, "--max-steps", steps, "--resume")
         assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp / "c-model" / "model.safetensors").read_bytes() != a.read_bytes() or steps == "7"
     assert (tmp / "c-model" / "model.safetensors").read_bytes() == a.read_bytes()
 
 
@@ -64,10 +68,15 @@ def test_changed_training_file_is_not_trained_from_a_stale_cache(corpus: tuple[P
     done = train(tmp, "d", train_file, dev, "--max-steps", "2")
     assert done.returncode == 0, done.stderr[-2000:]
     changed = write_pairs(tmp / "changed.tsv", toy_corpus(300, seed=6)[:250])
-    refused = train(tmp, "d", changed, dev, "--max-steps", "4", "--resume")
-    assert refused.returncode != 0 and "the training file changed" in refused.stderr
+    for refused in (
+        train(tmp, "d", changed, dev, "--max-steps", "4", "--resume"),
+        train(tmp, "d", changed, dev, "--export-only"),
+        train(tmp, "d", train_file, dev, "--max-steps", "4", "--resume", "--lr", "0.01"),
+    ):
+        assert refused.returncode != 0 and "other settings or data" in refused.stderr
+    assert "lr 0.001 → 0.01" in refused.stderr  # the message names what differs
     rebuilt = train(tmp, "d", changed, dev, "--max-steps", "2")
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
-    assert "tokenizer and cache rebuilt" in rebuilt.stderr
+    assert "tokenizer, cache and checkpoints removed" in rebuilt.stderr
     card = (tmp / "d-model" / "README.md").read_text(encoding="utf-8")
     assert "250 pairs" in card

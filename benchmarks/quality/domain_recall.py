@@ -3,8 +3,8 @@
     python benchmarks/quality/domain_recall.py DATASTORE dev|test [--beam 4]
 
 Decodes each set (target and general, dev or test) once with the plain model and once with kNN-MT
-without a domain gate (the shipped ``data/target/knn.json`` otherwise), then, for each recall, sets
-the gate from the *target dev* sources (:func:`knnmt.domain_gate.threshold_for_recall`), and for
+(``--config``, default the shipped ``data/target/knn.json``, without its domain gate), then, for each
+recall, sets the gate from the *target dev* sources (:func:`knnmt.domain_gate.threshold_for_recall`), and for
 "separate" at the best split of target dev from general dev sources
 (:func:`knnmt.domain_gate.threshold_separating`, what ``knnmt tune --domain-recall auto`` picks with
 an out-of-domain dev set), and scores
@@ -30,9 +30,13 @@ RECALLS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 
 
 def main() -> None:
-    args = arguments(__doc__).parse_args()
+    parser = arguments(__doc__)
+    parser.add_argument("--config", default=str(ROOT / "data" / "target" / "knn.json"),
+                        help="the kNN-MT setting (its domain gate is replaced by each rule's)")
+    args = parser.parse_args()
     knn = KNNMT.load(str(ROOT / "models" / "opus-knnmt-en-de-small"), args.datastore)
-    config = dataclasses.replace(KNNConfig.load(ROOT / "data" / "target" / "knn.json"), domain_gate=None)
+    config = dataclasses.replace(KNNConfig.load(args.config), domain_gate=None)
+    print(f"setting: {config}", flush=True)
     gen = {"num_beams": args.beam, "max_new_tokens": 128, "batch_size": 32}
     in_domain = knn.source_similarity(pairs("target/dev.tsv")[0])
     out_of_domain = knn.source_similarity(pairs("general/dev.tsv")[0])
@@ -48,7 +52,9 @@ def main() -> None:
           f"general {args.split} (plain-only) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|")
     rules = [(f"recall {r:.2f}", threshold_for_recall(in_domain, r)) for r in RECALLS]
-    rules.append(("separate", threshold_separating(in_domain, out_of_domain)))
+    separating = threshold_separating(in_domain, out_of_domain)
+    if separating is not None:
+        rules.append(("separate", separating))
     for name, threshold in sorted(rules, key=lambda rule: rule[1]):
         cells = []
         for corpus, (references, plain, retrieved, similarity) in decoded.items():

@@ -55,7 +55,13 @@ def main() -> None:
     args = parser.parse_args()
     knn = KNNMT.load(str(ROOT / "models" / "opus-knnmt-en-de-small"), args.datastore)
     found = configs(args.datastore)
-    chosen = {"base": None, **{name: found[name] for name in args.configs.split(",") if name in found}}
+    names = [name for name in args.configs.split(",") if name]
+    unknown = [name for name in names if name not in found and name != "tuned"]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: shipped, shipped-nogate, tuned")
+    if "tuned" in names and "tuned" not in found:
+        print(f"no {args.datastore}/knn.json: 'tuned' skipped", flush=True)
+    chosen = {"base": None, **{name: found[name] for name in names if name in found}}
     for corpus in ("target", "general"):
         sources, references = pairs(f"{corpus}/{args.split}.tsv")
         scores, _ = evaluate(

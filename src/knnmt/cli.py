@@ -521,14 +521,14 @@ def _optional_floats(text: str, what: str) -> list[float | None]:
 #: ``knnmt tune --domain-recall auto`` without out-of-domain dev data: the share of in-domain dev
 #: sources the domain gate keeps
 AUTO_DOMAIN_RECALL = 0.9
-#: ``--domain-recall separate``: the threshold that best splits in-domain from out-of-domain dev sources
-SEPARATE = "separate"
 
 
 def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
     """``--domain-recall``: a share in (0, 1], ``separate``, ``none``, or ``auto``: when the datastore has
     the dense sentence index the gate needs, ``separate`` with out-of-domain dev data and
     :data:`AUTO_DOMAIN_RECALL` without; else no gate."""
+    from .domain_gate import SEPARATE
+
     value = text.strip().lower()
     if value == OFF:
         return None
@@ -551,6 +551,7 @@ def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .corpus import read_lines
+    from .domain_gate import SEPARATE
     from .tuning import DEFAULT_LAMBDAS, plot_grid, tune
 
     sources, references = read_lines(args.source), read_lines(args.reference)

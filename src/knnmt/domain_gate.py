@@ -98,12 +98,20 @@ def _round_down(value: float) -> float:
     return max(-1.0, math.floor(value * 10_000) / 10_000)
 
 
-def threshold_separating(in_domain: np.ndarray, out_of_domain: np.ndarray) -> float:
+#: :attr:`knnmt.tuning.TuningResult.domain_rule` of a gate set by :func:`threshold_separating`
+SEPARATE = "separate"
+#: ... and of one set by :func:`threshold_for_recall`
+RECALL = "recall"
+
+
+def threshold_separating(in_domain: np.ndarray, out_of_domain: np.ndarray) -> float | None:
     """The domain gate that best tells in-domain from out-of-domain sentences by their similarities.
 
     It maximises (share of ``in_domain`` kept) − (share of ``out_of_domain`` kept), Youden's J, over
     thresholds at the in-domain values; among equal scores the lowest threshold (keeping the most
-    in-domain sentences) wins. Rounded down to 4 decimals like :func:`threshold_for_recall`.
+    in-domain sentences) wins. Rounded down to 4 decimals like :func:`threshold_for_recall`, unless
+    that would let an out-of-domain sentence through. ``None`` when no threshold keeps a larger share
+    of in-domain than of out-of-domain sentences (the similarity does not separate them).
 
     Args:
         in_domain: ``[N]`` similarities of in-domain (dev) sentences, whose retrieval should stay on.
@@ -121,5 +129,8 @@ def threshold_separating(in_domain: np.ndarray, out_of_domain: np.ndarray) -> fl
     kept_in = 1.0 - np.searchsorted(ins, candidates, side="left") / ins.size
     kept_out = 1.0 - np.searchsorted(outs, candidates, side="left") / outs.size
     score = kept_in - kept_out
-    best = int(np.flatnonzero(score >= score.max() - 1e-12)[0])
-    return _round_down(float(candidates[best]))
+    if score.max() <= 0:
+        return None
+    value = float(candidates[int(np.flatnonzero(score >= score.max() - 1e-12)[0])])
+    rounded = _round_down(value)
+    return rounded if not np.any((outs >= rounded) & (outs < value)) else value

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import KNNConfig
-from .domain_gate import threshold_for_recall, threshold_separating
+from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
 from .errors import UsageError
 from .evaluation import score
 from .search import prepare_retrieval
@@ -271,10 +271,10 @@ def tune(
         raise UsageError(f"confidence gates must be probabilities in (0, 1] or None, got {list(gates)}")
     if confirm < 1:
         raise UsageError(f"confirm must be >= 1, got {confirm}")
-    if separate_domains and (domain_recall is not None or not ood_sources):
-        raise UsageError(
-            "separating the domains needs out-of-domain dev sources and replaces domain_recall"
-        )
+    if separate_domains and not ood_sources:
+        raise UsageError("separating the domains needs out-of-domain dev sources")
+    if separate_domains and domain_recall is not None:
+        raise UsageError("give either domain_recall or separate_domains, not both")
     domain_gate: float | None = None
     domain_rule: str | None = None
     ood_kept: float | None = None
@@ -283,19 +283,26 @@ def tune(
         ood_similarity = knn.source_similarity(ood_sources) if ood_sources else None
         if separate_domains:
             assert ood_similarity is not None
-            domain_gate, domain_rule = threshold_separating(similarity, ood_similarity), "separate"
-            domain_recall = float(np.mean(similarity >= domain_gate))
+            domain_gate, domain_rule = threshold_separating(similarity, ood_similarity), SEPARATE
+            if domain_gate is None:
+                logger.warning(
+                    "no domain gate: the similarity to the memory does not separate the dev sources from "
+                    "the out-of-domain ones"
+                )
+                domain_rule = None
         else:
             assert domain_recall is not None
-            domain_gate, domain_rule = threshold_for_recall(similarity, domain_recall), "recall"
-        if ood_similarity is not None:
-            ood_kept = float(np.mean(ood_similarity >= domain_gate))
-        logger.info(
-            "domain gate %.4f keeps retrieval on for %.0f%% of the dev sources%s",
-            domain_gate,
-            100 * domain_recall,
-            "" if ood_kept is None else f" and {100 * ood_kept:.0f}% of the out-of-domain ones",
-        )
+            domain_gate, domain_rule = threshold_for_recall(similarity, domain_recall), RECALL
+        if domain_gate is not None:
+            domain_recall = float(np.mean(similarity >= domain_gate))
+            if ood_similarity is not None:
+                ood_kept = float(np.mean(ood_similarity >= domain_gate))
+            logger.info(
+                "domain gate %.4f keeps retrieval on for %.0f%% of the dev sources%s",
+                domain_gate,
+                100 * domain_recall,
+                "" if ood_kept is None else f" and {100 * ood_kept:.0f}% of the out-of-domain ones",
+            )
     stats = reference_statistics(knn, sources, references, max(ks))
     ood: ReferenceStats | None = None
     halves = list(half_distances) if half_distances is not None else auto_half_distances(stats.distances)

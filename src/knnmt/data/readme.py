@@ -178,5 +178,16 @@ def render_readme(report: BuildReport, config: FilterConfig) -> str:
         "",
         *_package_table(report.general_packages, with_counts=True),
         "",
+        "## Files that depend on these corpora",
+        "",
+        "- `models/opus-knnmt-en-de-small` was trained on `general/train.tsv` by"
+        " `scripts/train_base_model.py`; its model card records the file's SHA-256 and the command that"
+        " reproduces it, and the script never reuses a tokenizer or an encoded cache of another file.",
+        "- `target/knn.json` is the kNN-MT setting the demo uses for that model and the memory of"
+        " `target/train.tsv`: k, λ, τ, half-distance and the domain gate, chosen by `knnmt tune` on"
+        " target dev with general dev as the out-of-domain guard (`bash benchmarks/quality/run.sh`; the"
+        " gate reads the dense sentence index that `knnmt index DS --subset --sentence-search dense`"
+        ' and `knnmt demo` build). `docs/BENCHMARKS.md` ("Quality") has the run and its test scores.',
+        "",
     ]
     return "\n".join(lines)
