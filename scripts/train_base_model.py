@@ -131,6 +131,16 @@ def read_tsv(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def weights_sha256(model: Any) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes and bytes, in order)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -471,16 +481,17 @@ def train(args: argparse.Namespace, tok: Any, data: dict[str, Any], dev: list[tu
         state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.time() - t_eval
         entry = {"step": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                  "tgt_tokens": state["tgt_tokens"],
-                 "dev_bleu_greedy": sc["bleu"], "dev_chrf_greedy": sc["chrf"]}
+                 "dev_bleu_greedy": sc["bleu"], "dev_chrf_greedy": sc["chrf"],
+                 "weights_sha256": weights_sha256(model)}
         state["history"].append(entry)
         if sc["bleu"] > state["best_bleu"]:
             state["best_bleu"], state["best_step"] = sc["bleu"], state["step"]
             torch.save({"model": model.state_dict(), "state": dict(state)}, ckpt_dir / "best.pt")
         save()
         (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
-        logger.info("ckpt step %d: dev BLEU %.2f chrF %.2f (best %.2f @ %d) [eval %.0fs] e.g. %r",
+        logger.info("ckpt step %d: dev BLEU %.2f chrF %.2f (best %.2f @ %d) weights %s [eval %.0fs] e.g. %r",
                     state["step"], sc["bleu"], sc["chrf"], state["best_bleu"], state["best_step"],
-                    time.time() - t_eval, hyps[min(5, len(hyps) - 1)])
+                    entry["weights_sha256"][:16], time.time() - t_eval, hyps[min(5, len(hyps) - 1)])
 
     model.train()
     t_start = time.time() - state["elapsed"]
@@ -613,8 +624,8 @@ def write_card(args: argparse.Namespace, out: Path, info: dict[str, Any], result
     exported, last = info["exported"], info["last"]
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     hist = "\n".join(f"| {h['step']} | {h['minutes']} | {h['tgt_tokens'] / 1e6:.1f}M "
-                     f"| {h['dev_bleu_greedy']} "
-                     f"| {h['dev_chrf_greedy']} |" for h in last["history"])
+                     f"| {h['dev_bleu_greedy']} | {h['dev_chrf_greedy']} "
+                     f"| {h.get('weights_sha256', '')[:16]} |" for h in last["history"])
     rows = []
     for name, label in (("general_test", "general test (`data/general/test.tsv`)"),
                         ("target_test", "target test (`data/target/test.tsv`)")):
@@ -723,9 +734,12 @@ weights there differ slightly; how much that moves the scores has not been measu
 
 ### Dev BLEU (greedy, first {args.dev_eval_size} sentences of `data/general/dev.tsv`)
 
-| step | training minutes | target tokens seen | BLEU | chrF |
-|---|---|---|---|---|
+| step | training minutes | target tokens seen | BLEU | chrF | fp32 weights (SHA-256 prefix) |
+|---|---|---|---|---|---|
 {hist}
+
+The weight hashes let a shorter rerun check the start of the run: `--max-steps 500` in a fresh
+`--run-dir` must log the same hash at step 500 on the same CPU type and library versions.
 
 ## Evaluation
 

@@ -3,6 +3,7 @@ training file never trains on the tokenizer or encoded cache of the old one."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,11 @@ def test_same_steps_same_weights(corpus: tuple[Path, Path, Path]) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
     a, b = (tmp / f"{run}-model" / "model.safetensors" for run in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
+    # the history records a hash of the fp32 weights at every evaluation, the same in both runs
+    histories = [json.loads((tmp / run / "history.json").read_text()) for run in ("a", "b")]
+    assert [h["step"] for h in histories[0]] == [3, 6, 7]
+    assert [h["weights_sha256"] for h in histories[0]] == [h["weights_sha256"] for h in histories[1]]
+    assert len({h["weights_sha256"] for h in histories[0]}) == 3
     card = (tmp / "a-model" / "README.md").read_text(encoding="utf-8")
     assert "scripts/train_base_model.py --max-steps 7" in card  # the reproduce command names the steps
     # resuming a stopped run continues where it stopped: 4 + 3 steps equal 7 steps, and resuming a
