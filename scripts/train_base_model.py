@@ -173,6 +173,11 @@ def saved_identity(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def save_identity(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Record ``identity`` as the one ``run_dir`` belongs to (read back by :func:`saved_identity`)."""
+    (run_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+
+
 def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool) -> None:
     """Tie ``run_dir`` (tokenizer, encoded cache, checkpoints) to one run identity.
 
@@ -195,7 +200,7 @@ def prepare_run_dir(run_dir: Path, identity: dict[str, Any], resume: bool) -> No
     if old is not None:
         logger.warning("%s: %s; tokenizer, cache and checkpoints removed", run_dir,
                        identity_changes(old, identity))
-    (run_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+    save_identity(run_dir, identity)
 
 
 def identity_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
@@ -785,7 +790,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{run_dir}: cannot {'export' if args.export_only else 'bench'} there: "
                              f"{identity_changes(old, identity)}")
         if old is None:
-            (run_dir / RUN_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+            save_identity(run_dir, identity)
     else:
         prepare_run_dir(run_dir, identity, args.resume)
         if not (args.resume and (run_dir / "ckpt" / "last.pt").exists()):  # a resumed run keeps its start's
