@@ -23,7 +23,8 @@ model (``models/opus-knnmt-en-de-small``):
   ``scripts/make_corpora.py`` first) and repeated until the largest size is reached; smaller sizes are
   prefixes of it (whole shards), so every size has its own index.
 
-Everything built is cached under runs/bench-speed/ (``--rebuild`` starts over). Timings are best of
+Everything built is cached under runs/bench-speed/ (``--rebuild`` starts over; a memory built with other
+model weights is rebuilt by itself). Timings are best of
 ``--repeats`` interleaved runs (machine load drifts; see docs/BENCHMARKS.md).
 """
 
@@ -48,11 +49,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import dataclasses  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 
 from knnmt.build import build_datastore  # noqa: E402
 from knnmt.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
 from knnmt.corpus import CorpusSpec  # noqa: E402
 from knnmt.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
+from knnmt.errors import IncompatibleError  # noqa: E402
 from knnmt.evaluation import score  # noqa: E402
 from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
 from knnmt.search import IndexRetriever, Retriever  # noqa: E402
@@ -83,9 +86,16 @@ def full_datastore(model: Any, tokenizer: Any, want: int) -> Datastore:
     if missing:
         raise SystemExit(f"missing corpus {missing}: run `python scripts/make_corpora.py --out data` first")
     config = BuildConfig(shard_sentences=20000)
+    store: Datastore | None = None
     if (path / MANIFEST).is_file() and read_manifest(path).get("state") == "complete":
         store = Datastore.open(path)
-    else:
+        try:
+            store.check_model(model, tokenizer)
+        except IncompatibleError as err:  # e.g. the bundled model was retrained since
+            logger.warning("%s: rebuilding the benchmark memory and its views", err)
+            clear_cache()
+            store = None
+    if store is None:
         store = build_datastore(
             model, tokenizer, CorpusSpec((str(corpora[0]),), "tsv"), path, config,
             model_name=str(MODEL), progress=True, force=True,
@@ -96,6 +106,13 @@ def full_datastore(model: Any, tokenizer: Any, want: int) -> Datastore:
         store = build_datastore(model, tokenizer, spec, path, config, append=True, progress=True)
         i += 1
     return store
+
+
+def clear_cache() -> None:
+    """Remove the cached memory and every view of it (with their indexes); results files stay."""
+    for path in [WORK / "memory", *WORK.glob("view-*")]:
+        if path.is_dir():
+            shutil.rmtree(path)
 
 
 def prefix_view(store: Datastore, size: int) -> Datastore:
@@ -148,6 +165,13 @@ def subset_retriever(store: Datastore, kind: str, model: Any, tokenizer: Any) ->
     return SubsetRetriever.load(store, directory, SubsetSearch(sentence_search=kind))
 
 
+def probed_mode(nprobe: int, rerank: int | None) -> Mode:
+    """Vanilla kNN-MT over the default index searched with another nprobe (and re-rank factor)."""
+    return lambda store, exact, m, t: IndexRetriever(
+        SearchIndex.load(store.path / "index", store, nprobe=nprobe, rerank=rerank), store
+    )
+
+
 def modes(names: list[str]) -> dict[str, Mode]:
     available: dict[str, Mode] = {
         "plain": lambda store, exact, m, t: None,
@@ -170,10 +194,7 @@ def modes(names: list[str]) -> dict[str, Mode]:
             available[name] = available["vanilla"]
         # vanilla-n32, vanilla-n8-r2(-gated)...: another nprobe (and re-rank factor)
         if probes := re.fullmatch(r"vanilla-n(\d+)(?:-r(\d+))?", name.removesuffix("-gated")):
-            available[probes[0]] = lambda store, exact, m, t, n=int(probes[1]), r=probes[2]: IndexRetriever(
-                SearchIndex.load(store.path / "index", store, nprobe=n, rerank=None if r is None else int(r)),
-                store,
-            )
+            available[probes[0]] = probed_mode(int(probes[1]), None if probes[2] is None else int(probes[2]))
             available[f"{probes[0]}-gated"] = available[probes[0]]
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -379,9 +400,14 @@ def main() -> None:
         help="k, λ, τ, half distance (default: the shipped data/target/knn.json; its gates are replaced)",
     )
     parser.add_argument("--out", default=str(WORK / "results.json"))
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild the cached memory, views and indexes first"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.rebuild:
+        clear_cache()
     report = measure(args)
     out = Path(args.out)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
