@@ -51,17 +51,25 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
     from knnmt.config import BuildConfig
     from knnmt.corpus import CorpusSpec
     from knnmt.datastore import Datastore
+    from knnmt.errors import IncompatibleError
 
     if args.datastore:
         return Datastore.open(args.datastore)
     out = WORK / "datastore"
     config = BuildConfig(max_tokens=6000)
-    if (out / "manifest.json").is_file():
-        store = Datastore.open(out)
-    else:
+    store = Datastore.open(out) if (out / "manifest.json").is_file() else None
+    if store is not None:
+        try:
+            store.check_model(model, tokenizer)
+        except IncompatibleError as err:  # e.g. the bundled model was retrained since
+            logger.warning("%s: rebuilding it", err)
+            store = None
+    if store is None:
         spec = CorpusSpec((str(TRAIN),), "tsv")
         store = build_datastore(model, tokenizer, spec, out, config, force=True, model_name=str(MODEL))
-    general = GENERAL if GENERAL.is_file() else Path("/work/main/data/general/train.tsv")
+    general = GENERAL
+    if store.count < args.min_entries and not general.is_file():
+        raise SystemExit(f"missing corpus {general}: run `python scripts/make_corpora.py --out data` first")
     lines: list[str] | None = None
     while store.count < args.min_entries:  # append general-domain chunks, in order, until large enough
         lines = lines or general.read_text(encoding="utf-8").splitlines()
