@@ -55,7 +55,6 @@ from knnmt.build import build_datastore  # noqa: E402
 from knnmt.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
 from knnmt.corpus import CorpusSpec  # noqa: E402
 from knnmt.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
-from knnmt.errors import IncompatibleError  # noqa: E402
 from knnmt.evaluation import score  # noqa: E402
 from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
 from knnmt.search import IndexRetriever, Retriever  # noqa: E402
@@ -86,16 +85,9 @@ def full_datastore(model: Any, tokenizer: Any, want: int) -> Datastore:
     if missing:
         raise SystemExit(f"missing corpus {missing}: run `python scripts/make_corpora.py --out data` first")
     config = BuildConfig(shard_sentences=20000)
-    store: Datastore | None = None
-    if (path / MANIFEST).is_file() and read_manifest(path).get("state") == "complete":
-        store = Datastore.open(path)
-        try:
-            store.check_model(model, tokenizer)
-        except IncompatibleError as err:  # e.g. the bundled model was retrained since
-            logger.warning("%s: rebuilding the benchmark memory and its views", err)
-            clear_cache()
-            store = None
-    if store is None:
+    store = Datastore.open_reusable(path, model, tokenizer)
+    if store is None:  # none yet, unfinished, or of other weights: start over, views and indexes too
+        clear_cache()
         store = build_datastore(
             model, tokenizer, CorpusSpec((str(corpora[0]),), "tsv"), path, config,
             model_name=str(MODEL), progress=True, force=True,

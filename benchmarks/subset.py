@@ -51,19 +51,12 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
     from knnmt.config import BuildConfig
     from knnmt.corpus import CorpusSpec
     from knnmt.datastore import Datastore
-    from knnmt.errors import IncompatibleError
 
     if args.datastore:
         return Datastore.open(args.datastore)
     out = WORK / "datastore"
     config = BuildConfig(max_tokens=6000)
-    store = Datastore.open(out) if (out / "manifest.json").is_file() else None
-    if store is not None:
-        try:
-            store.check_model(model, tokenizer)
-        except IncompatibleError as err:  # e.g. the bundled model was retrained since
-            logger.warning("%s: rebuilding it", err)
-            store = None
+    store = Datastore.open_reusable(out, model, tokenizer)
     if store is None:
         spec = CorpusSpec((str(TRAIN),), "tsv")
         store = build_datastore(model, tokenizer, spec, out, config, force=True, model_name=str(MODEL))

@@ -4,6 +4,7 @@ exactly the uninterrupted result, and existing datastores are protected or exten
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ def test_resumed_build_equals_uninterrupted(
         DatastoreError, match=r"incomplete.*interrupted build.*run the same `knnmt build` again"
     ):
         Datastore.open(out)
+    assert Datastore.open_reusable(out, model, tokenizer) is None  # a cache user rebuilds it
     # resuming with other settings is refused, with both settings in the message
     with pytest.raises(IncompatibleError, match="resume it with the same settings"):
         build_datastore(
@@ -201,6 +203,22 @@ def test_append_to_missing_datastore_creates_it(marian, toy_pairs, make_corpus, 
         model, tokenizer, make_corpus(toy_pairs[:3]), tmp_path / "new", append=True, progress=False
     )
     assert store.manifest["sentences"] == 3 and store.manifest["state"] == "complete"
+
+
+def test_open_reusable_only_for_the_model_it_was_built_with(
+    marian, toy_pairs, make_corpus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, tokenizer = marian
+    out = tmp_path / "ds"
+    assert Datastore.open_reusable(out, model, tokenizer) is None  # nothing there yet
+    built = build_datastore(model, tokenizer, make_corpus(toy_pairs[:5]), out, progress=False)
+    reused = Datastore.open_reusable(out, model, tokenizer)
+    assert reused is not None and reused.fingerprint == built.fingerprint
+    before = _tree_digest(out)
+    with caplog.at_level(logging.WARNING, logger="knnmt.datastore"):
+        assert Datastore.open_reusable(out, make_marian_model(tokenizer, seed=1), tokenizer) is None
+    assert "was built with model" in caplog.text and "not reused" in caplog.text
+    assert _tree_digest(out) == before  # only a verdict: the caller decides whether to rebuild
 
 
 def test_append_with_another_model_is_refused(marian, toy_pairs, make_corpus, tmp_path: Path) -> None:

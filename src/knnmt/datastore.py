@@ -162,6 +162,22 @@ class Datastore:
             store.verify()
         return store
 
+    @classmethod
+    def open_reusable(cls, path: str | Path, model: Any, tokenizer: Any) -> Datastore | None:
+        """The complete datastore at ``path`` if it was built with ``model`` and ``tokenizer``, else
+        ``None`` (nothing there, an interrupted build, or another model: logged) for the caller to
+        rebuild; used where a built datastore is a cache (the demo, the benchmarks)."""
+        p = Path(path)
+        if not (p / MANIFEST).is_file() or read_manifest(p).get("state") != "complete":
+            return None
+        store = cls.open(p)
+        try:
+            store.check_model(model, tokenizer)
+        except IncompatibleError as exc:  # e.g. the model was retrained since
+            logger.warning("%s; not reused", exc)
+            return None
+        return store
+
     def verify(self) -> None:
         """Check each shard file exists with the shape and dtype the manifest promises."""
         expected = {

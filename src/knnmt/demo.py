@@ -228,15 +228,11 @@ def run_demo(
     store_dir = workdir / "datastore"
     start = time.perf_counter()
     complete = (store_dir / MANIFEST).is_file() and read_manifest(store_dir).get("state") == "complete"
-    store: Datastore | None = None
-    if complete and not force:
-        store = Datastore.open(store_dir)
-        try:  # a datastore of another model (e.g. the bundled one was retrained) is rebuilt
-            store.check_model(model, tokenizer)
-            logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
-        except IncompatibleError as exc:
-            logger.warning("%s; rebuilding the datastore", exc)
-            store, force = None, True
+    store = None if force else Datastore.open_reusable(store_dir, model, tokenizer)
+    if store is not None:
+        logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
+    elif complete:  # built with another model (e.g. the bundled one was retrained): rebuilt, index too
+        force = True
     if store is None:
         build = functools.partial(
             build_datastore, model, tokenizer, inputs.memory, store_dir, BuildConfig(),
