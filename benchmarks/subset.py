@@ -60,12 +60,11 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
     if store is None:
         spec = CorpusSpec((str(TRAIN),), "tsv")
         store = build_datastore(model, tokenizer, spec, out, config, force=True, model_name=str(MODEL))
-    general = GENERAL
-    if store.count < args.min_entries and not general.is_file():
-        raise SystemExit(f"missing corpus {general}: run `python scripts/make_corpora.py --out data` first")
+    if store.count < args.min_entries and not GENERAL.is_file():
+        raise SystemExit(f"missing corpus {GENERAL}: run `python scripts/make_corpora.py --out data` first")
     lines: list[str] | None = None
     while store.count < args.min_entries:  # append general-domain chunks, in order, until large enough
-        lines = lines or general.read_text(encoding="utf-8").splitlines()
+        lines = lines or GENERAL.read_text(encoding="utf-8").splitlines()
         parts = [c for c in store.manifest["corpora"] if "general-part" in c["paths"][0]]
         used = sum(int(c["sentences"]) + int(c.get("skipped_empty", 0)) for c in parts)
         if used >= len(lines):
