@@ -22,10 +22,20 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import BuildConfig
 from .corpus import CorpusInfo, CorpusSpec, check_not_empty, inspect_corpus, is_empty, iter_pairs, target_path
-from .datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, read_manifest, write_json_atomic
-from .errors import DatastoreError, IncompatibleError
+from .datastore import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    Datastore,
+    ShardWriter,
+    read_manifest,
+    unlisted_shards,
+    write_json_atomic,
+)
+from .errors import DatastoreError, IncompatibleError, UsageError
 from .models import key_dim, key_module_name, model_fingerprint, model_max_length, tokenizer_fingerprint
 from .teacher_forcing import EncodedPair, KeyExtractor, encode_pairs, length_batches
+from .writelock import LOCK_FILE, WriteLock
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +85,38 @@ def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[st
         if have != want:
             raise IncompatibleError(
                 f"datastore {path} was built with a different {what} ({have!r}); this build uses {want!r}. "
-                "Build into a new directory, or pass --force to replace it"
+                "Build into a new directory (--force would delete the existing datastore)"
             )
+
+
+def _undo_hint(out: Path, manifest: dict[str, Any]) -> str:
+    """How to get out of an interrupted build without losing what was there before it."""
+    if len(manifest["corpora"]) > 1:  # an interrupted append: the earlier corpora are complete
+        appending = len(manifest["corpora"]) - 1
+        before = sum(int(s["count"]) for s in manifest["shards"] if s["corpus"] != appending)
+        return (
+            f"or undo the interrupted append with `knnmt rollback {out}` "
+            f"(keeps the {before} entries the datastore had before it)"
+        )
+    return "or pass --force to start the datastore over"
+
+
+def _clear_directory(out: Path) -> None:
+    """Remove everything in ``out`` except the write lock this process holds."""
+    for child in out.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _prepare(
     out: Path, info: CorpusInfo, identity: dict[str, Any], config: BuildConfig, *, append: bool, force: bool
 ) -> dict[str, Any]:
-    """Decide between new build, resume and append; returns the manifest to continue from."""
+    """Decide between new build, resume and append (the write lock is held); returns the manifest to
+    continue from."""
     corpus_entry = {
         "paths": list(info.spec.paths),
         "format": info.spec.format,
@@ -94,7 +128,7 @@ def _prepare(
         "state": "building",
         "started": _now(),
     }
-    if out.exists() and (out / MANIFEST).is_file():
+    if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         building = manifest["state"] == "building"
         last = manifest["corpora"][-1] if manifest["corpora"] else None
@@ -103,24 +137,26 @@ def _prepare(
             if manifest["build"] != config.to_dict():
                 raise IncompatibleError(
                     f"datastore {out} has an interrupted build with settings {manifest['build']}; "
-                    f"resume it with the same settings (this run: {config.to_dict()}) or pass --force"
+                    f"resume it with the same settings (this run: {config.to_dict()}) "
+                    + _undo_hint(out, manifest)
                 )
             logger.info(
                 "resuming the interrupted build of %s from %d finished shard(s)", out, len(manifest["shards"])
             )
             return manifest
         if force:
-            logger.warning("--force: removing the existing datastore %s", out)
-            shutil.rmtree(out)
+            logger.warning("--force: removing the existing datastore %s (%d entries)", out, manifest["count"])
+            _clear_directory(out)
         elif building and last is not None and last["paths"] == list(info.spec.paths):
             raise DatastoreError(
                 f"datastore {out} has an interrupted build of {last['paths']}, but these files changed since "
-                "it started (checksum differs); restore them to resume, or pass --force to start over"
+                "it started (checksum differs); restore them and rerun the same command to resume it, "
+                + _undo_hint(out, manifest)
             )
         elif building:
             raise DatastoreError(
                 f"datastore {out} has an interrupted build of another corpus ({last and last['paths']}); "
-                "rerun that build to resume it, or pass --force to start over"
+                "rerun that build to resume it, " + _undo_hint(out, manifest)
             )
         elif append:
             _check_same_identity(out, manifest, identity)
@@ -139,15 +175,14 @@ def _prepare(
                 "pass --append to add this corpus "
                 "to it, or --force to overwrite it"
             )
-    elif out.exists() and any(out.iterdir()):
+    elif any(child.name != LOCK_FILE for child in out.iterdir()):
         if not force:
             raise DatastoreError(
                 f"{out} exists and is not an empty directory nor a datastore; pass --force to replace it"
             )
-        shutil.rmtree(out)
+        _clear_directory(out)
     elif append:
         logger.info("--append: %s does not exist yet, creating it", out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -233,6 +268,16 @@ def _write_shard(
     return offsets[-1]
 
 
+def check_build_mode(append: bool, force: bool) -> None:
+    """``append`` and ``force`` exclude each other: appending to a datastore that is first deleted would
+    lose it (raises :class:`UsageError`)."""
+    if append and force:
+        raise UsageError(
+            "--append and --force together would delete the datastore before appending to it: pass "
+            "--append to add a corpus, or --force alone to build a new datastore over the old one"
+        )
+
+
 def build_datastore(
     model: Any,
     tokenizer: Any,
@@ -265,6 +310,7 @@ def build_datastore(
     """
     config = config or BuildConfig()
     out = Path(out)
+    check_build_mode(append, force)
     info = inspect_corpus(corpus, config.skip_empty)  # input errors surface before anything is written
     tokenization = {
         "source_prefix": source_prefix,
@@ -272,16 +318,22 @@ def build_datastore(
         "tgt_lang": getattr(tokenizer, "tgt_lang", None),
     }
     identity = _identity(model, tokenizer, config, model_name, tokenization)
-    fresh = not (out / MANIFEST).is_file()
-    manifest = _prepare(out, info, identity, config, append=append, force=force)
-    corpus_index = len(manifest["corpora"]) - 1
-    try:
-        return _fill(
-            model, tokenizer, corpus, info, out, manifest, corpus_index, config, source_prefix, progress
-        )
-    except BaseException:
-        _forget_unstarted(out, manifest, corpus_index, fresh)
-        raise
+    existed = out.exists()
+    with WriteLock(out, "build --append" if append else "build"):  # one writer at a time
+        fresh = not (out / MANIFEST).is_file() or force
+        manifest: dict[str, Any] = {}
+        try:
+            manifest = _prepare(out, info, identity, config, append=append, force=force)
+            corpus_index = len(manifest["corpora"]) - 1
+            return _fill(
+                model, tokenizer, corpus, info, out, manifest, corpus_index, config, source_prefix, progress
+            )
+        except BaseException:
+            if manifest:
+                _forget_unstarted(out, manifest, corpus_index, fresh)
+            if not existed and not (out / MANIFEST).is_file():
+                shutil.rmtree(out, ignore_errors=True)  # made for this build, which left nothing to keep
+            raise
 
 
 def _forget_unstarted(out: Path, manifest: dict[str, Any], corpus_index: int, fresh: bool) -> None:
@@ -289,7 +341,7 @@ def _forget_unstarted(out: Path, manifest: dict[str, Any], corpus_index: int, fr
     if any(s["corpus"] == corpus_index for s in manifest["shards"]):
         return  # finished shards are kept; the same command resumes from them
     if fresh:
-        shutil.rmtree(out, ignore_errors=True)
+        _clear_directory(out)
         return
     if manifest["corpora"] and len(manifest["corpora"]) == corpus_index + 1 and corpus_index > 0:
         manifest["corpora"].pop()
@@ -377,4 +429,47 @@ def _fill(
     if truncated:
         logger.warning("truncated %d over-long sentence side(s) to %d tokens", truncated, max_length)
     logger.info("datastore %s: %d entries from %d sentences", out, manifest["count"], manifest["sentences"])
+    return Datastore.open(out)
+
+
+def rollback_append(path: str | Path) -> Datastore:
+    """Undo an interrupted ``build --append``: drop the shards of the corpus being appended and return
+    the datastore to the complete state it had before; nothing of the earlier corpora is touched.
+
+    The manifest is committed first (the datastore is complete and consistent from that moment), then
+    the dropped shard directories are removed. Indexes built before the append match the datastore again.
+
+    Raises:
+        DatastoreError: the datastore is complete (nothing to undo), or the interrupted build is its
+            first corpus (nothing earlier to return to: resume it, or start over with ``--force``).
+    """
+    out = Path(path)
+    with WriteLock(out, "rollback"):
+        manifest = read_manifest(out)
+        if manifest["state"] != "building":
+            raise DatastoreError(f"datastore {out} is complete: there is no interrupted append to undo")
+        last = len(manifest["corpora"]) - 1
+        if last < 1:
+            raise DatastoreError(
+                f"the interrupted build of {out} is its first corpus, so there is nothing earlier to return "
+                "to: rerun the same `knnmt build` to resume it, or pass --force to start over"
+            )
+        dropped = [s for s in manifest["shards"] if s["corpus"] == last]
+        manifest["shards"] = [s for s in manifest["shards"] if s["corpus"] != last]
+        abandoned = manifest["corpora"].pop()
+        manifest["count"] = sum(int(s["count"]) for s in manifest["shards"])
+        manifest["sentences"] = sum(int(s["sentences"]) for s in manifest["shards"])
+        manifest["state"] = "complete"
+        write_json_atomic(out / MANIFEST, manifest)  # the commit point
+        for directory in unlisted_shards(out, manifest):  # the dropped shards and any unfinished one
+            shutil.rmtree(directory)
+        logger.warning(
+            "undid the interrupted append of %s: dropped %d finished shard(s) (%d entries); %s has %d "
+            "entries again",
+            abandoned["paths"],
+            len(dropped),
+            sum(int(s["count"]) for s in dropped),
+            out,
+            manifest["count"],
+        )
     return Datastore.open(out)

@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         "--source-prefix", default="", help="text prepended to each source (e.g. a T5 task prefix)"
     )
 
+    r = sub.add_parser(
+        "rollback",
+        help="undo an interrupted `build --append`: drop its shards, keep the datastore as it was before",
+    )
+    r.add_argument("datastore", help="datastore directory")
+
     i = sub.add_parser("index", help="build a faiss index over a datastore's keys")
     i.add_argument("datastore", help="datastore directory")
     i.add_argument(
@@ -358,11 +364,12 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_datastore
+    from .build import build_datastore, check_build_mode
     from .config import BuildConfig
     from .corpus import CorpusSpec
     from .translator import load_model, set_languages
 
+    check_build_mode(args.append, args.force)  # before the model loads
     spec = CorpusSpec.from_args(args.source, args.target, args.corpus, args.format)
     config = BuildConfig(
         key_layer=args.key_layer,
@@ -386,6 +393,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         source_prefix=args.source_prefix,
         progress=not args.quiet,
     )
+    print(json.dumps(store.describe(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from .build import rollback_append
+
+    store = rollback_append(args.datastore)
     print(json.dumps(store.describe(), indent=2))
     return EXIT_OK
 
@@ -553,7 +568,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .corpus import read_lines
     from .domain_gate import SEPARATE
     from .tuning import DEFAULT_LAMBDAS, plot_grid, tune
+    from .writelock import DatastoreLocked, describe_holder, holder_of
 
+    holder = None if args.no_save else holder_of(args.datastore)
+    if holder is not None:  # fail now, not after the whole tuning run
+        raise DatastoreLocked(
+            f"datastore {args.datastore} is being written by {describe_holder(holder)}, so tune could not "
+            "save its choice there; wait for it, or pass --no-save to tune without saving",
+            holder,
+        )
     sources, references = read_lines(args.source), read_lines(args.reference)
     knn = _load_knn(args)
     lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else list(DEFAULT_LAMBDAS)
@@ -727,6 +750,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "build": _cmd_build,
+    "rollback": _cmd_rollback,
     "index": _cmd_index,
     "translate": _cmd_translate,
     "evaluate": _cmd_evaluate,

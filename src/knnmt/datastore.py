@@ -152,8 +152,13 @@ class Datastore:
         manifest = read_manifest(p)
         if manifest.get("state") != "complete":
             raise DatastoreError(
-                f"datastore {p} is incomplete (state {manifest.get('state')!r}): an interrupted build; "
-                "run the same `knnmt build` again to resume it"
+                f"datastore {p} is incomplete (state {manifest.get('state')!r}): an interrupted build "
+                "(or one still running); run the same `knnmt build` again to resume it"
+                + (
+                    f", or `knnmt rollback {p}` to undo the interrupted append"
+                    if len(manifest.get("corpora") or []) > 1
+                    else ""
+                )
             )
         store = cls(p, manifest)
         for orphan in unlisted_shards(p, manifest):  # a crash between writing a shard and the manifest

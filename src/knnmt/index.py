@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import IndexConfig
 from .datastore import Datastore, write_json_atomic
 from .errors import DatastoreError, IncompatibleError, UsageError
+from .writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,13 @@ def build_index(
     Memory: the training sample (``train_size × dim`` float32) plus one chunk plus the index itself.
     Saved to ``out`` (default ``<datastore>/index``) when given or defaulted.
     """
-    config = config or IndexConfig()
+    with WriteLock(datastore.path, "index"):  # one writer at a time, wherever the index goes
+        return _build_index(datastore, config or IndexConfig(), out, progress, force)
+
+
+def _build_index(
+    datastore: Datastore, config: IndexConfig, out: str | Path | None, progress: bool, force: bool
+) -> SearchIndex:
     target = Path(out) if out is not None else datastore.path / "index"
     if (target / INDEX_FILE).exists() and not force:
         raise DatastoreError(f"an index already exists at {target}; pass --force to rebuild it")

@@ -57,6 +57,7 @@ from .sentence_search import (
     load_sentence_search,
     mean_pool,
 )
+from .writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,22 @@ def build_subset_index(
     needs the ``model`` and ``tokenizer`` the datastore was built with). Building the other sentence
     search later adds it beside the first; ``config.sentence_search`` becomes the default.
     """
-    config = config or SubsetConfig()
+    with WriteLock(datastore.path, "index --subset"):  # one writer at a time
+        return _build_subset_index(
+            datastore, config or SubsetConfig(), model, tokenizer, out, progress=progress, force=force
+        )
+
+
+def _build_subset_index(
+    datastore: Datastore,
+    config: SubsetConfig,
+    model: Any,
+    tokenizer: Any,
+    out: str | Path | None,
+    *,
+    progress: bool,
+    force: bool,
+) -> SubsetIndex:
     target = Path(out) if out is not None else datastore.path / SUBSET_DIR
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")

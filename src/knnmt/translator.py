@@ -498,9 +498,13 @@ class KNNMT:
         return key_module(self.model, self.key_layer)
 
     def save_config(self, config: KNNConfig | None = None) -> Path:
-        """Store ``config`` (default: the current one) as the datastore's default ``knn.json``."""
+        """Store ``config`` (default: the current one) as the datastore's default ``knn.json``, holding the
+        datastore's write lock (:class:`~knnmt.writelock.WriteLock`) while it writes."""
+        from .writelock import WriteLock
+
         path = self.datastore.path / KNN_CONFIG_FILE
-        (config or self.config).save(path)
+        with WriteLock(self.datastore.path, "save kNN settings"):
+            (config or self.config).save(path)
         return path
 
 

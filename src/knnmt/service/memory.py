@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,18 +42,25 @@ from tqdm.auto import tqdm
 
 from ..build import _Rate, _write_shard
 from ..config import BuildConfig
-from ..datastore import MANIFEST, Datastore, manifest_fingerprint, unlisted_shards, write_json_atomic
+from ..datastore import (
+    MANIFEST,
+    Datastore,
+    manifest_fingerprint,
+    read_manifest,
+    unlisted_shards,
+    write_json_atomic,
+)
 from ..errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
 from ..models import model_max_length
 from ..search import IndexRetriever
 from ..teacher_forcing import KeyExtractor, encode_pairs
+from ..writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 
 MEMORY_DIR = "memory"
 TOMBSTONES = "tombstones.json"
-LOCK_FILE = ".knnmt-serve.lock"
 #: Extra candidates fetched per query at most to replace removed entries (k + min(removed, cap)).
 OVERFETCH_CAP = 1024
 
@@ -264,11 +270,25 @@ class LiveMemory:
         self.compact_every = compact_every
         self.writable = writable
         self._lock = threading.RLock()
-        self._lock_handle: Any = None
+        self._write_lock = WriteLock(self.path, "serve")
         self._compacting: threading.Thread | None = None
         self.compactions = 0
         if writable:
-            self._take_lock()
+            self._write_lock.acquire()  # the datastore's one writer until close(); raises if another holds it
+        try:
+            self._open(store, main, main_count)
+        except BaseException:
+            self._write_lock.release()
+            raise
+
+    def _open(self, store: Datastore, main: SearchIndex, main_count: int) -> None:
+        """The rest of ``__init__``, run with the write lock held (when writable)."""
+        if self.writable:
+            if read_manifest(self.path) != store.manifest:
+                raise DatastoreError(
+                    f"datastore {self.path} changed after it was opened (another writer finished in "
+                    "between); open it again"
+                )
             for orphan in unlisted_shards(self.path, store.manifest):
                 logger.warning("removing %s: an unfinished shard from an interrupted append", orphan)
                 shutil.rmtree(orphan)
@@ -293,26 +313,12 @@ class LiveMemory:
         self.retriever = LiveRetriever(_State(store, main, main_count, side, removed, int(removed.sum())))
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def _take_lock(self) -> None:
-        handle = (self.path / LOCK_FILE).open("a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise DatastoreError(
-                f"datastore {self.path} is already opened for writing by another process "
-                f"(lock {self.path / LOCK_FILE}); stop it, or serve read-only"
-            ) from None
-        self._lock_handle = handle
-
     def close(self) -> None:
         """Wait for a running compaction and release the write lock."""
         thread = self._compacting
         if thread is not None:
             thread.join()
-        if self._lock_handle is not None:
-            self._lock_handle.close()
-            self._lock_handle = None
+        self._write_lock.release()
 
     # ---- reading --------------------------------------------------------------------------
     @property
