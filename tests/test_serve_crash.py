@@ -4,6 +4,7 @@ datastore must open, and after a restart retried requests (same Idempotency-Key)
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from knnmt.cli import main  # noqa: E402
 from knnmt.datastore import Datastore  # noqa: E402
 from knnmt.service.process import spawn_server  # noqa: E402
 from knnmt.toy import toy_corpus  # noqa: E402
@@ -28,7 +30,9 @@ def start_server(model: Path, datastore: Path, token_file: Path, log: Path) -> t
     return spawn_server(model, datastore, ["--token-file", str(token_file)], log)
 
 
-def test_sigkill_during_appends_loses_nothing_acknowledged(toy_dir, datastore, toy_pairs, tmp_path) -> None:
+def test_sigkill_during_appends_loses_nothing_acknowledged(
+    toy_dir, datastore, toy_pairs, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "ds"
     shutil.copytree(datastore.path, path)
     token_file = tmp_path / "token"
@@ -98,6 +102,13 @@ def test_sigkill_during_appends_loses_nothing_acknowledged(toy_dir, datastore, t
                 assert r.status_code == 201, r.text
                 if key in acked:
                     assert r.json() == {"ids": acked[key], "entries": 0, "replayed": True}
+            # the restarted server took over the write lock the killed one left; a CLI writer is refused
+            corpus = tmp_path / "more.tsv"
+            corpus.write_text("".join(f"{s}\t{t}\n" for s, t in toy_pairs[:5]), encoding="utf-8")
+            argv = ["build", "--model", str(toy_dir / "model"), "--corpus", str(corpus), "--out", str(path)]
+            with caplog.at_level(logging.ERROR):
+                assert main([*argv, "--append"]) == 1
+            assert f"is being written by pid {process.pid} (serve: " in caplog.text
             sentences = client.get("/info").json()["sentences"]
             assert sentences == base + len(sent)  # each pair exactly once
             first = min(acked, key=lambda k: acked[k][0])

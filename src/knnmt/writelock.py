@@ -130,9 +130,10 @@ class WriteLock:
                 holder,
             ) from None
         stale = _read_holder(handle)
-        if stale:  # its holder died without releasing (the kernel dropped the flock)
+        if stale:  # its holder died without releasing (the kernel dropped the flock), or this is a copy
             logger.warning(
-                "recovering the write lock of %s left by %s, which is no longer running",
+                "recovering the write lock of %s left by %s, which no longer holds it (it ended without "
+                "releasing it, or the datastore was copied)",
                 self.path,
                 describe_holder(stale),
             )
