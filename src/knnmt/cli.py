@@ -187,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_knn_args(e)
     e.add_argument("--source", required=True, help="test source file")
     e.add_argument("--reference", required=True, help="test reference file")
+    e.add_argument(
+        "--ood-source",
+        default=None,
+        help="a test set of other text (e.g. general-domain): its BLEU shows what the memory costs there",
+    )
+    e.add_argument("--ood-reference", default=None, help="references of --ood-source")
     e.add_argument("--json", default=None, help="also write the scores as JSON to this file")
     e.add_argument("--output-dir", default=None, help="write each system's translations here")
 
@@ -486,28 +492,47 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .corpus import read_lines
-    from .evaluation import evaluate, format_table
+    from .evaluation import evaluate, format_domain_table, format_table
 
+    if bool(args.ood_source) != bool(args.ood_reference):
+        raise UsageError("--ood-source and --ood-reference go together")
     sources, references = read_lines(args.source), read_lines(args.reference)
+    ood = (read_lines(args.ood_source), read_lines(args.ood_reference)) if args.ood_source else None
     knn = _load_knn(args)
     scores, outputs = evaluate(
         knn, sources, references, batch_size=args.batch_size, progress=not args.quiet, **_gen_kwargs(args)
     )
-    print(format_table(scores))
+    ood_scores, ood_outputs = (
+        evaluate(knn, *ood, batch_size=args.batch_size, progress=not args.quiet, **_gen_kwargs(args))
+        if ood
+        else ([], {})
+    )
+    if ood_scores:
+        print(format_domain_table(scores, ood_scores))
+    else:
+        print(format_table(scores))
+        print(
+            "out-of-domain cost not measured: pass --ood-source/--ood-reference (a test set of other text "
+            "your users send) to see what the memory does to it"
+        )
     print(
         f"kNN-MT settings: k={knn.config.k} lambda={knn.config.lambda_} temperature={knn.config.temperature} "
         f"half-distance={knn.config.half_distance} confidence-gate={knn.config.confidence_gate} "
         f"domain-gate={knn.config.domain_gate} {_retrieval_name(knn)} beam={args.beam}"
     )
     if args.json:
-        Path(args.json).write_text(
-            json.dumps([s.to_dict() for s in scores], indent=2) + "\n", encoding="utf-8"
-        )
+        payload: Any = [s.to_dict() for s in scores]
+        if ood_scores:
+            payload = {"in_domain": payload, "out_of_domain": [s.to_dict() for s in ood_scores]}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for name, translations in outputs.items():
-            (out / f"{name}.txt").write_text("".join(t.text + "\n" for t in translations), encoding="utf-8")
+        for suffix, systems in (("", outputs), (".ood", ood_outputs)):
+            for name, translations in systems.items():
+                (out / f"{name}{suffix}.txt").write_text(
+                    "".join(t.text + "\n" for t in translations), encoding="utf-8"
+                )
     return EXIT_OK
 
 

@@ -128,3 +128,40 @@ def format_table(scores: Sequence[SystemScore]) -> str:
             f"chrF signature: {scores[0].chrf_signature}",
         ]
     return "\n".join(lines)
+
+
+def format_domain_table(in_domain: Sequence[SystemScore], out_of_domain: Sequence[SystemScore]) -> str:
+    """One table of the same systems on an in-domain and an out-of-domain test set: each system's BLEU
+    and chrF on both, with its change from the first system (the plain model), then one line that says
+    the in-domain gain and the out-of-domain cost of every other system."""
+    if [s.name for s in in_domain] != [s.name for s in out_of_domain]:
+        raise UsageError("the in- and out-of-domain scores must list the same systems in the same order")
+    if not in_domain:
+        return ""
+    base_in, base_out = in_domain[0], out_of_domain[0]
+    header = (
+        f"{'system':<14}{'in-domain BLEU':>22}{'chrF':>8}{'out-of-domain BLEU':>24}{'chrF':>8}"
+        f"{'tok/s':>10}{'plain-only (in/out)':>21}"
+    )
+    lines = [header, "-" * len(header)]
+    for i, (a, b) in enumerate(zip(in_domain, out_of_domain, strict=True)):
+        delta_in = f"({a.bleu - base_in.bleu:+.2f})" if i else ""
+        delta_out = f"({b.bleu - base_out.bleu:+.2f})" if i else ""
+        off = f"{a.sentences_off:.0%} / {b.sentences_off:.0%}" if i else ""
+        lines.append(
+            f"{a.name:<14}{a.bleu:>13.2f} {delta_in:>8}{a.chrf:>8.2f}{b.bleu:>15.2f} {delta_out:>8}"
+            f"{b.chrf:>8.2f}{a.tokens_per_second:>10.1f}{off:>21}"
+        )
+    lines.append("")
+    for a, b in zip(in_domain[1:], out_of_domain[1:], strict=True):
+        gate = f" (the domain gate left {b.sentences_off:.0%} of it to the plain model)"
+        lines.append(
+            f"{a.name}: in-domain gain {a.bleu - base_in.bleu:+.2f} BLEU, out-of-domain cost "
+            f"{b.bleu - base_out.bleu:+.2f} BLEU" + (gate if b.sentences_off else "")
+        )
+    lines += [
+        "",
+        f"BLEU signature: {in_domain[0].bleu_signature}",
+        f"chrF signature: {in_domain[0].chrf_signature}",
+    ]
+    return "\n".join(lines)

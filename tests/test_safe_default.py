@@ -1,0 +1,65 @@
+"""Safe by default (issue 16): what a domain memory does to other text is shown every time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from knnmt.cli import EXIT_OK, EXIT_USAGE, main
+from knnmt.datastore import Datastore
+from knnmt.evaluation import SystemScore, format_domain_table
+from knnmt.toy import toy_corpus
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _score(name: str, bleu: float, off: float = 0.0) -> SystemScore:
+    return SystemScore(name, bleu, 50.0, "BLEU|sig", "chrF|sig", 100.0, 1.0, 10, sentences_off=off)
+
+
+def test_domain_table_shows_gain_and_cost_side_by_side() -> None:
+    table = format_domain_table(
+        [_score("base", 20.0), _score("knn-mt", 29.5)], [_score("base", 27.0), _score("knn-mt", 26.2, 0.8)]
+    )
+    assert "in-domain BLEU" in table and "out-of-domain BLEU" in table
+    assert "(+9.50)" in table and "(-0.80)" in table
+    assert "knn-mt: in-domain gain +9.50 BLEU, out-of-domain cost -0.80 BLEU" in table
+    assert "the domain gate left 80% of it to the plain model" in table
+    with pytest.raises(Exception, match="same systems"):
+        format_domain_table([_score("base", 1)], [_score("other", 1)])
+
+
+def test_evaluate_reports_out_of_domain_cost(
+    toy_dir: Path, datastore: Datastore, toy_pairs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _write(tmp_path / "test.en", [s for s, _ in toy_pairs[:6]])
+    ref = _write(tmp_path / "test.de", [t for _, t in toy_pairs[:6]])
+    known = {s for s, _ in toy_pairs}
+    other = [(s, t) for s, t in toy_corpus(300, seed=99) if s not in known][:6]
+    ood_src = _write(tmp_path / "ood.en", [s[::-1] for s, _ in other])  # text unlike the memory
+    ood_ref = _write(tmp_path / "ood.de", [t for _, t in other])
+    argv = ["-q", "evaluate", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
+    argv += ["--source", str(src), "--reference", str(ref), "--k", "1", "--lambda", "1"]
+    argv += ["--max-new-tokens", "40", "--index", "exact"]
+    scores_file = tmp_path / "scores.json"
+    outputs = tmp_path / "out"
+    extra = ["--ood-source", str(ood_src), "--ood-reference", str(ood_ref)]
+    assert main([*argv, *extra, "--json", str(scores_file), "--output-dir", str(outputs)]) == EXIT_OK
+    out = capsys.readouterr().out
+    scores = json.loads(scores_file.read_text())
+    inside = {s["name"]: s for s in scores["in_domain"]}
+    outside = {s["name"]: s for s in scores["out_of_domain"]}
+    assert inside["knn-mt"]["bleu"] == pytest.approx(100.0)
+    gain = inside["knn-mt"]["bleu"] - inside["base"]["bleu"]
+    cost = outside["knn-mt"]["bleu"] - outside["base"]["bleu"]
+    assert f"knn-mt: in-domain gain {gain:+.2f} BLEU, out-of-domain cost {cost:+.2f} BLEU" in out
+    assert {p.name for p in outputs.iterdir()} == {"base.txt", "knn-mt.txt", "base.ood.txt", "knn-mt.ood.txt"}
+
+    assert main(argv) == EXIT_OK  # without an out-of-domain set it says the cost was not measured
+    assert "out-of-domain cost not measured" in capsys.readouterr().out
+    assert main([*argv, "--ood-source", str(ood_src)]) == EXIT_USAGE
