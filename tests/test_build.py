@@ -310,13 +310,13 @@ def test_keys_beyond_fp16_range_are_refused(
     from knnmt.teacher_forcing import KeyExtractor
 
     model, tokenizer = marian
-    real = KeyExtractor.__call__
+    real = KeyExtractor.extract
 
-    def huge_for_line_3(self: KeyExtractor, batch: list[Any]) -> list[Any]:
-        keys = real(self, batch)
-        return [k * 1e6 if pair.line == 3 else k for pair, k in zip(batch, keys, strict=True)]
+    def huge_for_line_3(self: KeyExtractor, batch: list[Any]) -> tuple[list[Any], Any]:
+        keys, vectors = real(self, batch)
+        return [k * 1e6 if pair.line == 3 else k for pair, k in zip(batch, keys, strict=True)], vectors
 
-    monkeypatch.setattr(KeyExtractor, "__call__", huge_for_line_3)
+    monkeypatch.setattr(KeyExtractor, "extract", huge_for_line_3)
     with pytest.raises(
         DatastoreError, match=r"keys of sentence 2 \(line 3\) reach .* beyond float16's range"
     ):

@@ -91,11 +91,24 @@ def test_threshold_for_recall_keeps_that_share() -> None:
         threshold_for_recall(np.zeros(0), 0.9)
 
 
-def test_gate_needs_the_dense_sentence_index(marian, datastore, tmp_path: Path) -> None:
+def test_gate_of_an_older_datastore_needs_the_dense_sentence_index(marian, datastore, tmp_path: Path) -> None:
+    """Datastores built before sentence vectors were stored fall back to Subset's dense index."""
+    import json
+    import shutil
+
+    from knnmt.datastore import MANIFEST, VECTORS_FILE, Datastore
+
     with pytest.raises(DatastoreError, match="knnmt index --subset"):
         DomainGate.load(datastore, tmp_path / "nothing-here")
+    old = tmp_path / "old"
+    shutil.copytree(datastore.path, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["sentence_vectors"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    for file in old.glob(f"shards/*/{VECTORS_FILE}"):
+        file.unlink()
     model, tokenizer = marian
-    knn = KNNMT(model, tokenizer, datastore)
+    knn = KNNMT(model, tokenizer, Datastore.open(old))
     with pytest.raises(DatastoreError, match="knnmt index --subset"):
         knn.translate(["a"], knn=KNNConfig(domain_gate=0.5), max_new_tokens=4)
 
@@ -152,7 +165,8 @@ def test_cli_gate_options(tmp_path: Path, gated: KNNMT) -> None:
     assert _domain_recall("separate", gated, has_ood=True) == SEPARATE
     assert _domain_recall("none", gated, True) is None and _domain_recall("0.75", gated, True) == 0.75
     model, tokenizer = gated.model, gated.tokenizer
-    assert _domain_recall("auto", KNNMT(model, tokenizer, gated.datastore), True) is None  # it has none
+    # every datastore built now keeps its sentence vectors, so the gate is there without any index
+    assert _domain_recall("auto", KNNMT(model, tokenizer, gated.datastore), True) == SEPARATE
     with pytest.raises(UsageError, match="domain-recall"):
         _domain_recall("1.5", gated, False)
     with pytest.raises(UsageError, match="ood-source"):
@@ -234,7 +248,7 @@ def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: 
     more = write_text_corpus(tmp_path / "b", toy_pairs[40:60])
     grown = build_datastore(model, tokenizer, more, tmp_path / "ds", append=True, progress=False)
     with caplog.at_level("WARNING"):
-        gate = DomainGate.load(grown)
+        gate = DomainGate.load(grown, tmp_path / "ds" / "subset")  # the older datastores' source
     assert "covers 40 of the datastore's 60 sentences" in caplog.text
     sims = gate.similarity_of(model, tokenizer, [s for s, _ in toy_pairs[:2]])
     assert np.allclose(sims, 1.0, atol=1e-4)

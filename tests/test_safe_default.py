@@ -63,3 +63,68 @@ def test_evaluate_reports_out_of_domain_cost(
     assert main(argv) == EXIT_OK  # without an out-of-domain set it says the cost was not measured
     assert "out-of-domain cost not measured" in capsys.readouterr().out
     assert main([*argv, "--ood-source", str(ood_src)]) == EXIT_USAGE
+
+
+# ---- the domain gate needs nothing beyond the datastore -------------------------------------------
+
+
+def test_stored_sentence_vectors_are_the_gates_input_embeddings(marian, datastore: Datastore) -> None:
+    """The build keeps each source's mean-pooled encoder output: the same vector the gate computes for
+    that sentence as an input (fp16 storage aside)."""
+    import numpy as np
+
+    from knnmt.sentence_search import datastore_sources, embed_sources
+
+    model, tokenizer = marian
+    stored = np.concatenate([v for _, v in datastore.iter_sentence_vectors()])
+    sources = list(datastore_sources(datastore))
+    assert stored.shape == (len(sources), model.config.d_model)
+    np.testing.assert_allclose(stored, embed_sources(model, tokenizer, sources), atol=2e-3)
+
+
+def test_gate_from_stored_vectors_equals_the_dense_subset_gate(
+    marian, datastore: Datastore, subset_dir: Path, toy_pairs
+) -> None:
+    import numpy as np
+
+    from knnmt.domain_gate import DomainGate
+    from knnmt.toy import toy_corpus
+
+    model, tokenizer = marian
+    known = {s for s, _ in toy_pairs}
+    inputs = [s for s, _ in toy_pairs[:5]] + [s for s, _ in toy_corpus(60, seed=5) if s not in known][:10]
+    stored = DomainGate.load(datastore).similarity_of(model, tokenizer, inputs)  # no index built at all
+    dense = DomainGate.load(datastore, subset_dir).similarity_of(model, tokenizer, inputs)
+    np.testing.assert_allclose(stored, dense, atol=2e-3)
+    assert np.allclose(stored[:5], 1.0, atol=2e-3) and (stored[5:] < 0.9999).all()
+
+
+def test_index_saves_the_sentence_index_and_the_gate_follows_appends(
+    toy_dir: Path, marian, toy_pairs, make_corpus, tmp_path: Path, capsys, caplog
+) -> None:
+    import numpy as np
+
+    from knnmt.build import build_datastore
+    from knnmt.config import BuildConfig
+    from knnmt.domain_gate import SENTENCE_DIR, DomainGate
+
+    model, tokenizer = marian
+    path = tmp_path / "ds"
+    store = build_datastore(
+        model, tokenizer, make_corpus(toy_pairs[:40]), path, BuildConfig(shard_sentences=15), progress=False
+    )
+    assert main(["-q", "index", str(path), "--factory", "Flat"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["sentence_index"]["sentences"] == 40 and report["sentence_index"]["factory"] == "Flat"
+    assert report["sentence_index"]["build_seconds"] >= 0
+    assert (path / SENTENCE_DIR / "sentences.faiss").is_file()
+    new = toy_pairs[40:45]
+    more = make_corpus(new, name="more")
+    grown = build_datastore(model, tokenizer, more, path, append=True, progress=False)
+    with caplog.at_level("INFO"):
+        gate = DomainGate.load(grown)
+    assert "another datastore" not in caplog.text and "in memory" not in caplog.text  # the saved one
+    assert gate.search.count == 45
+    sims = gate.similarity_of(model, tokenizer, [s for s, _ in new])
+    assert np.allclose(sims, 1.0, atol=2e-3)  # the appended sources count as memory at once
+    assert store.count < grown.count

@@ -33,7 +33,14 @@ from .datastore import (
     write_json_atomic,
 )
 from .errors import DatastoreError, IncompatibleError, UsageError
-from .models import key_dim, key_module_name, model_fingerprint, model_max_length, tokenizer_fingerprint
+from .models import (
+    encoder_dim,
+    key_dim,
+    key_module_name,
+    model_fingerprint,
+    model_max_length,
+    tokenizer_fingerprint,
+)
 from .teacher_forcing import EncodedPair, KeyExtractor, encode_pairs, length_batches
 from .writelock import LOCK_FILE, WriteLock
 
@@ -68,8 +75,20 @@ def _identity(
             "dtype": "float16",
         },
         "values_dtype": "int32",
+        "sentence_vectors": {
+            "dim": encoder_dim(model),
+            "dtype": "float16",
+            "pooling": "encoder output, mean over source tokens, L2-normalised",
+        },
         "tokenization": tokenization,
     }
+
+
+def vector_dim(manifest: dict[str, Any]) -> int:
+    """The sentence-vector dimension new shards of this datastore get: 0 for datastores built before
+    sentence vectors were stored (an append keeps every shard alike)."""
+    info = manifest.get("sentence_vectors")
+    return int(info["dim"]) if info else 0
 
 
 def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
@@ -230,20 +249,25 @@ def _write_shard(
     encoded: list[EncodedPair],
     extractor: KeyExtractor,
     dim: int,
+    vector_dim: int,
     config: BuildConfig,
     corpus_index: int,
     bar: Any,
     rate: _Rate,
 ) -> int:
-    """Teacher-force ``encoded`` (one shard's pairs) and publish the shard; returns its entry count."""
+    """Teacher-force ``encoded`` (one shard's pairs) and publish the shard (with the sources' sentence
+    vectors when ``vector_dim``); returns its entry count."""
     offsets = [0]
     for pair in encoded:
         offsets.append(offsets[-1] + len(pair.target_ids))
-    writer = ShardWriter(out, name, offsets[-1], dim, len(encoded))
+    writer = ShardWriter(out, name, offsets[-1], dim, len(encoded), vector_dim)
     writer.offsets[:] = offsets
     for batch_idx in length_batches(encoded, config.max_tokens):
         batch = [encoded[i] for i in batch_idx]
-        for i, pair, keys in zip(batch_idx, batch, extractor(batch), strict=True):
+        batch_keys, vectors = extractor.extract(batch)
+        if writer.vectors is not None:
+            writer.vectors[batch_idx] = vectors
+        for i, pair, keys in zip(batch_idx, batch, batch_keys, strict=True):
             lo, hi = offsets[i], offsets[i + 1]
             peak = float(keys.abs().max())
             if not peak <= FP16_MAX:
@@ -397,7 +421,9 @@ def _fill(
             source_prefix=source_prefix,
         )
         name = f"{len(manifest['shards']):05d}"
-        count = _write_shard(out, name, encoded, extractor, dim, config, corpus_index, bar, rate)
+        count = _write_shard(
+            out, name, encoded, extractor, dim, vector_dim(manifest), config, corpus_index, bar, rate
+        )
         truncated += cut
         manifest["shards"].append(
             {

@@ -154,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--gpu", action="store_true", help="build on GPU when faiss has one")
     i.add_argument("--force", action="store_true", help="replace an existing index")
     i.add_argument(
+        "--no-sentence-index",
+        action="store_true",
+        help="skip the sentence index over the stored source vectors (what the domain gate reads)",
+    )
+    i.add_argument(
         "--subset", action="store_true", help="build the Subset kNN-MT index (<datastore>/subset) instead"
     )
     i.add_argument(
@@ -428,8 +433,26 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if args.subset:
         return _index_subset(args, store)
     index = build_index(store, config, args.out, progress=not args.quiet, force=args.force)
-    print(json.dumps(index.settings, indent=2))
+    report = dict(index.settings)
+    if not args.no_sentence_index:
+        report["sentence_index"] = _sentence_index(store)
+    print(json.dumps(report, indent=2))
     return EXIT_OK
+
+
+def _sentence_index(store: Any) -> dict[str, Any] | None:
+    """Rebuild the domain gate's sentence index with the key index (seconds, not minutes)."""
+    from .domain_gate import build_sentence_index
+
+    if not store.vector_dim:
+        logger.info(
+            "%s has no stored sentence vectors (built by an older knnmt): no sentence index; the domain "
+            "gate can use `knnmt index %s --subset --sentence-search dense` instead",
+            store.path,
+            store.path,
+        )
+        return None
+    return build_sentence_index(store, force=True)
 
 
 def _index_subset(args: argparse.Namespace, store: Any) -> int:

@@ -11,6 +11,9 @@ Layout::
                   offsets.npy       # [sentences + 1] int64 first entry of each sentence in the shard
                   sentences.jsonl   # one {"id", "src", "tgt", "corpus", "line"} per sentence
                   sentences.idx.npy # [sentences + 1] int64 byte offset of each line in sentences.jsonl
+                  sentence_vectors.npy  # [sentences, d_model] float16: each source's encoder output,
+                                        # mean-pooled and L2-normalised (when the manifest lists
+                                        # "sentence_vectors"; datastores built before it have none)
 
 Shards are written under a temporary name and renamed when complete; the manifest is replaced
 atomically after each shard, so an interrupted build keeps every finished shard.
@@ -39,6 +42,17 @@ VERSION = 1
 MANIFEST = "manifest.json"
 KEY_DTYPE = np.float16
 VALUE_DTYPE = np.int32
+VECTOR_DTYPE = np.float16
+VECTORS_FILE = "sentence_vectors.npy"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (new names, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -50,11 +64,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -193,6 +203,8 @@ class Datastore:
             "offsets.npy": lambda s: ((s.sentences + 1,), np.dtype(np.int64)),
             "sentences.idx.npy": lambda s: ((s.sentences + 1,), np.dtype(np.int64)),
         }
+        if self.vector_dim:
+            expected[VECTORS_FILE] = lambda s: ((s.sentences, self.vector_dim), np.dtype(VECTOR_DTYPE))
         for shard in self.shards:
             for name, want in expected.items():
                 file = shard.path / name
@@ -248,6 +260,25 @@ class Datastore:
             raise IncompatibleError(
                 f"datastore {self.path} has {self.dim}-dimensional keys, the model gives {dim}"
             )
+
+    @property
+    def vector_dim(self) -> int:
+        """Dimension of the stored source sentence vectors, 0 when the datastore has none (built before
+        they were stored)."""
+        info = self.manifest.get("sentence_vectors")
+        return int(info["dim"]) if info else 0
+
+    def iter_sentence_vectors(self) -> Any:
+        """Yield ``(first_sentence_id, vectors)`` per shard, ``vectors`` float32 ``[sentences, d_model]``
+        unit rows (the mean-pooled encoder output of each source), over all sentences in order."""
+        if not self.vector_dim:
+            raise DatastoreError(
+                f"datastore {self.path} has no sentence vectors (built by an older knnmt); rebuild it, or "
+                f"build the dense sentence index with "
+                f"`knnmt index {self.path} --subset --sentence-search dense`"
+            )
+        for shard in self.shards:
+            yield shard.first_sentence, np.asarray(shard.load(VECTORS_FILE), dtype=np.float32)
 
     # ---- arrays ---------------------------------------------------------------------------
     @cached_property
@@ -339,7 +370,9 @@ class Datastore:
 class ShardWriter:
     """Writes one shard into a temporary directory, then publishes it with a rename."""
 
-    def __init__(self, root: Path, name: str, count: int, dim: int, sentences: int) -> None:
+    def __init__(
+        self, root: Path, name: str, count: int, dim: int, sentences: int, vector_dim: int = 0
+    ) -> None:
         self.final = root / "shards" / name
         self.tmp = root / "shards" / (name + ".tmp")
         if self.tmp.exists():
@@ -353,6 +386,8 @@ class ShardWriter:
         self.sentence_ids = np.zeros(count, dtype=np.int64)
         self.positions = np.zeros(count, dtype=np.int32)
         self.offsets = np.zeros(sentences + 1, dtype=np.int64)
+        #: ``[sentences, vector_dim]`` source sentence vectors (not written when ``vector_dim`` is 0)
+        self.vectors = np.zeros((sentences, vector_dim), dtype=VECTOR_DTYPE) if vector_dim else None
 
     def finish(self, sentence_records: list[dict[str, Any]]) -> None:
         """Save the arrays and sentences, flush to disk, and rename into place."""
@@ -363,6 +398,7 @@ class ShardWriter:
             ("sentence_ids", self.sentence_ids),
             ("positions", self.positions),
             ("offsets", self.offsets),
+            *((("sentence_vectors", self.vectors),) if self.vectors is not None else ()),
         ):
             np.save(self.tmp / f"{name}.npy", arr)
         byte_offsets = np.zeros(len(sentence_records) + 1, dtype=np.int64)
@@ -375,6 +411,8 @@ class ShardWriter:
         for file in self.tmp.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
+        fsync_dir(self.tmp)
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)  # the rename is durable before the manifest lists the shard

@@ -8,6 +8,13 @@ sentence index that ``knnmt index --subset --sentence-search dense`` builds for 
 Sentences below ``KNNConfig.domain_gate`` are translated by the plain model and searched nowhere,
 which also saves all of their search time.
 
+Where the memory's sentence vectors come from: every datastore built since they were stored keeps
+each source's mean-pooled encoder output (``sentence_vectors.npy`` per shard, written by the build from
+the same teacher-forced pass as the keys, so they cost no extra model time). ``knnmt index`` saves a
+faiss index over them in ``<datastore>/sentences`` (:func:`build_sentence_index`); without it the gate
+indexes the stored vectors in memory when it loads. Datastores from before keep the older source: the
+dense sentence index of Subset kNN-MT (``knnmt index --subset --sentence-search dense``).
+
 ``knnmt tune`` sets the threshold on the dev sets: with out-of-domain dev sources, the similarity that
 best separates them from the in-domain ones (:func:`threshold_separating`); with in-domain dev
 sources alone, the similarity that keeps retrieval on for a chosen share of them
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,13 +34,80 @@ import numpy as np
 import torch
 
 from .datastore import Datastore
-from .errors import UsageError
-from .sentence_search import DenseSentenceSearch, embed_sources, mean_pool
+from .errors import DatastoreError, UsageError
+from .sentence_search import DenseSentenceSearch, embed_sources
+from .teacher_forcing import mean_pool
 
 logger = logging.getLogger(__name__)
 
 #: the sentence search the gate reads (its embeddings are the model's own encoder states)
 GATE_SEARCH = "dense"
+#: ``<datastore>/sentences``: the saved index over the datastore's stored sentence vectors
+SENTENCE_DIR = "sentences"
+#: up to this many sentences the sentence index is exact (``Flat``, 4·d bytes a sentence); above, an
+#: IVF index with 8-bit scalar quantisation (d bytes a sentence, cosine error ~1e-3)
+EXACT_SENTENCES = 200_000
+
+
+def sentence_factory(sentences: int, dim: int) -> str:
+    """The faiss factory string of a datastore's sentence index (see :data:`EXACT_SENTENCES`)."""
+    if sentences <= EXACT_SENTENCES:
+        return "Flat"
+    return f"IVF{max(64, int(4 * math.sqrt(sentences)))},SQ8"
+
+
+def _stored_vectors_search(datastore: Datastore, factory: str) -> DenseSentenceSearch:
+    """A :class:`DenseSentenceSearch` over the datastore's stored sentence vectors, shard by shard
+    (trained on a sample of at most 100k of them when the factory needs training)."""
+    import faiss
+
+    count, dim = int(datastore.manifest["sentences"]), datastore.vector_dim
+    index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    if not index.is_trained:
+        rng = np.random.default_rng(1234)
+        keep = np.sort(rng.choice(count, size=min(count, 100_000), replace=False))
+        parts = [
+            v[keep[(keep >= lo) & (keep < lo + len(v))] - lo] for lo, v in datastore.iter_sentence_vectors()
+        ]
+        index.train(np.concatenate(parts))
+    for _, vectors in datastore.iter_sentence_vectors():
+        index.add(vectors)
+    return DenseSentenceSearch(index)
+
+
+def build_sentence_index(
+    datastore: Datastore, factory: str = "auto", *, force: bool = False
+) -> dict[str, Any]:
+    """Index the datastore's stored sentence vectors into ``<datastore>/sentences`` for the domain gate.
+
+    Holds the datastore's write lock. ``factory="auto"`` follows :func:`sentence_factory`.
+
+    Returns:
+        the saved settings (factory, sentences, datastore fingerprint, build seconds).
+
+    Raises:
+        DatastoreError: the datastore has no stored sentence vectors, or an index exists (no ``force``).
+    """
+    from .writelock import WriteLock
+
+    target = datastore.path / SENTENCE_DIR
+    with WriteLock(datastore.path, "index (sentences)"):
+        if (target / DenseSentenceSearch.INDEX_FILE).is_file() and not force:
+            raise DatastoreError(f"a sentence index already exists at {target}; pass --force to rebuild it")
+        count = int(datastore.manifest["sentences"])
+        name = sentence_factory(count, datastore.vector_dim) if factory == "auto" else factory
+        start = time.perf_counter()
+        search = _stored_vectors_search(datastore, name)
+        settings = {
+            "factory": name,
+            "sentences": count,
+            "dim": datastore.vector_dim,
+            "datastore_fingerprint": datastore.fingerprint,
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        search.save(target, extra=settings)
+    logger.info("sentence index %s: %d sentences in %.1fs", name, count, settings["build_seconds"])
+    return settings
 
 
 class DomainGate:
@@ -47,9 +122,16 @@ class DomainGate:
 
     @classmethod
     def load(cls, datastore: Datastore, subset_dir: str | Path | None = None) -> DomainGate:
-        """The gate of ``datastore``, from the dense sentence index of its subset directory
-        (``subset_dir``, default ``<datastore>/subset``). An index built before pairs were appended
-        is used with a warning: inputs are compared with the sentences it covers."""
+        """The gate of ``datastore``.
+
+        From its stored sentence vectors when it has them: the saved index in ``<datastore>/sentences``
+        if it belongs to this datastore (sentences appended since are added from the stored vectors),
+        else an index built now in memory. Older datastores: the dense sentence index of the subset
+        directory (``subset_dir``, default ``<datastore>/subset``); one built before pairs were appended
+        is used with a warning (inputs are compared with the sentences it covers).
+        """
+        if datastore.vector_dim and subset_dir is None:
+            return cls(_load_stored(datastore))
         from .subset import SUBSET_DIR, checked_settings
 
         directory = Path(subset_dir) if subset_dir is not None else datastore.path / SUBSET_DIR
@@ -134,3 +216,62 @@ def threshold_separating(in_domain: np.ndarray, out_of_domain: np.ndarray) -> fl
     value = float(candidates[int(np.flatnonzero(score >= score.max() - 1e-12)[0])])
     rounded = _round_down(value)
     return rounded if not np.any((outs >= rounded) & (outs < value)) else value
+
+
+def _load_stored(datastore: Datastore) -> DenseSentenceSearch:
+    """The sentence search over ``datastore``'s stored vectors (see :meth:`DomainGate.load`)."""
+    import json
+
+    directory = datastore.path / SENTENCE_DIR
+    settings_file = directory / "settings.json"
+    count = int(datastore.manifest["sentences"])
+    if settings_file.is_file():
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        covered = int(settings.get("sentences", -1))
+        prefix_ok = 0 <= covered <= count and _prefix_fingerprint(datastore, covered) == settings.get(
+            "datastore_fingerprint"
+        )
+        if prefix_ok:
+            search = DenseSentenceSearch.load(directory)
+            if covered < count:  # pairs appended since: their stored vectors join the loaded index
+                for first, vectors in datastore.iter_sentence_vectors():
+                    lo = max(covered - first, 0)
+                    if lo < len(vectors):
+                        search.index.add(np.ascontiguousarray(vectors[lo:]))
+                search.count = int(search.index.ntotal)
+            return search
+        logger.warning(
+            "the sentence index at %s belongs to another datastore; indexing the stored sentence vectors "
+            "in memory (rebuild it with `knnmt index %s --force`)",
+            directory,
+            datastore.path,
+        )
+    start = time.perf_counter()
+    search = _stored_vectors_search(datastore, sentence_factory(count, datastore.vector_dim))
+    logger.info(
+        "domain gate: indexed %d stored sentence vectors in memory in %.1fs (`knnmt index` saves this index)",
+        count,
+        time.perf_counter() - start,
+    )
+    return search
+
+
+def _prefix_fingerprint(datastore: Datastore, sentences: int) -> str | None:
+    """The fingerprint the datastore had when it held its first ``sentences`` sentences (whole shards)."""
+    from .datastore import manifest_fingerprint
+
+    manifest = datastore.manifest
+    total = 0
+    for n, shard in enumerate(manifest["shards"], start=1):
+        total += int(shard["sentences"])
+        if total == sentences:
+            shards = manifest["shards"][:n]
+            corpora = 1 + max((int(s["corpus"]) for s in shards), default=-1)  # corpora appended since go
+            prefix = {
+                **manifest,
+                "count": sum(int(s["count"]) for s in shards),
+                "shards": shards,
+                "corpora": manifest["corpora"][:corpora],
+            }
+            return manifest_fingerprint(prefix)
+    return None

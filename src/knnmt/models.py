@@ -142,3 +142,13 @@ def model_max_length(model: nn.Module, tokenizer: Any) -> int:
     ]
     sane = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 100_000]
     return min(sane) if sane else 512
+
+
+def encoder_dim(model: nn.Module) -> int:
+    """Width of the encoder's output states (the size of a mean-pooled source sentence vector)."""
+    config = model.config
+    for name in ("d_model", "hidden_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UnsupportedModelError(f"cannot tell the encoder width of {type(config).__name__} (no d_model)")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .datastore import Datastore, write_json_atomic
 from .errors import DatastoreError, UsageError
 from .index import auto_factory, omp_threads
+from .teacher_forcing import mean_pool
 
 logger = logging.getLogger(__name__)
 
@@ -123,23 +124,6 @@ class BM25SentenceSearch:
 # ---- dense -----------------------------------------------------------------------------------
 
 
-def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-    """L2-normalised mean of encoder states over non-pad tokens.
-
-    Args:
-        states: ``[B, L, d]`` encoder output.
-        attention_mask: ``[B, L]`` (1 for real tokens).
-
-    Returns:
-        ``[B, d]`` float32 numpy array.
-    """
-    mask = attention_mask.to(states.device, dtype=torch.float32).unsqueeze(-1)  # [B, L, 1]
-    summed = (states.float() * mask).sum(1)
-    pooled = summed / mask.sum(1).clamp(min=1.0)
-    pooled = torch.nn.functional.normalize(pooled, dim=-1)
-    return np.ascontiguousarray(pooled.cpu().numpy(), dtype=np.float32)
-
-
 @torch.inference_mode()
 def embed_sources(
     model: Any,
@@ -234,12 +218,15 @@ class DenseSentenceSearch:
         # unit vectors: |a - b|^2 = 2 - 2 cos(a, b)
         return (1.0 - distances[:, 0] / 2.0).astype(np.float32)
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the index and ``settings.json`` (with ``extra`` fields) into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (self.INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         tmp.replace(directory / self.INDEX_FILE)
-        write_json_atomic(directory / "settings.json", {"nprobe": self.nprobe, "ntotal": self.count})
+        write_json_atomic(
+            directory / "settings.json", {**(extra or {}), "nprobe": self.nprobe, "ntotal": self.count}
+        )
 
     @classmethod
     def load(cls, directory: Path) -> DenseSentenceSearch:

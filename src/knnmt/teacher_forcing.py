@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -175,9 +176,19 @@ class KeyExtractor:
         self.module = key_module(model, key_layer)
         self.device = next(model.parameters()).device
 
-    @torch.inference_mode()
     def __call__(self, batch: Sequence[EncodedPair]) -> list[torch.Tensor]:
         """Keys per pair: a list of ``[len(target_ids), dim]`` tensors (model dtype, on CPU)."""
+        return self.extract(batch)[0]
+
+    @torch.inference_mode()
+    def extract(self, batch: Sequence[EncodedPair]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Keys per pair and the pair's source sentence vector, from one teacher-forced pass.
+
+        Returns:
+            the keys (a list of ``[len(target_ids), dim]`` tensors, model dtype, on CPU) and
+            ``[len(batch), d_model]`` float32 unit vectors: the encoder output mean-pooled over the
+            source tokens (:func:`mean_pool`, as the domain gate and dense sentence search embed inputs).
+        """
         src, src_mask = pad_sequences([p.source_ids for p in batch], self.pad_token_id)
         labels, _ = pad_sequences([p.target_ids for p in batch], self.pad_token_id)
         dec_in = decoder_inputs(self.model, labels)
@@ -191,12 +202,33 @@ class KeyExtractor:
                     encoder_attention_mask=src_mask,
                     use_cache=False,
                 )
+                states = encoded[0]
             else:
-                self.model(input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, use_cache=False)
+                out = self.model(
+                    input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, use_cache=False
+                )
+                states = out.encoder_last_hidden_state
             keys = capture.last
         assert keys is not None, "the key hook did not fire"
         keys = keys.to("cpu")
-        return [keys[row, : len(p.target_ids)] for row, p in enumerate(batch)]
+        return [keys[row, : len(p.target_ids)] for row, p in enumerate(batch)], mean_pool(states, src_mask)
+
+
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    """L2-normalised mean of encoder states over non-pad tokens.
+
+    Args:
+        states: ``[B, L, d]`` encoder output.
+        attention_mask: ``[B, L]`` (1 for real tokens).
+
+    Returns:
+        ``[B, d]`` float32 numpy array.
+    """
+    mask = attention_mask.to(states.device, dtype=torch.float32).unsqueeze(-1)  # [B, L, 1]
+    summed = (states.float() * mask).sum(1)
+    pooled = summed / mask.sum(1).clamp(min=1.0)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return np.ascontiguousarray(pooled.cpu().numpy(), dtype=np.float32)
 
 
 def pair_queries(

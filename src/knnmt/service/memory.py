@@ -40,11 +40,12 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..build import _Rate, _write_shard
+from ..build import _Rate, _write_shard, vector_dim
 from ..config import BuildConfig
 from ..datastore import (
     MANIFEST,
     Datastore,
+    fsync_dir,
     manifest_fingerprint,
     read_manifest,
     unlisted_shards,
@@ -71,14 +72,6 @@ class ConflictError(KnnmtError):
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def request_digest(pairs: Sequence[tuple[str, str]]) -> str:
@@ -403,13 +396,12 @@ class LiveMemory:
                 encoded,
                 extractor,
                 state.store.dim,
+                vector_dim(manifest),
                 BuildConfig(key_layer=key_layer),
                 -1,
                 tqdm(disable=True),
                 _Rate(),
             )
-            _fsync_dir(self.path / "shards" / name)
-            _fsync_dir(self.path / "shards")
             manifest["shards"].append(
                 {
                     "name": name,
@@ -461,7 +453,7 @@ class LiveMemory:
                 tombstones = self._tombstones | {sentence_id}
                 if not (self.path / MEMORY_DIR).is_dir():
                     (self.path / MEMORY_DIR).mkdir()
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
                 write_json_atomic(self.path / MEMORY_DIR / TOMBSTONES, {"sentences": sorted(tombstones)})
                 self._tombstones = tombstones
                 removed = state.removed.copy()
@@ -537,10 +529,10 @@ class LiveMemory:
         index.save(new)
         with (new / INDEX_FILE).open("rb") as handle:
             os.fsync(handle.fileno())
-        _fsync_dir(new)
+        fsync_dir(new)
         os.replace(self.index_dir, old)
         os.replace(new, self.index_dir)
-        _fsync_dir(self.index_dir.parent)
+        fsync_dir(self.index_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
 
 
