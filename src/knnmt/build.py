@@ -24,8 +24,15 @@ from .config import BuildConfig
 from .corpus import CorpusInfo, CorpusSpec, check_not_empty, inspect_corpus, is_empty, iter_pairs, target_path
 from .datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, read_manifest, write_json_atomic
 from .errors import DatastoreError, IncompatibleError
-from .models import key_dim, key_module_name, model_fingerprint, model_max_length, tokenizer_fingerprint
-from .teacher_forcing import EncodedPair, KeyExtractor, encode_pairs, length_batches
+from .models import key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .teacher_forcing import (
+    EncodedPair,
+    KeyExtractor,
+    encode_pairs,
+    length_batches,
+    sequence_limit,
+    warn_truncated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +321,7 @@ def _fill(
     entry = manifest["corpora"][corpus_index]
     done_sentences = sum(s["sentences"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
-    max_length = config.max_length or model_max_length(model, tokenizer)
+    max_length = sequence_limit(model, tokenizer, config.max_length)
     dim = int(manifest["key"]["dim"])
     extractor = KeyExtractor(model, tokenizer.pad_token_id, config.key_layer)
 
@@ -343,6 +350,7 @@ def _fill(
             truncate=config.truncate,
             paths=(corpus.paths[0], target_path(corpus)),
             source_prefix=source_prefix,
+            hint="allow truncation (drop --no-truncate) or shorten it",
         )
         name = f"{len(manifest['shards']):05d}"
         count = _write_shard(out, name, encoded, extractor, dim, config, corpus_index, bar, rate)
@@ -374,7 +382,6 @@ def _fill(
     write_json_atomic(out / MANIFEST, manifest)
     if counter["skipped_empty"]:
         logger.warning("skipped %d pair(s) with an empty side", counter["skipped_empty"])
-    if truncated:
-        logger.warning("truncated %d over-long sentence side(s) to %d tokens", truncated, max_length)
+    warn_truncated(truncated, max_length, f"build {out.name}")
     logger.info("datastore %s: %d entries from %d sentences", out, manifest["count"], manifest["sentences"])
     return Datastore.open(out)

@@ -33,7 +33,7 @@ from .teacher_forcing import (
     ActivationCapture,
     EncodedPair,
     decoder_inputs,
-    encode_pairs,
+    encode_for_model,
     length_batches,
     pad_sequences,
 )
@@ -59,6 +59,8 @@ class ReferenceStats(NamedTuple):
     match: np.ndarray
     #: ``[T]`` log-probability of the model's most likely token (what the confidence gate looks at)
     log_p_max: np.ndarray
+    #: sentence sides cut to the model's maximum length (their tokens beyond it are not scored)
+    truncated: int = 0
 
 
 @dataclasses.dataclass
@@ -89,6 +91,9 @@ class TuningResult:
     domain_rule: str | None = None
     #: the share of out-of-domain dev sources the domain gate keeps, when there are some
     ood_domain_kept: float | None = None
+    #: dev sentence sides (in-domain and out-of-domain) longer than the model's maximum, truncated for
+    #: the log-likelihood grid (the BLEU confirmation scores against the full references)
+    truncated: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -101,13 +106,21 @@ class TuningResult:
 
 @torch.inference_mode()
 def reference_statistics(
-    knn: KNNMT, sources: Sequence[str], references: Sequence[str], k_max: int, max_tokens: int = 4096
+    knn: KNNMT,
+    sources: Sequence[str],
+    references: Sequence[str],
+    k_max: int,
+    max_tokens: int = 4096,
+    name: str = "dev",
 ) -> ReferenceStats:
     """Teacher-force ``references`` and retrieve ``k_max`` neighbours for every target position
-    (all ``T`` target tokens of the dev set; see :class:`ReferenceStats`)."""
+    (all ``T`` target tokens of the dev set; see :class:`ReferenceStats`).
+
+    Sides longer than the model's maximum are truncated to it (counted in ``truncated``, logged).
+    """
     rows = [(i, i + 1, s, r) for i, (s, r) in enumerate(zip(sources, references, strict=True))]
-    encoded, _ = encode_pairs(
-        knn.tokenizer, rows, max_length=512, truncate=True, paths="dev", source_prefix=knn.source_prefix
+    encoded, truncated = encode_for_model(
+        knn.model, knn.tokenizer, rows, paths=name, source_prefix=knn.source_prefix
     )
     module = knn._key_module()
     log_mt: list[np.ndarray] = []
@@ -146,7 +159,11 @@ def reference_statistics(
         dists.append(np.where(ids >= 0, distances, np.inf).astype(np.float64))
         matches.append(values == gold[:, None])
     return ReferenceStats(
-        np.concatenate(log_mt), np.concatenate(dists), np.concatenate(matches), np.concatenate(log_max)
+        np.concatenate(log_mt),
+        np.concatenate(dists),
+        np.concatenate(matches),
+        np.concatenate(log_max),
+        truncated,
     )
 
 
@@ -317,7 +334,7 @@ def tune(
     ood_grid: np.ndarray | None = None
     ood_base: float | None = None
     if ood_sources:
-        ood = reference_statistics(knn, ood_sources, ood_references, max(ks))
+        ood = reference_statistics(knn, ood_sources, ood_references, max(ks), name="out-of-domain dev")
         ood_grid = score_grid(ood)
         ood_base = float(ood.log_p_mt.mean())
         objective = (grid + ood_grid) / 2
@@ -395,6 +412,7 @@ def tune(
         domain_recall,
         domain_rule,
         ood_kept,
+        stats.truncated + (ood.truncated if ood is not None else 0),
     )
 
 
