@@ -69,7 +69,7 @@ class TooLongError(CorpusError):
         self, side: str, tokens: int, limit: int, hint: str, path: str | None, line: int | None
     ) -> None:
         super().__init__(
-            f"{side} sentence has {tokens} tokens, more than the maximum of {limit} the model takes; {hint}",
+            f"{side} sentence has {tokens} tokens, more than the maximum {limit}; {hint}",
             path,
             line,
         )
@@ -217,9 +217,7 @@ def encode_sources(tokenizer: Any, texts: Sequence[str], max_length: int) -> tup
         the tokenizer's batch (``input_ids``/``attention_mask`` ``[len(texts), width]`` tensors) and
         how many of ``texts`` were longer than ``max_length`` and truncated.
     """
-    inputs = tokenizer(
-        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length
-    )
+    inputs = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     full = (inputs["attention_mask"].sum(dim=1) == max_length).nonzero().flatten().tolist()
     cut = 0
     if full:  # exactly full rows may have been cut: count those longer untruncated
