@@ -329,6 +329,10 @@ class KNNMT:
     ) -> Iterator[Translation]:
         """Translate lazily, ``batch_size`` sentences per ``generate`` call, in input order.
 
+        An input longer than the model's maximum (:func:`~knnmt.teacher_forcing.sequence_limit`) is
+        truncated to it (a warning per batch; counted in ``last_stats["truncated_sources"]``), and the
+        output never runs past the decoder's positions, whatever length is asked for.
+
         Args:
             knn: ``True`` for this translator's config, a :class:`KNNConfig`, or ``False``/``None`` for the
                 plain model.
