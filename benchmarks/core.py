@@ -60,7 +60,7 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     from knnmt.build import build_datastore
     from knnmt.config import BuildConfig
     from knnmt.corpus import CorpusSpec
-    from knnmt.teacher_forcing import decoder_inputs, encode_pairs, length_batches, pad_sequences
+    from knnmt.teacher_forcing import decoder_inputs, encode_for_model, length_batches, pad_sequences
     from knnmt.translator import load_model
 
     torch.set_num_threads(os.cpu_count() or 2)
@@ -76,7 +76,7 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     # plain teacher-forced forward (full model, logits included) over the same length batches of one shard
     lines = CORPUS.read_text(encoding="utf-8").splitlines()[: args.compare_sentences]
     rows = [(i, i + 1, *line.split("\t")) for i, line in enumerate(lines)]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=str(CORPUS))
+    encoded, _ = encode_for_model(model, tokenizer, rows, paths=str(CORPUS))
     batches = list(length_batches(encoded, config.max_tokens))
     tokens = sum(len(p.target_ids) for p in encoded)
     with torch.inference_mode():

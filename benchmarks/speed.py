@@ -215,12 +215,13 @@ def subset_ids(
 ) -> np.ndarray:
     """Subset kNN-MT's neighbours of the recall queries, each sentence's queries in its own subset."""
     from knnmt.search import prepare_retrieval
+    from knnmt.teacher_forcing import encode_sources, sequence_limit
 
     found = []
     for start in range(0, len(recall), 32):
         chunk = recall[start : start + 32]
         sources = [s for s, _ in chunk]
-        inputs = tokenizer(sources, return_tensors="pt", padding=True, truncation=True)
+        inputs, _ = encode_sources(tokenizer, sources, sequence_limit(model, tokenizer))
         with torch.inference_mode():
             prepare_retrieval(retriever, model, sources, dict(inputs))
         groups = np.concatenate([np.full(len(q), g) for g, (_, q) in enumerate(chunk)])

@@ -133,13 +133,14 @@ def phase_recall(args: argparse.Namespace, store: Any, subset_dir: Path, model: 
 
     from knnmt.index import SearchIndex, recall_at_k
     from knnmt.search import IndexRetriever, prepare_retrieval
-    from knnmt.teacher_forcing import pair_queries
+    from knnmt.teacher_forcing import encode_sources, pair_queries, sequence_limit
 
     pairs = _pairs(TEST, args.recall_sentences)
     per_sentence = pair_queries(model, tokenizer, pairs, path=str(TEST))
     queries = torch.cat(per_sentence).numpy()
     groups = np.repeat(np.arange(len(per_sentence)), [len(k) for k in per_sentence])
     k = args.k
+    limit = sequence_limit(model, tokenizer)
     exact = faiss.IndexFlatL2(store.dim)
     for _, keys in store.iter_keys():
         exact.add(keys)
@@ -165,9 +166,7 @@ def phase_recall(args: argparse.Namespace, store: Any, subset_dir: Path, model: 
             search_s = prepare_s = 0.0
             for lo in range(0, len(pairs), 32):
                 batch = list(range(lo, min(lo + 32, len(pairs))))
-                inputs = tokenizer(
-                    [pairs[i][0] for i in batch], return_tensors="pt", padding=True, truncation=True
-                )
+                inputs, _ = encode_sources(tokenizer, [pairs[i][0] for i in batch], limit)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     prepare_retrieval(retriever, model, [pairs[i][0] for i in batch], inputs)

@@ -33,15 +33,15 @@ from .datastore import (
     write_json_atomic,
 )
 from .errors import DatastoreError, IncompatibleError, UsageError
-from .models import (
-    encoder_dim,
-    key_dim,
-    key_module_name,
-    model_fingerprint,
-    model_max_length,
-    tokenizer_fingerprint,
+from .models import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .teacher_forcing import (
+    EncodedPair,
+    KeyExtractor,
+    encode_pairs,
+    length_batches,
+    sequence_limit,
+    warn_truncated,
 )
-from .teacher_forcing import EncodedPair, KeyExtractor, encode_pairs, length_batches
 from .writelock import LOCK_FILE, WriteLock
 
 logger = logging.getLogger(__name__)
@@ -390,7 +390,7 @@ def _fill(
     entry = manifest["corpora"][corpus_index]
     done_sentences = sum(s["sentences"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
-    max_length = config.max_length or model_max_length(model, tokenizer)
+    max_length = sequence_limit(model, tokenizer, config.max_length)
     dim = int(manifest["key"]["dim"])
     extractor = KeyExtractor(model, tokenizer.pad_token_id, config.key_layer)
 
@@ -419,6 +419,7 @@ def _fill(
             truncate=config.truncate,
             paths=(corpus.paths[0], target_path(corpus)),
             source_prefix=source_prefix,
+            hint="allow truncation (drop --no-truncate) or shorten it",
         )
         name = f"{len(manifest['shards']):05d}"
         count = _write_shard(
@@ -452,8 +453,7 @@ def _fill(
     write_json_atomic(out / MANIFEST, manifest)
     if counter["skipped_empty"]:
         logger.warning("skipped %d pair(s) with an empty side", counter["skipped_empty"])
-    if truncated:
-        logger.warning("truncated %d over-long sentence side(s) to %d tokens", truncated, max_length)
+    warn_truncated(truncated, max_length, f"build {out.name}")
     logger.info("datastore %s: %d entries from %d sentences", out, manifest["count"], manifest["sentences"])
     return Datastore.open(out)
 

@@ -120,7 +120,8 @@ class BuildConfig(JsonConfig):
     truncate: bool = True
     #: Skip pairs with an empty side (counted), or fail on the first one.
     skip_empty: bool = True
-    #: Maximum tokens per side; ``None`` uses the model's/tokenizer's maximum.
+    #: Maximum tokens per side; ``None`` uses the model's own maximum (its positions and tokenizer's
+    #: limit), which it may not exceed.
     max_length: int | None = None
 
     def __post_init__(self) -> None:

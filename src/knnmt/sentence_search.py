@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .datastore import Datastore, write_json_atomic
 from .errors import DatastoreError, UsageError
 from .index import auto_factory, omp_threads
-from .teacher_forcing import mean_pool
+from .teacher_forcing import encode_sources, mean_pool, sequence_limit
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def embed_sources(
     """Mean-pooled encoder states of ``sources`` (tokenised as ``KNNMT`` tokenises inputs): ``[n, d]``."""
     device = next(model.parameters()).device
     encoder = model.get_encoder()
+    limit = sequence_limit(model, tokenizer)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out: np.ndarray | None = None
     bar = tqdm(
@@ -144,9 +145,9 @@ def embed_sources(
     )
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
-        inputs = tokenizer(
-            [source_prefix + sources[i] for i in rows], return_tensors="pt", padding=True, truncation=True
-        ).to(device)
+        # cut like translation inputs (which count and log what they truncate)
+        inputs, _ = encode_sources(tokenizer, [source_prefix + sources[i] for i in rows], limit)
+        inputs = inputs.to(device)
         states = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
         pooled = mean_pool(states, inputs["attention_mask"])
         if out is None:

@@ -8,6 +8,7 @@ is run once on ``x`` and the decoder inputs ``[start, y_1..y_{T-1}]``; the key o
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CorpusError
-from .models import key_module
+from .errors import CorpusError, UsageError
+from .models import key_module, model_max_length
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,60 @@ class ActivationCapture:
         self.last = None
 
 
+class TooLongError(CorpusError):
+    """A sentence side has more tokens than allowed (raised when truncation is off).
+
+    ``side`` is ``"source"`` or ``"target"``; ``line`` the line (1-based position) of the pair.
+    """
+
+    def __init__(
+        self, side: str, tokens: int, limit: int, hint: str, path: str | None, line: int | None
+    ) -> None:
+        super().__init__(
+            f"{side} sentence has {tokens} tokens, more than the maximum {limit}; {hint}",
+            path,
+            line,
+        )
+        self.side = side
+        self.tokens = tokens
+        self.limit = limit
+
+
+def sequence_limit(model: nn.Module, tokenizer: Any, requested: int | None = None) -> int:
+    """The most tokens one sentence side may have: :func:`~knnmt.models.model_max_length`, the model's
+    position embeddings and the tokenizer's declared maximum (``T`` target tokens take the decoder
+    positions ``0..T-1``: its inputs are ``[start, y_1..y_{T-1}]``). Every path that feeds the model
+    (build, tune, explain, memory appends, generation) uses this limit.
+
+    Args:
+        requested: a smaller limit asked for (e.g. ``BuildConfig.max_length``); more than the model's
+            maximum is an error.
+
+    Raises:
+        UsageError: ``requested`` is above the model's maximum.
+    """
+    limit = model_max_length(model, tokenizer)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise UsageError(
+            f"max_length {requested} is more than the model's maximum of {limit} tokens "
+            "(its position embeddings and tokenizer); use at most that"
+        )
+    return requested
+
+
+def warn_truncated(count: int, limit: int, what: str) -> None:
+    """Log one warning that ``count`` over-long sentence sides of ``what`` were cut to ``limit`` tokens."""
+    if count:
+        logger.warning(
+            "%s: truncated %d over-long sentence side(s) to the model's maximum of %d tokens",
+            what,
+            count,
+            limit,
+        )
+
+
 def _tokenize(
     tokenizer: Any,
     texts: list[str],
@@ -65,20 +122,15 @@ def _tokenize(
     truncate: bool,
     lines: list[int],
     path: str,
+    hint: str,
 ) -> tuple[list[list[int]], int]:
     """Token ids of ``texts`` (source or target side), truncating over-long ones if allowed."""
     kwargs = {"text_target": texts} if target else {"text": texts}
     ids: list[list[int]] = tokenizer(**kwargs, truncation=False)["input_ids"]
     too_long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
     if too_long and not truncate:
-        line = lines[too_long[0]]
         side = "target" if target else "source"
-        raise CorpusError(
-            f"{side} sentence has {len(ids[too_long[0]])} tokens, more than the maximum {max_length}; "
-            "allow truncation (drop --no-truncate) or shorten it",
-            path,
-            line,
-        )
+        raise TooLongError(side, len(ids[too_long[0]]), max_length, hint, path, lines[too_long[0]])
     if too_long:
         cut_kwargs = (
             {"text_target": [texts[i] for i in too_long]}
@@ -99,26 +151,80 @@ def encode_pairs(
     truncate: bool,
     paths: tuple[str, str] | str,
     source_prefix: str = "",
+    hint: str = "shorten it",
 ) -> tuple[list[EncodedPair], int]:
     """Tokenise ``(sentence_id, line, source, target)`` tuples.
 
-    ``paths`` names the source and target files (or one file for both) in error messages.
+    ``max_length`` should come from :func:`sequence_limit`. ``paths`` names the source and target
+    files (or one file for both) in error messages; ``hint`` ends the message of an over-long side
+    when ``truncate`` is off (what the caller's user can do about it).
 
     Returns:
         the encoded pairs and how many sides were truncated.
+
+    Raises:
+        TooLongError: a side has more than ``max_length`` tokens and ``truncate`` is off.
     """
     src_path, tgt_path = (paths, paths) if isinstance(paths, str) else paths
     lines = [p[1] for p in pairs]
     sources = [source_prefix + p[2] for p in pairs]
-    src_ids, cut_src = _tokenize(tokenizer, sources, False, max_length, truncate, lines, src_path)
+    src_ids, cut_src = _tokenize(tokenizer, sources, False, max_length, truncate, lines, src_path, hint)
     tgt_ids, cut_tgt = _tokenize(
-        tokenizer, [p[3] for p in pairs], True, max_length, truncate, lines, tgt_path
+        tokenizer, [p[3] for p in pairs], True, max_length, truncate, lines, tgt_path, hint
     )
     encoded = [
         EncodedPair(sid, line, src, tgt, s, t)
         for (sid, line, src, tgt), s, t in zip(pairs, src_ids, tgt_ids, strict=True)
     ]
     return encoded, cut_src + cut_tgt
+
+
+def encode_for_model(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[int, int, str, str]],
+    *,
+    paths: tuple[str, str] | str,
+    source_prefix: str = "",
+) -> tuple[list[EncodedPair], int]:
+    """:func:`encode_pairs` at the model's own maximum (:func:`sequence_limit`), truncating over-long
+    sides and logging their count (what tuning, explanation and the benchmarks teacher-force).
+
+    Returns:
+        the encoded pairs and how many sides were truncated.
+    """
+    limit = sequence_limit(model, tokenizer)
+    encoded, cut = encode_pairs(
+        tokenizer, pairs, max_length=limit, truncate=True, paths=paths, source_prefix=source_prefix
+    )
+    warn_truncated(cut, limit, paths if isinstance(paths, str) else " / ".join(paths))
+    return encoded, cut
+
+
+def encode_targets(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Target-side token ids of ``texts`` (``y_1..y_T``, ``</s>`` included), over-long ones truncated
+    to ``max_length`` as :func:`encode_pairs` truncates them.
+
+    Returns:
+        the ids and how many of ``texts`` were truncated.
+    """
+    return _tokenize(tokenizer, list(texts), True, max_length, True, [], "", "")
+
+
+def encode_sources(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[Any, int]:
+    """Tokenise model inputs for generation or encoding, padded, cut to ``max_length`` tokens.
+
+    Returns:
+        the tokenizer's batch (``input_ids``/``attention_mask`` ``[len(texts), width]`` tensors) and
+        how many of ``texts`` were longer than ``max_length`` and truncated.
+    """
+    inputs = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    full = (inputs["attention_mask"].sum(dim=1) == max_length).nonzero().flatten().tolist()
+    cut = 0
+    if full:  # exactly full rows may have been cut: count those longer untruncated
+        ids = tokenizer([texts[i] for i in full], truncation=False)["input_ids"]
+        cut = sum(len(seq) > max_length for seq in ids)
+    return inputs, cut
 
 
 def length_batches(pairs: Sequence[EncodedPair], max_tokens: int) -> Iterator[list[int]]:
@@ -244,10 +350,11 @@ def pair_queries(
 
     Returns:
         one float32 ``[len(target_ids), dim]`` tensor per pair, in input order (for recall checks
-        against exact search on realistic queries). ``path`` names the pairs in error messages.
+        against exact search on realistic queries). ``path`` names the pairs in messages. Sides
+        longer than the model's maximum are truncated (see :func:`encode_for_model`).
     """
     rows = [(i, i + 1, s, t) for i, (s, t) in enumerate(pairs)]
-    encoded, _ = encode_pairs(tokenizer, rows, max_length=512, truncate=True, paths=path)
+    encoded, _ = encode_for_model(model, tokenizer, rows, paths=path)
     extractor = KeyExtractor(model, tokenizer.pad_token_id, key_layer)
     return [
         k.float() for i in range(0, len(encoded), batch_size) for k in extractor(encoded[i : i + batch_size])

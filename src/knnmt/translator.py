@@ -24,7 +24,14 @@ from .index import INDEX_FILE, SearchIndex, exact_index
 from .models import key_module
 from .retrieval import knn_log_probs, retrieval_weights
 from .search import IndexRetriever, Retriever, prepare_retrieval
-from .teacher_forcing import ActivationCapture, decoder_inputs
+from .teacher_forcing import (
+    ActivationCapture,
+    decoder_inputs,
+    encode_sources,
+    encode_targets,
+    sequence_limit,
+    warn_truncated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +250,12 @@ class KNNMT:
     def _generate(
         self, sources: Sequence[str], knn: KNNConfig | None, gen: dict[str, Any]
     ) -> list[list[int]]:
-        inputs = self.tokenizer(
-            [self.source_prefix + s for s in sources], return_tensors="pt", padding=True, truncation=True
-        ).to(self.device)
+        limit = sequence_limit(self.model, self.tokenizer)
+        inputs, cut = encode_sources(self.tokenizer, [self.source_prefix + s for s in sources], limit)
+        inputs = inputs.to(self.device)
+        if cut:  # the encoder has no positions beyond the limit
+            warn_truncated(cut, limit, "translation input")
+            self._add_stats({"truncated_sources": cut})
         with torch.inference_mode():
             if knn is None:
                 out = self.model.generate(**inputs, **gen)
@@ -319,6 +329,10 @@ class KNNMT:
     ) -> Iterator[Translation]:
         """Translate lazily, ``batch_size`` sentences per ``generate`` call, in input order.
 
+        An input longer than the model's maximum (:func:`~knnmt.teacher_forcing.sequence_limit`) is
+        truncated to it (a warning per batch; counted in ``last_stats["truncated_sources"]``), and the
+        output never runs past the decoder's positions, whatever length is asked for.
+
         Args:
             knn: ``True`` for this translator's config, a :class:`KNNConfig`, or ``False``/``None`` for the
                 plain model.
@@ -328,9 +342,7 @@ class KNNMT:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         knn_config = self.config if knn is True else (knn or None)
         gen = {**self.generate_defaults, **generate_kwargs}
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and gen.get("max_new_tokens", 0) >= positions:
-            gen["max_new_tokens"] = positions - 1  # beyond, learned/sinusoidal position tables overflow
+        self._cap_length(gen)
         if (
             gen.get("max_new_tokens") is not None
             and "max_length" not in gen
@@ -353,6 +365,20 @@ class KNNMT:
                 batch = []
         if batch:
             yield from self._translate_batch(batch, knn_config, gen)
+
+    def _cap_length(self, gen: dict[str, Any]) -> None:
+        """Keep generation within the decoder's positions (:func:`~knnmt.teacher_forcing.sequence_limit`):
+        at most that many decoder tokens, the start token (or given ``decoder_input_ids``) included.
+        ``gen`` (``generate`` arguments) is changed in place; ``transformers`` itself only warns."""
+        limit = sequence_limit(self.model, self.tokenizer)
+        prefix = int(gen["decoder_input_ids"].shape[-1]) if "decoder_input_ids" in gen else 1
+        config = self.model.generation_config
+        new_tokens = gen.get("max_new_tokens", config.max_new_tokens)  # it wins over max_length
+        if new_tokens is not None:
+            if new_tokens > limit - prefix:
+                gen["max_new_tokens"] = max(1, limit - prefix)
+        elif (gen.get("max_length") or config.max_length or 0) > limit:
+            gen["max_length"] = limit
 
     def _translate_batch(
         self, batch: list[str], knn: KNNConfig | None, gen: dict[str, Any]
@@ -405,20 +431,29 @@ class KNNMT:
         self, source: str, target: str | Sequence[int], config: KNNConfig | None = None, top: int = 5
     ) -> list[TokenExplanation]:
         """Re-score ``target`` for ``source`` by teacher forcing and report, per target token, ``p_MT``,
-        ``p_kNN``, the mixed probability and the neighbours (token, distance, sentence, position)."""
+        ``p_kNN``, the mixed probability and the neighbours (token, distance, sentence, position).
+
+        A source or target longer than the model's maximum is truncated to it (with a warning); the
+        target tokens beyond it are not explained."""
         config = config or self.config
         tok = self.tokenizer
+        limit = sequence_limit(self.model, tok)
+        cut = 0
         if isinstance(target, str):
-            label_ids = tok(text_target=[target])["input_ids"][0]
+            (label_ids,), cut = encode_targets(tok, [target], limit)
         else:
             special = {tok.pad_token_id}
             given = list(target)
             start = 1 if given and given[0] == self.model.config.decoder_start_token_id else 0
             label_ids = [i for i in given[start:] if i not in special]
+            if len(label_ids) > limit:
+                label_ids, cut = label_ids[:limit], 1
         if not label_ids:
             return []
         labels = torch.tensor([label_ids], device=self.device)
-        inputs = tok([self.source_prefix + source], return_tensors="pt", truncation=True).to(self.device)
+        inputs, cut_source = encode_sources(tok, [self.source_prefix + source], limit)
+        inputs = inputs.to(self.device)
+        warn_truncated(cut + cut_source, limit, "explain")
         module = self._key_module()
         extra = prepare_retrieval(self.retriever, self.model, [source], inputs)
         with ActivationCapture(module) as capture:

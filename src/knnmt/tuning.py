@@ -33,7 +33,7 @@ from .teacher_forcing import (
     ActivationCapture,
     EncodedPair,
     decoder_inputs,
-    encode_pairs,
+    encode_for_model,
     length_batches,
     pad_sequences,
 )
@@ -46,6 +46,8 @@ DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 21))
 #: confidence gates tried by default (``None``: retrieve at every step)
 DEFAULT_GATES: tuple[float | None, ...] = (None, 0.5, 0.7, 0.8, 0.9, 0.95)
+#: padded (source + target) tokens per teacher-forced batch of the dev set
+TEACHER_FORCING_TOKENS = 4096
 
 
 class ReferenceStats(NamedTuple):
@@ -89,6 +91,9 @@ class TuningResult:
     domain_rule: str | None = None
     #: the share of out-of-domain dev sources the domain gate keeps, when there are some
     ood_domain_kept: float | None = None
+    #: dev sentence sides (in-domain and out-of-domain) longer than the model's maximum, truncated for
+    #: the log-likelihood grid (the BLEU confirmation scores against the full references)
+    truncated: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -99,15 +104,36 @@ class TuningResult:
         return data
 
 
-@torch.inference_mode()
 def reference_statistics(
-    knn: KNNMT, sources: Sequence[str], references: Sequence[str], k_max: int, max_tokens: int = 4096
+    knn: KNNMT,
+    sources: Sequence[str],
+    references: Sequence[str],
+    k_max: int,
+    max_tokens: int = TEACHER_FORCING_TOKENS,
+    name: str = "dev",
 ) -> ReferenceStats:
     """Teacher-force ``references`` and retrieve ``k_max`` neighbours for every target position
-    (all ``T`` target tokens of the dev set; see :class:`ReferenceStats`)."""
+    (all ``T`` target tokens of the dev set; see :class:`ReferenceStats`).
+
+    Sides longer than the model's maximum are truncated to it (logged with their count; their tokens
+    beyond it are not scored). ``name`` names the set in that warning.
+    """
+    return _reference_statistics(knn, sources, references, k_max, max_tokens, name)[0]
+
+
+@torch.inference_mode()
+def _reference_statistics(
+    knn: KNNMT,
+    sources: Sequence[str],
+    references: Sequence[str],
+    k_max: int,
+    max_tokens: int = TEACHER_FORCING_TOKENS,
+    name: str = "dev",
+) -> tuple[ReferenceStats, int]:
+    """:func:`reference_statistics` and how many sentence sides were truncated."""
     rows = [(i, i + 1, s, r) for i, (s, r) in enumerate(zip(sources, references, strict=True))]
-    encoded, _ = encode_pairs(
-        knn.tokenizer, rows, max_length=512, truncate=True, paths="dev", source_prefix=knn.source_prefix
+    encoded, truncated = encode_for_model(
+        knn.model, knn.tokenizer, rows, paths=name, source_prefix=knn.source_prefix
     )
     module = knn._key_module()
     log_mt: list[np.ndarray] = []
@@ -145,9 +171,10 @@ def reference_statistics(
         log_max.append(log_probs.max(dim=-1).values[keep].numpy())
         dists.append(np.where(ids >= 0, distances, np.inf).astype(np.float64))
         matches.append(values == gold[:, None])
-    return ReferenceStats(
+    stats = ReferenceStats(
         np.concatenate(log_mt), np.concatenate(dists), np.concatenate(matches), np.concatenate(log_max)
     )
+    return stats, truncated
 
 
 def grid_log_likelihood(
@@ -303,7 +330,7 @@ def tune(
                 100 * domain_recall,
                 "" if ood_kept is None else f" and {100 * ood_kept:.0f}% of the out-of-domain ones",
             )
-    stats = reference_statistics(knn, sources, references, max(ks))
+    stats, truncated = _reference_statistics(knn, sources, references, max(ks))
     ood: ReferenceStats | None = None
     halves = list(half_distances) if half_distances is not None else auto_half_distances(stats.distances)
 
@@ -317,7 +344,10 @@ def tune(
     ood_grid: np.ndarray | None = None
     ood_base: float | None = None
     if ood_sources:
-        ood = reference_statistics(knn, ood_sources, ood_references, max(ks))
+        ood, ood_truncated = _reference_statistics(
+            knn, ood_sources, ood_references, max(ks), name="out-of-domain dev"
+        )
+        truncated += ood_truncated
         ood_grid = score_grid(ood)
         ood_base = float(ood.log_p_mt.mean())
         objective = (grid + ood_grid) / 2
@@ -395,6 +425,7 @@ def tune(
         domain_recall,
         domain_rule,
         ood_kept,
+        truncated,
     )
 
 

@@ -55,7 +55,7 @@ from ..errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError,
 from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
 from ..models import model_max_length
 from ..search import IndexRetriever
-from ..teacher_forcing import KeyExtractor, encode_pairs
+from ..teacher_forcing import KeyExtractor, TooLongError, encode_pairs
 from ..writelock import WriteLock
 
 logger = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ class LiveMemory:
             manifest = json.loads(json.dumps(state.store.manifest))  # a private copy to commit
             first = int(manifest["sentences"])
             rows = [(first + i, i + 1, src, tgt) for i, (src, tgt) in enumerate(pairs)]
-            try:
+            try:  # a memory keeps whole pairs: an over-long one is refused, not cut
                 encoded, _ = encode_pairs(
                     self.tokenizer,
                     rows,
@@ -385,6 +385,11 @@ class LiveMemory:
                     paths="request pair",
                     source_prefix=manifest.get("tokenization", {}).get("source_prefix", "") or "",
                 )
+            except TooLongError as exc:  # pairs counted from 0, as in the API's other messages
+                raise UsageError(
+                    f"pair {(exc.line or 1) - 1}'s {exc.side} has {exc.tokens} tokens, more than the "
+                    f"maximum of {exc.limit} the model takes; split it into shorter pairs"
+                ) from None
             except CorpusError as exc:
                 raise UsageError(str(exc)) from None
             name = f"{len(manifest['shards']):05d}"
