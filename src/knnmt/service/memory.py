@@ -53,9 +53,8 @@ from ..datastore import (
 )
 from ..errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
-from ..models import model_max_length
 from ..search import IndexRetriever
-from ..teacher_forcing import KeyExtractor, TooLongError, encode_pairs
+from ..teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
 from ..writelock import WriteLock
 
 logger = logging.getLogger(__name__)
@@ -380,7 +379,7 @@ class LiveMemory:
                 encoded, _ = encode_pairs(
                     self.tokenizer,
                     rows,
-                    max_length=model_max_length(self.model, self.tokenizer),
+                    max_length=sequence_limit(self.model, self.tokenizer),
                     truncate=False,
                     paths="request pair",
                     source_prefix=manifest.get("tokenization", {}).get("source_prefix", "") or "",
