@@ -128,3 +128,63 @@ def test_index_saves_the_sentence_index_and_the_gate_follows_appends(
     sims = gate.similarity_of(model, tokenizer, [s for s, _ in new])
     assert np.allclose(sims, 1.0, atol=2e-3)  # the appended sources count as memory at once
     assert store.count < grown.count
+
+
+# ---- tune guards without being asked ------------------------------------------------------------
+
+
+def _tune_argv(model: Path, store: Path, src: Path, ref: Path) -> list[str]:
+    return ["-q", "tune", "--model", str(model), "--datastore", str(store), "--source", str(src),
+            "--reference", str(ref), "--ks", "1,2", "--temperatures", "10", "--lambdas", "0,0.5",
+            "--half-distances", "none", "--gates", "none", "--confirm", "1",
+            "--max-new-tokens", "30"]  # fmt: skip
+
+
+def test_tune_sets_the_domain_gate_and_says_the_cost_was_not_measured(
+    toy_dir: Path, datastore: Datastore, toy_pairs, tmp_path: Path, capsys
+) -> None:
+    """The basic path (build, tune on an in-domain dev set): the gate is set without any index or flag,
+    and knn.json and the output say plainly that the out-of-domain cost is unknown."""
+    import shutil
+
+    from knnmt.config import KNNConfig, read_about
+
+    store = tmp_path / "ds"
+    shutil.copytree(datastore.path, store)
+    src = _write(tmp_path / "dev.en", [s for s, _ in toy_pairs[:8]])
+    ref = _write(tmp_path / "dev.de", [t for _, t in toy_pairs[:8]])
+    assert main(_tune_argv(toy_dir / "model", store, src, ref)) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "out-of-domain cost NOT measured" in out and "--ood-source" in out
+    config = KNNConfig.load(store / "knn.json")
+    assert config.domain_gate is not None  # set without being asked
+    about = read_about(store / "knn.json")
+    assert about["domain_gate_rule"] == "recall" and "NOT measured" in about["out_of_domain"]
+
+
+def test_tune_uses_the_out_of_domain_dev_set_a_model_ships(
+    toy_dir: Path, datastore: Datastore, toy_pairs, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from knnmt.config import read_about
+    from knnmt.tuning import MODEL_OOD_DEV
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_dir / "model", model)
+    known = {s for s, _ in toy_pairs}
+    other = [(s[::-1], t) for s, t in toy_corpus(200, seed=31) if s not in known][:8]
+    (model / MODEL_OOD_DEV).write_text("".join(f"{s}\t{t}\n" for s, t in other), encoding="utf-8")
+    store = tmp_path / "ds"
+    shutil.copytree(datastore.path, store)
+    src = _write(tmp_path / "dev.en", [s for s, _ in toy_pairs[:8]])
+    ref = _write(tmp_path / "dev.de", [t for _, t in toy_pairs[:8]])
+    assert main(_tune_argv(model, store, src, ref)) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"out-of-domain dev set: {model / MODEL_OOD_DEV} (8 pairs, shipped with the model)" in out
+    assert "out-of-domain dev BLEU: plain" in out
+    about = read_about(store / "knn.json")
+    assert about["ood_dev"] == str(model / MODEL_OOD_DEV) and "measured on" in about["out_of_domain"]
+    assert about["domain_gate_rule"] in ("separate", None)  # the best split, when the similarity separates
+    assert main([*_tune_argv(model, store, src, ref), "--no-ood", "--no-save"]) == EXIT_OK
+    assert "NOT measured" in capsys.readouterr().out

@@ -214,6 +214,7 @@ def test_cli_tune_saves_the_choice_and_translate_uses_it(
     out = capsys.readouterr().out
     assert "chosen:" in out
     saved = json.loads((store_dir / "knn.json").read_text())
+    assert "NOT measured" in saved.pop("about")["out_of_domain"]  # no out-of-domain dev set: said so
     assert saved["k"] in (1, 2) and saved["lambda_"] in (0.0, 0.5, 1.0)
     assert (store_dir / "tuning.png").stat().st_size > 1000
     assert json.loads((store_dir / "tuning.json").read_text())["best"] == saved

@@ -235,6 +235,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--ood-reference", default=None, help="out-of-domain dev references")
     u.add_argument(
+        "--no-ood",
+        action="store_true",
+        help="do not use the out-of-domain dev set a model directory ships (knnmt-ood-dev.tsv)",
+    )
+    u.add_argument(
         "--gates",
         default="none,0.5,0.7,0.8,0.9,0.95",
         help="comma-separated confidence gates, 'none' = retrieve at every step",
@@ -615,7 +620,7 @@ def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .corpus import read_lines
     from .domain_gate import SEPARATE
-    from .tuning import DEFAULT_LAMBDAS, plot_grid, tune
+    from .tuning import DEFAULT_LAMBDAS, plot_grid, shipped_ood_dev, tune, tuning_note
     from .writelock import DatastoreLocked, describe_holder, holder_of
 
     holder = None if args.no_save else holder_of(args.datastore)
@@ -638,6 +643,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("--ood-source and --ood-reference go together")
     ood_sources = read_lines(args.ood_source) if args.ood_source else []
     ood_references = read_lines(args.ood_reference) if args.ood_reference else []
+    ood_from = args.ood_source
+    shipped = None if args.ood_source or args.no_ood else shipped_ood_dev(args.model)
+    if shipped is not None:
+        ood_from, ood_sources, ood_references = str(shipped[0]), shipped[1], shipped[2]
+        print(f"out-of-domain dev set: {ood_from} ({len(ood_sources)} pairs, shipped with the model)")
     domain = _domain_recall(args.domain_recall, knn, bool(ood_sources))
     result = tune(
         knn,
@@ -699,10 +709,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     plot = plot_grid(result, args.plot or datastore / "tuning.png")
     (datastore / "tuning.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     print(f"heatmap: {plot}")
-    if not args.no_save:
-        knn.config = best
-        print(f"saved as the datastore's default: {knn.save_config(best)}")
     chosen = next((row for row in result.confirmed if "ood_bleu" in row and _same(row, best)), None)
+    about = tuning_note(result, chosen, args.source, ood_from)
     if chosen is not None:
         print(
             f"out-of-domain dev BLEU: plain {result.ood_base_bleu:.2f} -> kNN-MT {chosen['ood_bleu']:.2f} "
@@ -713,6 +721,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 else ""
             )
         )
+    else:
+        print(about["out_of_domain"])
+    if not args.no_save:
+        knn.config = best
+        print(f"saved as the datastore's default: {knn.save_config(best, about)}")
     return EXIT_OK
 
 

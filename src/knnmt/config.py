@@ -35,13 +35,29 @@ class JsonConfig:
             raise UsageError(f"{cls.__name__}: unknown field(s) {unknown}; expected some of {sorted(names)}")
         return cls(**data)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    def save(self, path: str | Path, about: dict[str, Any] | None = None) -> None:
+        """Write the fields as JSON; ``about`` (how the setting was chosen, for people) goes with them
+        under the key :data:`ABOUT`, which :meth:`load` skips."""
+        data = {**self.to_dict(), **({ABOUT: about} if about else {})}
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data.pop(ABOUT, None)
         return cls.from_dict(data)  # type: ignore[attr-defined]
+
+
+#: the key of a saved config's note on how it was chosen (``knnmt tune`` writes one into ``knn.json``)
+ABOUT = "about"
+
+
+def read_about(path: str | Path) -> dict[str, Any]:
+    """The ``about`` note of a saved config (empty when it has none)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    about = data.get(ABOUT) if isinstance(data, dict) else None
+    return about if isinstance(about, dict) else {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -532,14 +532,15 @@ class KNNMT:
     def _key_module(self) -> torch.nn.Module:
         return key_module(self.model, self.key_layer)
 
-    def save_config(self, config: KNNConfig | None = None) -> Path:
+    def save_config(self, config: KNNConfig | None = None, about: dict[str, Any] | None = None) -> Path:
         """Store ``config`` (default: the current one) as the datastore's default ``knn.json``, holding the
-        datastore's write lock (:class:`~knnmt.writelock.WriteLock`) while it writes."""
+        datastore's write lock (:class:`~knnmt.writelock.WriteLock`) while it writes; ``about`` is a note on
+        how it was chosen, saved with it (see :func:`knnmt.config.read_about`)."""
         from .writelock import WriteLock
 
         path = self.datastore.path / KNN_CONFIG_FILE
         with WriteLock(self.datastore.path, "save kNN settings"):
-            (config or self.config).save(path)
+            (config or self.config).save(path, about)
         return path
 
 

@@ -490,3 +490,61 @@ def plot_grid(result: TuningResult, path: str | Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+#: A model directory may ship a dev set of the text it was trained on (TSV ``source<TAB>target``):
+#: ``knnmt tune`` then measures what a memory costs there without being asked.
+MODEL_OOD_DEV = "knnmt-ood-dev.tsv"
+
+
+def shipped_ood_dev(model: str | Path) -> tuple[Path, list[str], list[str]] | None:
+    """``(path, sources, references)`` of the out-of-domain dev set a local model directory ships
+    (:data:`MODEL_OOD_DEV`), or ``None`` (a Hub name, or a directory without one)."""
+    from .corpus import CorpusSpec, inspect_corpus, iter_pairs
+
+    path = Path(model) / MODEL_OOD_DEV
+    if not path.is_file():
+        return None
+    spec = CorpusSpec((str(path),), "tsv")
+    inspect_corpus(spec, skip_empty=True)
+    pairs = [(p.source, p.target) for p in iter_pairs(spec) if p.source.strip() and p.target.strip()]
+    return path, [s for s, _ in pairs], [t for _, t in pairs]
+
+
+def tuning_note(
+    result: TuningResult, chosen: dict[str, Any] | None, dev: str, ood_dev: str | None
+) -> dict[str, Any]:
+    """What ``knnmt tune`` saves about its choice in ``knn.json`` (``about``): the dev sets, and the
+    out-of-domain cost measured on the out-of-domain dev set, or a plain statement that it was not."""
+    import datetime as _dt
+
+    note: dict[str, Any] = {
+        "chosen_by": "knnmt tune",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dev": dev,
+        "domain_gate_rule": result.domain_rule,
+        "dev_sources_kept_by_domain_gate": result.domain_recall,
+    }
+    if chosen is not None and ood_dev is not None:
+        note.update(
+            ood_dev=ood_dev,
+            out_of_domain=(
+                f"measured on {ood_dev}: dev BLEU {result.ood_base_bleu:.2f} plain -> "
+                f"{chosen['ood_bleu']:.2f} with this setting ({-chosen['ood_bleu_loss']:+.2f})"
+            ),
+            ood_bleu_change=round(-float(chosen["ood_bleu_loss"]), 2),
+        )
+    else:
+        guard = (
+            f"the domain gate, which keeps retrieval on for {result.domain_recall:.0%} of the dev sources, "
+            "is the only guard"
+            if result.domain_rule and result.domain_recall is not None
+            else "nothing guards it (no domain gate)"
+        )
+        note["out_of_domain"] = (
+            "out-of-domain cost NOT measured: no out-of-domain dev set was given, so what this memory does "
+            f"to other text is unknown and {guard}. Measure it with `knnmt tune ... --ood-source OTHER.src "
+            "--ood-reference OTHER.ref` (a dev set of the other text your users send) or `knnmt evaluate "
+            "... --ood-source ... --ood-reference ...`"
+        )
+    return note
