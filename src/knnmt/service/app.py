@@ -455,6 +455,10 @@ def _validation_detail(errors: Sequence[Any]) -> str:
         if kind == "missing" and [*loc] == ["body"]:
             parts.append("the request needs a JSON body")
             continue
+        if kind == "string_unicode":  # a lone surrogate where pydantic needs a str (e.g. a field name)
+            where = "the body" if [*loc] == ["body"] else _where(loc)
+            parts.append(f"{where} holds text that is not valid Unicode (a lone surrogate such as \\udcff)")
+            continue
         if kind.endswith("_type") or kind.endswith("_parsing"):
             msg += f" (got {_kind(error.get('input'))})"
         parts.append(f"{_where(loc)}: {_safe(msg, 300)}")
