@@ -432,6 +432,7 @@ def _where(loc: Sequence[Any]) -> str:
     kind, *rest = [*loc] or ["body"]
     path = ""
     for part in rest:
+        part = part if part != "" else '""'  # an empty field name
         path += (
             f"[{part}]"
             if isinstance(part, int)
