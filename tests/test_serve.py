@@ -607,7 +607,7 @@ def test_private_reads_need_the_token(open_service) -> None:
         assert _json_error(c.get("/memory/0", headers={"Authorization": "Bearer wrong-token"}), 401)
         assert c.get("/memory/0", headers=AUTH).json()["id"] == 0
         explain = {"sentences": ["open the file"], "neighbours": True}
-        assert "neighbour explanations" in _json_error(c.post("/translate", json=explain), 401)
+        assert "--private-reads: neighbours" in _json_error(c.post("/translate", json=explain), 401)
         assert c.post("/translate", json=explain, headers=AUTH).status_code == 200
         assert c.post("/translate", json={"sentences": ["open the file"]}).status_code == 200
         info = c.get("/info").json()

@@ -559,7 +559,7 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise HTTPException(
-                401, f"{what} need 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+                401, f"{what} 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
             )
         if not bearer_ok(authorization):
             raise HTTPException(401, "wrong token", headers={"WWW-Authenticate": "Bearer"})
@@ -567,11 +567,11 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
     def require_writer(authorization: str | None = Header(None)) -> None:
         if not config.writes:
             raise HTTPException(403, "this server is read-only (started with --read-only)")
-        check_token(authorization, "writes")
+        check_token(authorization, "writes need")
 
     def require_reader(authorization: str | None = Header(None)) -> None:
         if config.private_reads:
-            check_token(authorization, "reads of the memory (this server has --private-reads)")
+            check_token(authorization, "this server has --private-reads: reading the memory needs")
 
     def check_sentences(texts: list[str], what: str) -> None:
         if not texts:
@@ -639,7 +639,9 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
         """Translate a batch; with ``neighbours`` each token carries p_MT, p_kNN and its neighbours
         (their stored pairs: with ``--private-reads`` that needs the token)."""
         if request.neighbours and config.private_reads:
-            check_token(authorization, "neighbour explanations (this server has --private-reads)")
+            check_token(
+                authorization, "this server has --private-reads: neighbours (they quote stored pairs) need"
+            )
         check_sentences(request.sentences, "sentences")
         if request.beam > config.max_beam:
             raise HTTPException(422, f"beam {request.beam} is above the limit {config.max_beam}")
