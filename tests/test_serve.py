@@ -3,6 +3,7 @@ live memory (side index, tombstones, compaction, restart) and dynamic batching, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -585,15 +586,17 @@ def test_an_internal_failure_is_a_clear_500_for_that_request_only(open_service, 
     with TestClient(create_app(service, close_on_shutdown=False)) as c:
 
         def send(text: str) -> None:
-            responses[text] = c.post("/translate", json={"sentences": [text]})
+            body = json.dumps({"sentences": [text]}).encode()  # "\udcff" stays a JSON escape
+            responses[text] = _raw(c, "/translate", body)
 
-        threads = [threading.Thread(target=send, args=(t,)) for t in [*sources, "poison"]]
+        threads = [threading.Thread(target=send, args=(t,)) for t in [*sources, "poison", "bad \udcff"]]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     detail = _json_error(responses["poison"], 500)
     assert "ValueError: cannot tokenize 'poison'" in detail and "other requests are not affected" in detail
+    assert "lone surrogate" in _json_error(responses["bad \udcff"], 422)  # refused before the batch
     assert all(responses[s].status_code == 200 for s in sources)
 
 
@@ -666,3 +669,20 @@ def test_serve_on_a_port_in_use_exits_1_with_a_message(toy_dir, datastore, caplo
         assert main([*argv, "--port", str(port)]) == 1
     assert f"port {port} on 127.0.0.1 is already in use; choose another with --port" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_bind_errors_say_what_to_change(toy_dir, datastore, monkeypatch, caplog) -> None:
+    from knnmt.cli import main
+    from knnmt.errors import KnnmtError
+    from knnmt.service import bind_socket
+    from knnmt.service.app import TOKEN_ENV
+
+    with pytest.raises(KnnmtError, match=r"192\.0\.2\.1: not an address of this machine"):
+        bind_socket("192.0.2.1", 0)  # TEST-NET-1: never a local address
+    with pytest.raises(UsageError, match=r"--port must be in 0\.\.65535"):
+        bind_socket("127.0.0.1", 70000)
+    bind_socket("127.0.0.1", 0).close()
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    argv = ["serve", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
+    assert main([*argv, "--read-only", "--private-reads"]) == 2
+    assert "--private-reads needs a token" in caplog.text
