@@ -519,6 +519,11 @@ def test_types_are_strict(client, body, field, got) -> None:
 
 def test_numbers_may_be_integers_where_floats_are_asked(client) -> None:
     assert _translate(client, ["open the file"], **{"lambda": 1, "temperature": 10})["config"]["lambda"] == 1
+    huge = _raw(client, "/translate", b'{"sentences": ["a"], "temperature": 1' + b"0" * 400 + b"}")
+    assert (
+        _json_error(huge, 422)
+        == "temperature: Input should be a valid number (got an integer too large for a float)"
+    )
 
 
 def test_memory_pairs_are_strict_and_empty_idempotency_keys_refused(open_service, new_pairs) -> None:

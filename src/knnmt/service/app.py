@@ -460,7 +460,9 @@ def _validation_detail(errors: Sequence[Any]) -> str:
             where = "the body" if [*loc] == ["body"] else _where(loc)
             parts.append(f"{where} holds text that is not valid Unicode (a lone surrogate such as \\udcff)")
             continue
-        if kind.endswith("_type") or kind.endswith("_parsing"):
+        if kind == "float_type" and type(error.get("input")) is int:
+            msg += " (got an integer too large for a float)"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
             msg += f" (got {_kind(error.get('input'))})"
         parts.append(f"{_where(loc)}: {_safe(msg, 300)}")
     if len(errors) > 5:
