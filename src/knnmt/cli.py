@@ -252,7 +252,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_adaptive_args(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--token-file", default=None, help="bearer token for writes (default: $KNNMT_SERVE_TOKEN)")
+    v.add_argument(
+        "--token-file",
+        default=None,
+        help="bearer token for writes and --private-reads (default: $KNNMT_SERVE_TOKEN)",
+    )
     v.add_argument("--read-only", action="store_true", help="no writes: POST/DELETE /memory answer 403")
     v.add_argument(
         "--private-reads",
