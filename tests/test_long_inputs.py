@@ -224,7 +224,8 @@ def test_memory_append_refuses_over_long_pair(
 
     store_dir = tmp_path / "served"
     shutil.copytree(short_store.path, store_dir)
-    service = Service.open(short_model, store_dir, ServeConfig(token=TOKEN, compact_every=0))
+    config = ServeConfig(token=TOKEN, compact_every=0, allowed_hosts=("testserver",))  # TestClient's Host
+    service = Service.open(short_model, store_dir, config)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
         with TestClient(create_app(service, close_on_shutdown=False)) as client:

@@ -3,6 +3,7 @@ live memory (side index, tombstones, compaction, restart) and dynamic batching, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: λ = 1, k = 1: the output walks the memory, so an added pair is reproduced exactly.
 EXACT = {"k": 1, "lambda": 1.0}
+#: The Host header of Starlette's TestClient: served datastores under test answer it besides loopback.
+TEST_HOST = "testserver"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,7 @@ def open_service(
             "max_body_bytes": 20_000,
             "compact_every": 0,
             "batch": BatchConfig(max_batch=8, max_wait_ms=2),
+            "allowed_hosts": (TEST_HOST,),
         }
         settings.update(overrides)
         service = Service.open(marian, path, ServeConfig(**settings), index=index)
@@ -153,7 +157,7 @@ def test_limits_give_413_and_422_with_messages(client) -> None:
         content=b'{"sentences": ["a"], "temperature": 1e999}',
         headers={"Content-Type": "application/json"},
     )
-    assert infinite.status_code == 422 and "temperature must be a positive number" in infinite.text
+    assert infinite.status_code == 422 and "temperature: Input should be a finite number" in infinite.text
     beam = client.post("/translate", json={"sentences": ["a"], "beam": 99})
     assert beam.status_code == 422 and "beam 99 is above the limit 8" in beam.text
     pairs = client.post("/memory", headers=AUTH, json={"pairs": [{"source": "a", "target": "b"}] * 5})
@@ -171,7 +175,9 @@ def test_writes_need_the_token(client, open_service, marian, datastore) -> None:
     assert client.get("/memory/0").status_code == 200  # reads are open
     with pytest.raises(UsageError, match="no token is set"):
         ServeConfig(token=None)
-    readonly = Service.open(marian, datastore.path, ServeConfig(writes=False), index=None)
+    readonly = Service.open(
+        marian, datastore.path, ServeConfig(writes=False, allowed_hosts=(TEST_HOST,)), index=None
+    )
     try:
         with TestClient(create_app(readonly)) as ro:
             assert ro.post("/memory", json=pair, headers=AUTH).status_code == 403
@@ -448,3 +454,240 @@ def test_failed_append_leaves_nothing_behind(open_service, new_pairs, monkeypatc
     assert result.ids == [service.memory.store.manifest["sentences"] - 1] and not result.replayed
     assert service.memory.get(result.ids[0])["src"] == new_pairs[1][0]
     assert Datastore.open(service.memory.store.path).count == before + result.entries
+
+
+# ---- bad input fails alone, with a message (issue 15) ------------------------------------------------
+
+
+def _json_error(response: Any, status: int) -> str:
+    """The ``detail`` of an error response, after checking its status and that it is JSON, no traceback."""
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail
+    return detail
+
+
+def _raw(client: TestClient, path: str, body: bytes, **headers: str) -> Any:
+    return client.post(path, content=body, headers={"Content-Type": "application/json", **headers})
+
+
+def test_lone_surrogate_and_nan_are_422_naming_the_field(client) -> None:
+    surrogate = _raw(client, "/translate", b'{"sentences": ["open the file", "x \\udcff"]}')
+    detail = _json_error(surrogate, 422)
+    assert "sentences[1]" in detail and "lone surrogate" in detail and "character 2" in detail
+    nan = _raw(client, "/translate", b'{"sentences": ["open the file"], "lambda": NaN}')
+    assert _json_error(nan, 422) == "lambda: Input should be a finite number"
+    infinite_k = _raw(client, "/translate", b'{"sentences": ["a"], "k": -Infinity}')
+    assert _json_error(infinite_k, 422) == "k: Input should be a valid integer (got a number)"
+    pair = _raw(client, "/memory", b'{"pairs": [{"source": "a", "target": "\\ud800b"}]}', **AUTH)
+    assert "pairs[0].target" in _json_error(pair, 422)
+    raw_key = '{"sentences": ["a"], "\udcff": 1}'.encode("utf-8", "surrogatepass")  # not UTF-8
+    escaped_key = b'{"sentences": ["a"], "\\udcff": 1}'
+    for body in (raw_key, escaped_key):
+        detail = _json_error(_raw(client, "/translate", body), 422)
+        assert detail == "the body holds text that is not valid Unicode (a lone surrogate such as \\udcff)"
+    assert "error parsing the body" in _json_error(
+        _raw(client, "/translate", b'{"sentences": ["\xff"]}'), 400
+    )
+    not_json = _raw(client, "/translate", b'{"sentences": ["a"')
+    assert "not valid JSON" in _json_error(not_json, 422)
+    assert _json_error(_raw(client, "/translate", b""), 422) == "the request needs a JSON body"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "got"),
+    [
+        ({"k": True}, "k", "a boolean"),
+        ({"k": "8"}, "k", "a string"),
+        ({"k": 8.0}, "k", "a number"),
+        ({"beam": "2"}, "beam", "a string"),
+        ({"max_new_tokens": False}, "max_new_tokens", "a boolean"),
+        ({"lambda": "0.5"}, "lambda", "a string"),
+        ({"temperature": True}, "temperature", "a boolean"),
+        ({"knn": 0}, "knn", "an integer"),
+        ({"neighbours": "yes"}, "neighbours", "a string"),
+        ({"sentences": "open the file"}, "sentences", "a string"),
+        ({"sentences": [1]}, "sentences[0]", "an integer"),
+    ],
+)
+def test_types_are_strict(client, body, field, got) -> None:
+    response = client.post("/translate", json={"sentences": ["open the file"], **body})
+    detail = _json_error(response, 422)
+    assert detail.startswith(f"{field}: Input should be a valid") and detail.endswith(f"(got {got})")
+
+
+def test_numbers_may_be_integers_where_floats_are_asked(client) -> None:
+    assert _translate(client, ["open the file"], **{"lambda": 1, "temperature": 10})["config"]["lambda"] == 1
+    huge = _raw(client, "/translate", b'{"sentences": ["a"], "temperature": 1' + b"0" * 400 + b"}")
+    assert (
+        _json_error(huge, 422)
+        == "temperature: Input should be a valid number (got an integer too large for a float)"
+    )
+
+
+def test_memory_pairs_are_strict_and_empty_idempotency_keys_refused(open_service, new_pairs) -> None:
+    service = open_service()
+    client = TestClient(create_app(service, close_on_shutdown=False))
+    manifest = (service.memory.store.path / "manifest.json").read_bytes()
+    source, target = new_pairs[0]
+    for pair in ({"source": 1, "target": "x"}, {"source": source, "target": None}, {"source": [source]}):
+        assert "pairs[0]" in _json_error(client.post("/memory", headers=AUTH, json={"pairs": [pair]}), 422)
+    body = {"pairs": [{"source": source, "target": target}]}
+    for key in ("", "   "):
+        response = client.post("/memory", headers={**AUTH, "Idempotency-Key": key}, json=body)
+        assert "Idempotency-Key header is empty" in _json_error(response, 422)
+    assert (service.memory.store.path / "manifest.json").read_bytes() == manifest  # nothing written
+    with pytest.raises(UsageError, match="idempotency key is empty"):
+        service.memory.add([(source, target)], "")
+    assert client.post("/memory", headers={**AUTH, "Idempotency-Key": "k"}, json=body).status_code == 201
+
+
+class _FailsOn:
+    """A translator whose ``translate`` raises on a poisoned sentence (as an input the checks missed
+    would): everything else is the real translator's."""
+
+    def __init__(self, translator: KNNMT, poison: str) -> None:
+        self._translator = translator
+        self.poison = poison
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._translator, name)
+
+    def translate(self, sources: list[str], **kwargs: Any) -> Any:
+        if self.poison in sources:
+            raise ValueError(f"cannot tokenize {self.poison!r}")
+        return self._translator.translate(sources, **kwargs)
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(translator, toy_pairs) -> None:
+    sources = [s for s, _ in toy_pairs[40:44]]
+    config = KNNConfig(k=4, lambda_=0.5)
+    expected = [t.text for t in translator.translate(sources, knn=config, max_new_tokens=20)]
+    calls: list[int] = []
+    worker = BatchWorker(
+        _FailsOn(translator, "poison"),  # type: ignore[arg-type]
+        BatchConfig(max_batch=16, max_wait_ms=300),
+        lambda n, tok, sec: calls.append(n),
+    )
+    try:
+        options = GenerationOptions(config, 1, 20)
+        good = [worker.translate([s], options) for s in sources[:2]]
+        bad = worker.translate(["poison", sources[2]], options)
+        good += [worker.translate([s], options) for s in sources[2:]]
+        with pytest.raises(ValueError, match="cannot tokenize 'poison'"):
+            bad.result(timeout=60)
+        assert [f.result(timeout=60)[0].text for f in good] == expected
+    finally:
+        worker.close()
+    assert calls == [1, 1, 1, 1]  # the shared call failed; each good request then ran on its own
+
+
+def test_an_internal_failure_is_a_clear_500_for_that_request_only(open_service, toy_pairs) -> None:
+    service = open_service(batch=BatchConfig(max_batch=16, max_wait_ms=300))
+    service.worker.translator = _FailsOn(service.translator, "poison")  # type: ignore[assignment]
+    sources = [s for s, _ in toy_pairs[50:53]]
+    responses: dict[str, Any] = {}
+    with TestClient(create_app(service, close_on_shutdown=False)) as c:
+
+        def send(text: str) -> None:
+            body = json.dumps({"sentences": [text]}).encode()  # "\udcff" stays a JSON escape
+            responses[text] = _raw(c, "/translate", body)
+
+        threads = [threading.Thread(target=send, args=(t,)) for t in [*sources, "poison", "bad \udcff"]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    detail = _json_error(responses["poison"], 500)
+    assert "ValueError: cannot tokenize 'poison'" in detail and "other requests are not affected" in detail
+    assert "lone surrogate" in _json_error(responses["bad \udcff"], 422)  # refused before the batch
+    assert all(responses[s].status_code == 200 for s in sources)
+
+
+# ---- the service's surface: private reads, Host check, no CDN, port in use --------------------------
+
+
+def test_private_reads_need_the_token(open_service) -> None:
+    service = open_service(private_reads=True)
+    with TestClient(create_app(service, close_on_shutdown=False)) as c:
+        assert "--private-reads" in _json_error(c.get("/memory/0"), 401)
+        assert _json_error(c.get("/memory/0", headers={"Authorization": "Bearer wrong-token"}), 401)
+        assert c.get("/memory/0", headers=AUTH).json()["id"] == 0
+        explain = {"sentences": ["open the file"], "neighbours": True}
+        assert "--private-reads: neighbours" in _json_error(c.post("/translate", json=explain), 401)
+        assert c.post("/translate", json=explain, headers=AUTH).status_code == 200
+        assert c.post("/translate", json={"sentences": ["open the file"]}).status_code == 200
+        info = c.get("/info").json()
+        assert info["private_reads"] is True and info["datastore"] is None
+        assert c.get("/info", headers=AUTH).json()["datastore"] == str(service.memory.store.path)
+    with pytest.raises(UsageError, match="--private-reads needs a token"):
+        ServeConfig(writes=False, private_reads=True)
+
+
+def test_no_page_or_schema_loads_anything_from_a_cdn(client) -> None:
+    info = client.get("/info").json()
+    assert info["private_reads"] is False and info["datastore"]  # reads are open by default
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    for path in ("/", "/openapi.json"):
+        text = client.get(path).text.lower()
+        assert "cdn" not in text and "jsdelivr" not in text and "unpkg" not in text and "https://" not in text
+
+
+def test_host_header_must_name_this_server(open_service) -> None:
+    from knnmt.service.app import allowed_host_names
+
+    service = open_service(allowed_hosts=())  # bound to 127.0.0.1, the default
+    with TestClient(create_app(service, close_on_shutdown=False), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/health").status_code == 200
+        for host in ("localhost:8000", "LOCALHOST", "[::1]:8000", "127.0.0.1"):
+            assert c.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in (
+            "evil.example",
+            "evil.example:8000",
+            "127.0.0.1.evil.example",
+            "[::1",
+            "localhost:x",
+            "",
+        ):
+            detail = _json_error(c.get("/health", headers={"Host": host}), 400)
+            assert "is not served here" in detail and "--allowed-host" in detail
+        rebound = c.post("/memory", headers={**AUTH, "Host": "attacker.example"}, json={"pairs": []})
+        assert rebound.status_code == 400
+    assert allowed_host_names("0.0.0.0") is None  # wildcard bind: no check unless names are given
+    assert allowed_host_names("0.0.0.0", ["mt.example"]) == {"mt.example", "127.0.0.1", "localhost", "::1"}
+    assert allowed_host_names("10.1.2.3") == {"10.1.2.3"}
+    assert allowed_host_names("::1", ["proxy.local"]) == {"proxy.local", "127.0.0.1", "localhost", "::1"}
+    assert allowed_host_names("127.0.0.1", ["*"]) is None
+
+
+def test_serve_on_a_port_in_use_exits_1_with_a_message(toy_dir, datastore, caplog) -> None:
+    import socket
+
+    from knnmt.cli import main
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        argv = ["serve", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path), "--read-only"]
+        assert main([*argv, "--port", str(port)]) == 1
+    assert f"port {port} on 127.0.0.1 is already in use; choose another with --port" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_bind_errors_say_what_to_change(toy_dir, datastore, monkeypatch, caplog) -> None:
+    from knnmt.cli import main
+    from knnmt.errors import KnnmtError
+    from knnmt.service import bind_socket
+    from knnmt.service.app import TOKEN_ENV
+
+    with pytest.raises(KnnmtError, match=r"192\.0\.2\.1: not an address of this machine"):
+        bind_socket("192.0.2.1", 0)  # TEST-NET-1: never a local address
+    with pytest.raises(UsageError, match=r"--port must be in 0\.\.65535"):
+        bind_socket("127.0.0.1", 70000)
+    bind_socket("127.0.0.1", 0).close()
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    argv = ["serve", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
+    assert main([*argv, "--read-only", "--private-reads"]) == 2
+    assert "--private-reads needs a token" in caplog.text

@@ -137,7 +137,8 @@ def test_cli_append_against_a_running_server_fails_and_loses_nothing(
 
     path = small_store.path
     corpus = write_tsv(tmp_path / "more.tsv", toy_pairs[30:40])
-    service = Service.open(str(toy_dir / "model"), path, ServeConfig(token="t" * 16), index=None)
+    config = ServeConfig(token="t" * 16, allowed_hosts=("testserver",))
+    service = Service.open(str(toy_dir / "model"), path, config, index=None)
     try:
         before = tree_digest(path)
         argv = ["build", "--model", str(toy_dir / "model"), "--corpus", str(corpus), "--out", str(path)]

@@ -274,8 +274,26 @@ def _parser() -> argparse.ArgumentParser:
     _add_adaptive_args(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--token-file", default=None, help="bearer token for writes (default: $KNNMT_SERVE_TOKEN)")
+    v.add_argument(
+        "--token-file",
+        default=None,
+        help="bearer token for writes and --private-reads (default: $KNNMT_SERVE_TOKEN)",
+    )
     v.add_argument("--read-only", action="store_true", help="no writes: POST/DELETE /memory answer 403")
+    v.add_argument(
+        "--private-reads",
+        action="store_true",
+        help="reads of stored text need the token too: GET /memory/{id}, /translate's neighbour "
+        "explanations, /info's datastore path (the memory is confidential)",
+    )
+    v.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further Host name to answer (reverse proxy, DNS name; repeatable; '*' = any); by default "
+        "only the --host address (and localhost, 127.0.0.1, ::1 for loopback) is answered",
+    )
     v.add_argument("--max-batch", type=int, default=16, help="sentences per generate call")
     v.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
     v.add_argument("--no-batching", action="store_true", help="one request per generate call")
@@ -769,32 +787,42 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from .service import BatchConfig, ServeConfig, Service, read_token, run_server
+    from .service import BatchConfig, ServeConfig, Service, bind_socket, read_token, run_server
 
     batch = (
         BatchConfig(max_batch=1, max_wait_ms=0, threads=args.threads)
         if args.no_batching
         else BatchConfig(max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms, threads=args.threads)
     )
+    needs_token = not args.read_only or args.private_reads
     config = ServeConfig(
-        token=None if args.read_only else read_token(args.token_file, os.environ),
+        token=read_token(args.token_file, os.environ) if needs_token else None,
         writes=not args.read_only,
+        private_reads=args.private_reads,
+        host=args.host,
+        allowed_hosts=tuple(args.allowed_host),
         max_body_bytes=args.max_body_bytes,
         max_sentences=args.max_sentences,
         max_chars=args.max_chars,
         compact_every=args.compact_every,
         batch=batch,
     )
-    service = Service.open(
-        args.model,
-        args.datastore,
-        config,
-        index=None if args.index == "exact" else args.index,
-        knn_config=_knn_config(args, args.datastore),
-        device=args.device,
-    )
-    logger.info("serving %s on http://%s:%d/ (API docs at /docs)", args.datastore, args.host, args.port)
-    run_server(service, args.host, args.port, log_level="warning" if args.quiet else "info")
+    sock = bind_socket(args.host, args.port)  # a port in use fails now, before the model loads
+    try:
+        service = Service.open(
+            args.model,
+            args.datastore,
+            config,
+            index=None if args.index == "exact" else args.index,
+            knn_config=_knn_config(args, args.datastore),
+            device=args.device,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/"
+    logger.info("serving %s on %s (API schema at /openapi.json)", args.datastore, url)
+    run_server(service, port=args.port, log_level="warning" if args.quiet else "info", sock=sock)
     return EXIT_OK
 
 

@@ -11,7 +11,7 @@ FastAPI and uvicorn are imported only here, so ``import knnmt`` stays light.
 
 from __future__ import annotations
 
-from .app import ServeConfig, Service, create_app, read_token, run_server
+from .app import ServeConfig, Service, bind_socket, create_app, read_token, run_server
 from .batching import BatchConfig, BatchWorker, GenerationOptions
 from .memory import LiveMemory, LiveRetriever
 
@@ -23,6 +23,7 @@ __all__ = [
     "LiveRetriever",
     "ServeConfig",
     "Service",
+    "bind_socket",
     "create_app",
     "read_token",
     "run_server",

@@ -4,8 +4,10 @@
 Request threads put jobs on a queue and wait on a :class:`concurrent.futures.Future`. The worker
 takes the first job, then keeps collecting for at most ``max_wait_ms`` (or until ``max_batch``
 sentences), groups the translation jobs by their generation options and runs one
-:meth:`KNNMT.translate` per group. Other work that needs the model (adding memory pairs) is queued as
-a plain callable and runs on the same thread, in arrival order relative to the batches.
+:meth:`KNNMT.translate` per group. When a group's call fails, each of its jobs is run again on its
+own, so a request that breaks generation fails alone and the others get their translations. Other
+work that needs the model (adding memory pairs) is queued as a plain callable and runs on the same
+thread, in arrival order relative to the batches.
 """
 
 from __future__ import annotations
@@ -187,11 +189,36 @@ class BatchWorker:
         for options, jobs in groups.items():
             try:
                 self._run_group(options, jobs)
-            except BaseException as exc:
+            except Exception as exc:
+                left = [job for job in jobs if not job.future.done()]
+                if len(left) == 1:
+                    logger.error("translation request failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+                    left[0].future.set_exception(exc)
+                    continue
+                # one request may have failed the whole group: run each one alone, so only the
+                # culprit gets the error and the others their translations
+                logger.warning(
+                    "translation batch of %d request(s) failed (%s: %s); running them one by one",
+                    len(left),
+                    type(exc).__name__,
+                    exc,
+                )
+                for job in left:
+                    self._run_alone(options, job)
+            except BaseException as exc:  # not an Exception: fail the waiting requests, keep serving
                 logger.exception("translation batch of %d request(s) failed", len(jobs))
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
+
+    def _run_alone(self, options: GenerationOptions, job: _TranslateJob) -> None:
+        """Run one request in a ``generate`` call of its own; its failure goes to its future only."""
+        try:
+            self._run_group(options, [job])
+        except Exception as exc:
+            logger.error("translation request failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+            if not job.future.done():
+                job.future.set_exception(exc)
 
     def _run_group(self, options: GenerationOptions, jobs: list[_TranslateJob]) -> None:
         sources = [s for job in jobs for s in job.sources]

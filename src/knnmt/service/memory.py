@@ -361,6 +361,9 @@ class LiveMemory:
         self._check_writable()
         if not pairs:
             raise UsageError("no pairs to add")
+        if idempotency_key is not None and not idempotency_key.strip():
+            # an empty key would not be found again after a restart (see __init__): refuse it
+            raise UsageError("the idempotency key is empty: give a non-empty key or none")
         digest = request_digest(pairs)
         with self._lock:
             if idempotency_key is not None and idempotency_key in self._keys:
