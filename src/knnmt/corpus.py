@@ -77,6 +77,7 @@ class Pair:
     target: str
 
 
+_CR_TO_LF = "tr '\\r' '\\n'"
 _UTF16_BOMS = {b"\xff\xfe": "UTF-16 little-endian", b"\xfe\xff": "UTF-16 big-endian"}
 
 
@@ -134,7 +135,7 @@ def decode_lines(name: str, lines: Iterable[bytes], digest: Any = None) -> Itera
             if raw[:2] in _UTF16_BOMS:
                 raise CorpusError(
                     f"the file is {_UTF16_BOMS[raw[:2]]} (byte order mark {raw[:2].hex(' ').upper()}), "
-                    f"expected UTF-8; convert it: iconv -f UTF-16 -t UTF-8 {name} > {name}.utf8",
+                    f"expected UTF-8; convert it: {_filter(name, 'iconv -f UTF-16 -t UTF-8', 'utf8')}",
                     name,
                     1,
                 )
@@ -154,7 +155,7 @@ def decode_lines(name: str, lines: Iterable[bytes], digest: Any = None) -> Itera
             if not raw.endswith(b"\n") or body.count(b"\r") > 1:  # lines ended by CR alone
                 raise CorpusError(
                     "line ends here are carriage returns only (\\r, old Mac style), expected \\n or "
-                    f"\\r\\n; convert them: tr '\\r' '\\n' < {name} > {name}.unix",
+                    f"\\r\\n; convert them: {_filter(name, _CR_TO_LF, 'unix')}",
                     name,
                     number,
                 )
@@ -176,6 +177,11 @@ def decode_lines(name: str, lines: Iterable[bytes], digest: Any = None) -> Itera
                 number,
             ) from None
         yield number, text
+
+
+def _filter(name: str, command: str, suffix: str) -> str:
+    """How to fix input ``name`` with a filter ``command``: a shell line for a file, the filter for stdin."""
+    return command if name.startswith("<") else f"{command} < {name} > {name}.{suffix}"
 
 
 @contextlib.contextmanager
