@@ -141,6 +141,8 @@ def decode_lines(name: str, lines: Iterable[bytes], digest: Any = None) -> Itera
                 )
             if raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+                if not raw:  # nothing but the mark: an empty file
+                    return
         body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
         nul = body.find(b"\x00")
         if nul >= 0:
