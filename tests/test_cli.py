@@ -366,6 +366,11 @@ def test_bad_translate_input_exits_1_with_file_and_line(
     assert re.search(re.escape(str(src)) + message, caplog.text)
 
 
+def test_empty_test_set_exits_2(toy: Path, datastore: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(_evaluate_args(toy, datastore, Path("/dev/null"), Path("/dev/null"))) == EXIT_USAGE
+    assert "nothing to evaluate: the test set has no sentences" in caplog.text
+
+
 def test_empty_corpus_build_exits_1_and_writes_nothing(
     toy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

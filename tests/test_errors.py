@@ -570,3 +570,17 @@ def test_nul_bytes_are_refused_with_file_and_line(tmp_path: Path, name: str, dat
     escaped.write_text('{"src": "Open.", "tgt": "x"}\n{"src": "a\\u0000b", "tgt": "y"}\n', encoding="utf-8")
     with pytest.raises(CorpusError, match=r"escaped\.jsonl:2: 'src' contains a NUL character"):
         inspect_corpus(CorpusSpec.from_args(corpus=str(escaped)))
+
+
+def test_search_parameters_checked_at_load(datastore, tmp_path: Path) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore.path, copy)
+    store = Datastore.open(copy)
+    build_index(store, IndexConfig(factory="Flat"), progress=False)
+    for kwargs, pattern in (
+        ({"nprobe": 0}, "nprobe must be >= 1, got 0"),
+        ({"ef_search": -1}, "ef_search must be >= 1, got -1"),
+        ({"rerank": -1}, "rerank must be >= 0, got -1"),
+    ):
+        with pytest.raises(UsageError, match=pattern):
+            SearchIndex.load(copy / "index", store, **kwargs)

@@ -189,6 +189,9 @@ class SearchIndex:
         use_gpu: bool = False,
     ) -> SearchIndex:
         """Load an index directory; with ``datastore``, check it was built for that datastore."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and not value >= 1:  # faiss would fail at the first search
+                raise UsageError(f"{name} must be >= 1, got {value!r}")
         path = Path(directory)
         settings_file, index_file = path / SETTINGS_FILE, path / INDEX_FILE
         if not settings_file.is_file() or not index_file.is_file():
