@@ -1,8 +1,12 @@
 """Reading parallel corpora: two aligned text files, one TSV, or one JSONL file.
 
 A corpus is validated in one cheap streaming pass before anything is written
-(:func:`inspect_corpus`: UTF-8, line counts, checksum, field layout) and then read lazily
-(:func:`iter_pairs`) so that memory stays bounded whatever its size.
+(:func:`inspect_corpus`: UTF-8, line counts, checksum, field layout, at least one pair to store) and
+then read lazily (:func:`iter_pairs`) so that memory stays bounded whatever its size.
+
+Every text input, corpus files as well as translate/evaluate inputs (:func:`read_lines`) and stdin,
+is read by one rule, :func:`decode_lines`: UTF-8, lines ended by ``\\n`` or ``\\r\\n``, a leading
+byte order mark dropped; NUL bytes, UTF-16 and CR-only line ends are refused with file and line.
 """
 
 from __future__ import annotations
@@ -127,7 +131,6 @@ def decode_lines(name: str, lines: Iterable[bytes], digest: Any = None) -> Itera
     line for invalid UTF-8, a UTF-16 byte order mark, a NUL byte, and a carriage return that ends no
     line (CR-only "old Mac" line ends, or a stray one). ``digest`` (a hashlib object) is fed the raw bytes.
     """
-    number = 0
     for number, raw in enumerate(lines, start=1):
         if digest is not None:
             digest.update(raw)
