@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import knnmt
 from knnmt.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from knnmt.toy import build_toy_model
 
@@ -217,3 +224,203 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path, capsys: pytest
     built = (tmp_path / "datastore" / "manifest.json").stat().st_mtime_ns
     assert main(["-q", "demo", "--toy", "--workdir", str(tmp_path), "--limit", "6"]) == EXIT_OK
     assert (tmp_path / "datastore" / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+# ---- issue 15: clear errors and exit codes --------------------------------------------------------
+
+
+def _translate_args(toy: Path, datastore: Path, *extra: str) -> list[str]:
+    return ["-q", "translate", "--model", str(toy / "model"), "--datastore", str(datastore), *extra]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "want"),
+    [
+        ("--nprobe", "0", ">= 1"),
+        ("--ef-search", "-5", ">= 1"),
+        ("--rerank", "-1", r"in \[0, 64\]"),
+        ("--k", "0", r"in \[1, 4096\]"),
+        ("--beam", "0", ">= 1"),
+        ("--subset-size", "0", ">= 1"),
+    ],
+)
+def test_out_of_range_option_exits_2_naming_it(
+    toy: Path, datastore: Path, caplog: pytest.LogCaptureFixture, flag: str, value: str, want: str
+) -> None:
+    assert main(_translate_args(toy, datastore, flag, value, "-i", str(toy / "corpus.en"))) == EXIT_USAGE
+    assert re.search(rf"{flag} must be an integer {want}, got {value}", caplog.text)
+    caplog.clear()
+    if flag in ("--nprobe", "--ef-search", "--rerank"):
+        assert main(["-q", "index", str(datastore), flag, value]) == EXIT_USAGE
+        assert f"{flag} must be an integer" in caplog.text
+
+
+def test_neighbors_path_is_checked_before_translating(
+    toy: Path, datastore: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "no-such-dir" / "n.jsonl"
+    args = _translate_args(toy, datastore, "-i", str(toy / "corpus.en"), "--neighbors")
+    assert main([*args, str(missing)]) == EXIT_USAGE
+    assert f"--neighbors {missing}: directory {missing.parent} does not exist" in caplog.text
+    assert main([*args, str(tmp_path)]) == EXIT_USAGE
+    assert f"--neighbors {tmp_path}: is a directory" in caplog.text
+    (tmp_path / "file").write_text("x")
+    assert main([*args, str(tmp_path / "file" / "n.jsonl")]) == EXIT_USAGE
+    assert "is not a directory" in caplog.text
+
+
+def test_missing_model_directory_exits_1(
+    datastore: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        ["-q", "translate", "--model", "./no-such-dir", "--datastore", str(datastore), "-i", "/dev/null"]
+    )
+    assert code == EXIT_FAILURE
+    assert "model directory ./no-such-dir does not exist" in caplog.text
+    assert "Repo id" not in caplog.text
+
+
+def _copy_with_manifest(datastore: Path, out: Path, edit: Any) -> Path:
+    shutil.copytree(
+        datastore, out, ignore=shutil.ignore_patterns("index", "subset")
+    )  # built for the original
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_empty_datastore_of_an_older_version(
+    toy: Path,
+    datastore: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def empty(m: dict[str, Any]) -> None:  # what knnmt built from an empty corpus before it refused one
+        m.update(count=0, sentences=0, shards=[])
+        m["corpora"][0].update(sentences=0, lines=0)
+
+    old = _copy_with_manifest(datastore, tmp_path / "old", empty)
+    shutil.rmtree(old / "shards")
+    src = tmp_path / "in.en"
+    src.write_text("Open the file.\n")
+    assert main(_translate_args(toy, old, "-i", str(src))) == EXIT_FAILURE
+    assert f"datastore {old} has no entries" in caplog.text and "--no-knn" in caplog.text
+    assert "IndexError" not in caplog.text
+    capsys.readouterr()
+    assert main(_translate_args(toy, old, "-i", str(src), "--no-knn", "--max-new-tokens", "5")) == EXIT_OK
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["info", str(old), "--json"]) == EXIT_OK
+    assert "nothing to retrieve" in json.loads(capsys.readouterr().out)["note"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.pop("count"), "count"),
+        (lambda m: m["key"].update(dim="64"), "key.dim"),
+        (lambda m: m["shards"][0].pop("count"), "shards[0].count"),
+        (lambda m: m["model"].pop("fingerprint"), "model.fingerprint"),
+    ],
+)
+def test_damaged_manifest_exits_1_naming_the_field(
+    toy: Path, datastore: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: Any, field: str
+) -> None:
+    copy = _copy_with_manifest(datastore, tmp_path / "ds", edit)
+    assert main(["info", str(copy)]) == EXIT_FAILURE
+    assert f"{copy / 'manifest.json'}: field '{field}'" in caplog.text
+    caplog.clear()
+    assert main(_translate_args(toy, copy, "-i", "/dev/null")) == EXIT_FAILURE
+    assert f"{copy / 'manifest.json'}: field '{field}'" in caplog.text
+    assert "KeyError" not in caplog.text and "AttributeError" not in caplog.text
+
+
+def test_corrupt_index_exits_1_naming_the_file(
+    toy: Path, datastore: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore, copy, ignore=shutil.ignore_patterns("index"))
+    assert main(["-q", "index", str(copy), "--factory", "Flat"]) == EXIT_OK
+    (copy / "index" / "index.faiss").write_bytes(b"\x00garbage" * 100)
+    assert main(_translate_args(toy, copy, "-i", str(toy / "corpus.en"))) == EXIT_FAILURE
+    assert f"{copy / 'index' / 'index.faiss'}: cannot read the faiss index" in caplog.text
+    assert f"knnmt index {copy} --force" in caplog.text and "RuntimeError" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"Open.\rClose.\r", r":1: line ends here are carriage returns only"),
+        (b"Open.\nCl\x00ose.\n", r":2: NUL byte"),
+        ("Größe\n".encode("latin-1"), r":1: invalid UTF-8"),
+    ],
+)
+def test_bad_translate_input_exits_1_with_file_and_line(
+    toy: Path, datastore: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, data: bytes, message: str
+) -> None:
+    src = tmp_path / "in.txt"
+    src.write_bytes(data)
+    assert main(_translate_args(toy, datastore, "-i", str(src))) == EXIT_FAILURE
+    assert re.search(re.escape(str(src)) + message, caplog.text)
+
+
+def test_empty_test_set_exits_2(toy: Path, datastore: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(_evaluate_args(toy, datastore, Path("/dev/null"), Path("/dev/null"))) == EXIT_USAGE
+    assert "nothing to evaluate: the test set has no sentences" in caplog.text
+
+
+def test_empty_corpus_build_exits_1_and_writes_nothing(
+    toy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, tgt = tmp_path / "e.en", tmp_path / "e.de"
+    src.write_text("\n\n")
+    tgt.write_text("Datei.\n\n")
+    out = tmp_path / "ds"
+    args = ["-q", "build", "--model", str(toy / "model"), "--source", str(src), "--target", str(tgt)]
+    assert main([*args, "--out", str(out)]) == EXIT_FAILURE
+    assert f"{src} and {tgt}: no sentence pair to store: all 2 line(s) have an empty side" in caplog.text
+    assert not out.exists()
+
+
+def test_failing_append_via_cli_changes_nothing(
+    toy: Path, datastore: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore, copy)
+    before = {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"Open.\tOffnen.\nClose.\tSchlie\x00en.\n")
+    args = [
+        "-q",
+        "build",
+        "--model",
+        str(toy / "model"),
+        "--corpus",
+        str(bad),
+        "--out",
+        str(copy),
+        "--append",
+    ]
+    assert main(args) == EXIT_FAILURE
+    assert f"{bad}:2: NUL byte" in caplog.text
+    after = {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+    assert {p: b for p, b in after.items() if p.name != "lock" and not p.name.endswith(".lock")} == before
+
+
+def test_closed_stdout_ends_quietly(datastore: Path) -> None:
+    """`knnmt info ds | head -1`: the reader goes away; no BrokenPipeError traceback, exit 1."""
+    src = str(Path(knnmt.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "knnmt.cli", "info", str(datastore)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child writes: its first write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_FAILURE
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import re
 import shutil
@@ -15,14 +17,21 @@ from conftest import all_sentences
 from knnmt import models
 from knnmt.build import build_datastore
 from knnmt.config import BuildConfig, IndexConfig, KNNConfig
-from knnmt.corpus import CorpusSpec, inspect_corpus
-from knnmt.datastore import MANIFEST, Datastore
-from knnmt.errors import CorpusError, DatastoreError, IncompatibleError, UnsupportedModelError, UsageError
+from knnmt.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
+from knnmt.datastore import MANIFEST, Datastore, read_manifest
+from knnmt.errors import (
+    CorpusError,
+    DatastoreError,
+    IncompatibleError,
+    KnnmtError,
+    UnsupportedModelError,
+    UsageError,
+)
 from knnmt.index import SearchIndex, build_index
 from knnmt.models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
 from knnmt.teacher_forcing import KeyExtractor
 from knnmt.toy import make_marian_model, make_marian_tokenizer, toy_corpus
-from knnmt.translator import KNNMT
+from knnmt.translator import KNNMT, load_model
 
 
 def _lines(path: Path, lines: list[str]) -> str:
@@ -362,3 +371,216 @@ def test_index_of_same_sized_datastore_from_another_corpus(
     build_index(a, IndexConfig(factory="Flat"), out=tmp_path / "index", progress=False)
     with pytest.raises(IncompatibleError, match="was built for another datastore"):
         SearchIndex.load(tmp_path / "index", b)
+
+
+# ---- issue 15: clear errors instead of raw exceptions or silence; one rule for text inputs ----------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "contents", "found"),
+    [
+        ("text", (b"", b""), "the files are empty"),
+        ("text", (b"Open.\n\n", b"\n  \n"), r"all 2 line\(s\) have an empty side"),
+        ("tsv", (b"\n \t \nx\t\n",), r"all 3 line\(s\) have an empty side"),
+        ("jsonl", (b'\n{"src": "", "tgt": "x"}\n',), r"all 2 line\(s\) have an empty side"),
+        ("tsv", (codecs.BOM_UTF8,), "the file is empty"),
+    ],
+)
+def test_empty_corpus_is_refused_before_anything_is_written(
+    marian, tmp_path: Path, fmt: str, contents: tuple[bytes, ...], found: str
+) -> None:
+    model, tokenizer = marian
+    paths = [tmp_path / f"c{i}.{fmt}" for i in range(len(contents))]
+    for path, data in zip(paths, contents, strict=True):
+        path.write_bytes(data)
+    spec = CorpusSpec(tuple(map(str, paths)), fmt)  # type: ignore[arg-type]
+    where = re.escape(" and ".join(map(str, paths)))
+    out = tmp_path / "ds"
+    for skip_empty in (True, False):
+        if not skip_empty and "empty side" in found:
+            continue  # --no-skip-empty fails on the first empty line instead
+        with pytest.raises(CorpusError, match=rf"^{where}: no sentence pair to store: {found}"):
+            build_datastore(model, tokenizer, spec, out, BuildConfig(skip_empty=skip_empty), progress=False)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda m: m.pop("count"), r"field 'count' is missing"),
+        (lambda m: m["key"].update(dim="64"), r"field 'key\.dim' must be an integer >= 1, found \"64\""),
+        (lambda m: m["key"].update(dtype="int8"), r"field 'key\.dtype' must be a numpy dtype name"),
+        (lambda m: m["shards"][0].pop("count"), r"field 'shards\[0\]\.count' is missing"),
+        (lambda m: m["shards"].__setitem__(1, 7), r"field 'shards\[1\]' must be an object, found 7"),
+        (lambda m: m["model"].pop("fingerprint"), r"field 'model\.fingerprint' is missing"),
+        (lambda m: m.update(model="toy"), r"field 'model' must be an object, found \"toy\""),
+        (lambda m: m.update(state="done"), r"field 'state' must be 'building' or 'complete'"),
+        (lambda m: m.update(shards={}), r"field 'shards' must be a list, found \{\}"),
+        (lambda m: m.update(count=True), r"field 'count' must be an integer >= 0, found true"),
+        (lambda m: m["corpora"][0].update(sentences=-1), r"field 'corpora\[0\]\.sentences' must be"),
+    ],
+)
+def test_manifest_with_missing_or_mistyped_field(datastore, tmp_path: Path, edit, pattern: str) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore.path, copy)
+    manifest = json.loads((copy / MANIFEST).read_text(encoding="utf-8"))
+    edit(manifest)
+    (copy / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(DatastoreError, match=rf"^{re.escape(str(copy / MANIFEST))}: {pattern}") as err:
+        read_manifest(copy)
+    assert "knnmt build --force" in str(err.value)
+    with pytest.raises(DatastoreError, match=pattern):
+        Datastore.open(copy)
+    (copy / MANIFEST).write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(DatastoreError, match=r"corrupt manifest \(JSON list, expected an object\)"):
+        read_manifest(copy)
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty", "settings"])
+def test_garbage_index_file_names_it_and_says_how_to_rebuild(datastore, tmp_path: Path, damage: str) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore.path, copy)
+    store = Datastore.open(copy)
+    build_index(store, IndexConfig(factory="Flat"), progress=False)
+    index_file = copy / "index" / "index.faiss"
+    data = index_file.read_bytes()
+    file = index_file
+    if damage == "random":
+        index_file.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":
+        index_file.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        index_file.write_bytes(b"")
+    else:
+        file = copy / "index" / "index.json"
+        file.write_text('{"factory": ', encoding="utf-8")
+    rebuild = re.escape(f"knnmt index {copy} --force")
+    with pytest.raises(DatastoreError, match=rf"^{re.escape(str(file))}: .*{rebuild}"):
+        SearchIndex.load(copy / "index", store)
+    with pytest.raises(DatastoreError, match=rf"{re.escape(str(file))}: .*--out {re.escape(str(copy))}"):
+        SearchIndex.load(copy / "index")  # no datastore given: a placeholder and the directory
+
+
+def test_directory_and_device_inputs_are_named_for_what_they_are(tmp_path: Path) -> None:
+    text = tmp_path / "a.en"
+    text.write_text("Open.\n", encoding="utf-8")
+    for spec_paths, fmt in (((str(tmp_path), str(text)), "text"), ((str(tmp_path),), "tsv")):
+        with pytest.raises(CorpusError, match=rf"^{re.escape(str(tmp_path))}: is a directory"):
+            inspect_corpus(CorpusSpec(spec_paths, fmt))  # type: ignore[arg-type]
+    # a corpus is read twice (validated, then built): a device or pipe cannot be
+    with pytest.raises(CorpusError, match=r"^/dev/null: is not a regular file \(a character device\)"):
+        inspect_corpus(CorpusSpec(("/dev/null",), "tsv"))
+    # translate/evaluate inputs are read once: /dev/null is an empty input, like `< /dev/null`
+    assert read_lines("/dev/null") == []
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(tmp_path))}: is a directory"):
+        read_lines(str(tmp_path))
+    with pytest.raises(CorpusError, match=r"nope\.txt: file not found"):
+        read_lines(str(tmp_path / "nope.txt"))
+
+
+def test_missing_model_path_and_uncached_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy_dir: Path
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("./no-such-dir", str(tmp_path / "x" / "model"), "~/no/such/model", "a/b/c"):
+        with pytest.raises(KnnmtError, match=rf"^model directory {re.escape(name)} does not exist"):
+            load_model(name)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(KnnmtError, match=r"model weights\.bin: is a file, expected a model directory"):
+        load_model("weights.bin")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(
+        KnnmtError,
+        match=r"model 'knnmt-test/no-such-model' is not a local directory, and not in the Hugging "
+        r"Face cache .*hub-cache\) while downloads are off",
+    ):
+        load_model("knnmt-test/no-such-model")
+    model, _ = load_model(str(toy_dir / "model"))  # an existing directory still loads
+    assert model is not None
+
+
+@pytest.mark.parametrize("fmt", ["text", "tsv"])
+def test_cr_only_line_ends_are_named(tmp_path: Path, fmt: str) -> None:
+    if fmt == "text":
+        src, tgt = tmp_path / "mac.en", tmp_path / "mac.de"
+        src.write_bytes(b"Open.\rClose.\r")
+        tgt.write_bytes(b"Offnen.\nSchliessen.\n")  # a line-count mismatch, were CRs line ends
+        spec = CorpusSpec((str(src), str(tgt)), "text")
+    else:
+        src = tmp_path / "mac.tsv"
+        src.write_bytes(b"Open.\tOffnen.\rClose.\tSchliessen.\r")
+        spec = CorpusSpec((str(src),), "tsv")
+    pattern = rf"^{re.escape(str(src))}:1: line ends here are carriage returns only \(\\r, old Mac style\)"
+    with pytest.raises(CorpusError, match=pattern + r".*tr '\\r' '\\n' <"):
+        inspect_corpus(spec)
+    with pytest.raises(CorpusError, match=pattern):
+        read_lines(str(src))
+
+
+def test_bom_is_dropped_from_every_text_input(
+    marian, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = marian
+    bom = codecs.BOM_UTF8
+    (tmp_path / "b.en").write_bytes(bom + b"Open the file.\nClose it.\n")
+    (tmp_path / "b.de").write_bytes(bom + "Datei öffnen.\r\nSchließen.\r\n".encode())
+    (tmp_path / "b.tsv").write_bytes(bom + "Open the file.\tDatei öffnen.\n".encode())
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"src": "Open the file.", "tgt": "Datei \\u00f6ffnen."}\n')
+    specs = [
+        CorpusSpec((str(tmp_path / "b.en"), str(tmp_path / "b.de")), "text"),
+        CorpusSpec((str(tmp_path / "b.tsv"),), "tsv"),
+        CorpusSpec((str(tmp_path / "b.jsonl"),), "jsonl"),
+    ]
+    for spec in specs:
+        first = next(iter_pairs(spec))
+        assert (first.source, first.target) == ("Open the file.", "Datei öffnen.")
+    store = build_datastore(model, tokenizer, specs[0], tmp_path / "ds", progress=False)
+    assert [s["src"] for s in all_sentences(store)] == ["Open the file.", "Close it."]
+    assert [s["tgt"] for s in all_sentences(store)] == ["Datei öffnen.", "Schließen."]
+    assert read_lines(str(tmp_path / "b.de")) == ["Datei öffnen.", "Schließen."]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(bom + b"Open.\r\nClose.\n")))
+    assert read_lines("-") == ["Open.", "Close."]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "line"),
+    [
+        ("n.en", b"Open.\nCl\x00ose.\n", 2),
+        ("n.tsv", b"Open.\tOffnen.\nClose.\tSchlie\x00en.\n", 2),
+        ("n.jsonl", b'{"src": "Open.", "tgt": "x"}\n{"src": "Cl\x00ose.", "tgt": "y"}\n', 2),
+    ],
+)
+def test_nul_bytes_are_refused_with_file_and_line(tmp_path: Path, name: str, data: bytes, line: int) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    if name.endswith(".en"):
+        other = tmp_path / "n.de"
+        other.write_text("Offnen.\nSchliessen.\n", encoding="utf-8")
+        spec = CorpusSpec((str(path), str(other)), "text")
+    else:
+        spec = CorpusSpec.from_args(corpus=str(path))
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:{line}: NUL byte"):
+        inspect_corpus(spec)
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:{line}: NUL byte"):
+        read_lines(str(path))
+    escaped = tmp_path / "escaped.jsonl"  # the same character spelled as a JSON escape
+    escaped.write_text('{"src": "Open.", "tgt": "x"}\n{"src": "a\\u0000b", "tgt": "y"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"escaped\.jsonl:2: 'src' contains a NUL character"):
+        inspect_corpus(CorpusSpec.from_args(corpus=str(escaped)))
+
+
+def test_search_parameters_checked_at_load(datastore, tmp_path: Path) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore.path, copy)
+    store = Datastore.open(copy)
+    build_index(store, IndexConfig(factory="Flat"), progress=False)
+    for kwargs, pattern in (
+        ({"nprobe": 0}, "nprobe must be >= 1, got 0"),
+        ({"ef_search": -1}, "ef_search must be >= 1, got -1"),
+        ({"rerank": -1}, "rerank must be >= 0, got -1"),
+    ):
+        with pytest.raises(UsageError, match=pattern):
+            SearchIndex.load(copy / "index", store, **kwargs)

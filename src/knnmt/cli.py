@@ -1,13 +1,16 @@
 """``knnmt`` command line: a thin adapter over the library.
 
-Exit codes: 0 success, 2 usage error (bad arguments or settings), 1 any other failure.
+Exit codes: 0 success, 2 usage error (bad arguments or settings), 1 any other failure (also when the
+reader of stdout goes away, as in ``knnmt info ds | head -1``: quietly), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -365,8 +368,18 @@ def _float_or_off(text: str) -> float | str:
 
 
 def _load_knn(args: argparse.Namespace) -> Any:
+    from .datastore import read_manifest
+    from .errors import DatastoreError
     from .translator import KNNMT, load_model
 
+    manifest = read_manifest(Path(args.datastore))
+    if manifest["state"] == "complete" and manifest["count"] == 0 and not getattr(args, "no_knn", False):
+        plain = ", or translate with --no-knn" if args.command == "translate" else ""
+        raise DatastoreError(
+            f"datastore {args.datastore} has no entries (an older knnmt built it from an empty corpus): "
+            f"nothing to retrieve; rebuild it from a corpus with at least one sentence pair "
+            f"(`knnmt build --force`){plain}"
+        )
     model, tokenizer = load_model(args.model, args.device)
     index = None if args.index == "exact" else args.index
     subset = None
@@ -389,6 +402,37 @@ def _load_knn(args: argparse.Namespace) -> Any:
         src_lang=args.src_lang,
         tgt_lang=args.tgt_lang,
     )
+
+
+#: Integer options and their range (lowest, highest or ``None``), checked before any command runs so that
+#: a bad value is named by its flag instead of failing deep inside faiss or torch.
+_RANGES: dict[str, tuple[str, int, int | None]] = {
+    "k": ("--k", 1, 4096),
+    "nprobe": ("--nprobe", 1, None),
+    "ef_search": ("--ef-search", 1, None),
+    "rerank": ("--rerank", 0, 64),
+    "subset_size": ("--subset-size", 1, None),
+    "beam": ("--beam", 1, None),
+    "batch_size": ("--batch-size", 1, None),
+    "max_new_tokens": ("--max-new-tokens", 1, None),
+    "max_tokens": ("--max-tokens", 16, None),
+    "shard_sentences": ("--shard-sentences", 1, None),
+    "max_length": ("--max-length", 2, None),
+    "pq_m": ("--pq-m", 0, None),
+    "pq_bits": ("--pq-bits", 1, 16),
+    "confirm": ("--confirm", 1, None),
+    "limit": ("--limit", 0, None),
+}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Raise :class:`UsageError` naming the first option of :data:`_RANGES` given out of its range."""
+    for dest, (flag, low, high) in _RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None or (low <= value and (high is None or value <= high)):
+            continue
+        want = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UsageError(f"{flag} must be an integer {want}, got {value}")
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -508,16 +552,37 @@ def _index_subset(args: argparse.Namespace, store: Any) -> int:
 
 
 def _read_input(path: str) -> list[str]:
+    """The lines of ``-i/--input`` (``-``: stdin) under the rules of every text input
+    (:func:`knnmt.corpus.decode_lines`: BOM dropped; NUL, CR-only line ends, bad UTF-8 refused)."""
     from .corpus import read_lines
 
-    if path == "-":
-        return [line.rstrip("\r\n") for line in sys.stdin]
     return read_lines(path)
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Raise :class:`UsageError` unless the output file ``path`` of ``flag`` can be written: checked
+    before the work that produces it, without touching an existing file."""
+    file = Path(path)
+    parent = file.parent
+    if file.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, expected a file name")
+    if file.exists():
+        if not os.access(file, os.W_OK):
+            raise UsageError(f"{flag} {path}: the file is not writable (permission denied)")
+        return
+    if not parent.exists():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot create files in {parent} (permission denied)")
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
     from .translator import dump_jsonl
 
+    if args.neighbors:
+        _check_writable(args.neighbors, "--neighbors")
     sources = _read_input(args.input)
     knn = _load_knn(args)
     results = knn.translate(
@@ -747,6 +812,21 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object file of a datastore (index or subset settings, knn.json) for ``knnmt info``."""
+    from .errors import DatastoreError
+
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatastoreError(f"{file}: corrupt JSON ({exc}); rebuild or remove it") from None
+    if not isinstance(data, dict):
+        raise DatastoreError(
+            f"{file}: expected a JSON object, found {type(data).__name__}; rebuild or remove it"
+        )
+    return data
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .datastore import Datastore, read_manifest
     from .index import SETTINGS_FILE
@@ -765,17 +845,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "shards": len(manifest["shards"]),
             "note": "interrupted build: rerun `knnmt build` to resume",
         }
+    if manifest["state"] == "complete" and manifest["count"] == 0:
+        info["note"] = "empty: nothing to retrieve; rebuild it from a corpus with at least one sentence pair"
     settings = path / "index" / SETTINGS_FILE
     if settings.is_file():
-        s = json.loads(settings.read_text(encoding="utf-8"))
+        s = _read_json_object(settings)
         info["index"] = {k: s.get(k) for k in ("factory", "ntotal", "nprobe", "ef_search", "build_seconds")}
     subset_settings = path / "subset" / "subset.json"
     if subset_settings.is_file():
-        s = json.loads(subset_settings.read_text(encoding="utf-8"))
+        s = _read_json_object(subset_settings)
         info["subset"] = {k: s.get(k) for k in ("sentence_search", "subset_size", "scorer", "rerank", "pq")}
     knn_file = path / KNN_CONFIG_FILE
     if knn_file.is_file():
-        info["knn"] = json.loads(knn_file.read_text(encoding="utf-8"))
+        info["knn"] = _read_json_object(knn_file)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -856,7 +938,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:
-        return COMMANDS[args.command](args)
+        _check_ranges(args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe is reported below and not at exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away (`knnmt info ds | head -1`): stop quietly, and point stdout at
+        # devnull so that Python's flush at exit fails no more (Python docs, "Note on SIGPIPE")
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # no real stdout (tests)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except UsageError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE

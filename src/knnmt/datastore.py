@@ -67,23 +67,98 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     fsync_dir(path.parent)
 
 
+#: What a manifest must hold, checked by :func:`read_manifest`: dotted field -> (kind, description).
+#: ``shards[]``/``corpora[]`` fields apply to every entry of those lists.
+_MANIFEST_SCHEMA: dict[str, tuple[str, str]] = {
+    "state": ("state", "'building' or 'complete'"),
+    "count": ("count", "an integer >= 0"),
+    "sentences": ("count", "an integer >= 0"),
+    "model": ("object", "an object"),
+    "model.name": ("str", "a string"),
+    "model.fingerprint": ("str", "a string"),
+    "tokenizer": ("object", "an object"),
+    "tokenizer.fingerprint": ("str", "a string"),
+    "key": ("object", "an object"),
+    "key.layer": ("str", "a string"),
+    "key.module": ("str", "a string"),
+    "key.dim": ("positive", "an integer >= 1"),
+    "key.dtype": ("dtype", "a numpy dtype name such as 'float16'"),
+    "shards": ("list", "a list"),
+    "shards[].name": ("str", "a string"),
+    "shards[].count": ("count", "an integer >= 0"),
+    "shards[].sentences": ("count", "an integer >= 0"),
+    "shards[].first_sentence": ("count", "an integer >= 0"),
+    "corpora": ("list", "a list"),
+    "corpora[].paths": ("list", "a list"),
+    "corpora[].sentences": ("count", "an integer >= 0"),
+}
+
+
+def _valid(kind: str, value: Any) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "count":
+        return is_int and value >= 0
+    if kind == "positive":
+        return is_int and value >= 1
+    if kind == "state":
+        return value in ("building", "complete")
+    if kind == "dtype":
+        try:
+            return isinstance(value, str) and np.dtype(value).kind == "f"
+        except TypeError:
+            return False
+    return isinstance(value, {"str": str, "object": dict, "list": list}[kind])
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the datastore at ``path``, checked for format and version."""
+    """The manifest of the datastore at ``path``, checked for format, version and the fields readers use
+    (:data:`_MANIFEST_SCHEMA`: present, of the right type, in every shard and corpus entry).
+
+    Raises:
+        DatastoreError: naming the manifest file and the first missing or mistyped field.
+    """
     file = path / MANIFEST
     if not file.is_file():
         if path.is_dir():
             raise DatastoreError(f"{path} is not a knnmt datastore: {MANIFEST} is missing")
         raise DatastoreError(f"datastore {path} does not exist")
     try:
-        manifest: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+        manifest: Any = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatastoreError(f"{file}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise DatastoreError(f"{file}: corrupt manifest (not UTF-8 text)") from None
+    if not isinstance(manifest, dict):
+        raise DatastoreError(f"{file}: corrupt manifest (JSON {type(manifest).__name__}, expected an object)")
     if manifest.get("format") != FORMAT:
         raise DatastoreError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:
         raise DatastoreError(
             f"{file}: version {manifest.get('version')} is not supported (expected {VERSION})"
         )
+    damaged = "the manifest is damaged: restore it, or rebuild the datastore (`knnmt build --force`)"
+    for dotted, (kind, expected) in _MANIFEST_SCHEMA.items():
+        head, _, rest = dotted.partition("[].")
+        if rest:  # a field of every entry of a list (the list itself was checked before)
+            items = [(f"{head}[{i}]", item) for i, item in enumerate(manifest[head])]
+            names = rest.split(".")
+        else:
+            items, names = [("", manifest)], dotted.split(".")
+        for where, value in items:
+            for name in names:
+                if not isinstance(value, dict):  # a list entry that is not an object
+                    found = json.dumps(value)[:60]
+                    raise DatastoreError(
+                        f"{file}: field '{where}' must be an object, found {found}; {damaged}"
+                    )
+                where = f"{where}.{name}" if where else name
+                if name not in value:
+                    raise DatastoreError(f"{file}: field '{where}' is missing; {damaged}")
+                value = value[name]
+            if not _valid(kind, value):
+                raise DatastoreError(
+                    f"{file}: field '{where}' must be {expected}, found {json.dumps(value)[:60]}; {damaged}"
+                )
     return manifest
 
 

@@ -79,6 +79,8 @@ def evaluate(
     """
     if len(sources) != len(references):
         raise UsageError(f"{len(sources)} source sentences but {len(references)} references")
+    if not sources:
+        raise UsageError("nothing to evaluate: the test set has no sentences")
     configs = configs if configs is not None else {"base": None, "knn-mt": knn.config}
     scores: list[SystemScore] = []
     outputs: dict[str, list[Translation]] = {}

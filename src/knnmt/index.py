@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,13 +190,26 @@ class SearchIndex:
         use_gpu: bool = False,
     ) -> SearchIndex:
         """Load an index directory; with ``datastore``, check it was built for that datastore."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and not value >= 1:  # faiss would fail at the first search
+                raise UsageError(f"{name} must be >= 1, got {value!r}")
         path = Path(directory)
         settings_file, index_file = path / SETTINGS_FILE, path / INDEX_FILE
         if not settings_file.is_file() or not index_file.is_file():
             raise DatastoreError(
                 f"no index at {path} (expected {SETTINGS_FILE} and {INDEX_FILE}); run `knnmt index`"
             )
-        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        store = datastore.path if datastore is not None else "DATASTORE"
+        out = "" if datastore is not None and path == datastore.path / "index" else f" --out {path}"
+        rebuild = f"rebuild it with `knnmt index {store}{out} --force`"
+        try:
+            settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DatastoreError(f"{settings_file}: corrupt index settings ({exc}); {rebuild}") from None
+        if not isinstance(settings, dict) or not isinstance(settings.get("factory"), str):
+            raise DatastoreError(
+                f"{settings_file}: not the settings of a knnmt index (no 'factory'); {rebuild}"
+            )
         if datastore is not None:
             if settings.get("datastore_fingerprint") != datastore.fingerprint:
                 raise IncompatibleError(
@@ -210,7 +224,14 @@ class SearchIndex:
                     f"index {path} has dimension {settings.get('dim')}, datastore {datastore.dim}"
                 )
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(index_file), flags)
+        try:
+            index = faiss.read_index(str(index_file), flags)
+        except RuntimeError as exc:  # faiss says where in its C++ source, then what
+            reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).strip()) or "unreadable"
+            raise DatastoreError(
+                f"{index_file}: cannot read the faiss index: truncated, corrupt or from another faiss "
+                f"version ({reason}); {rebuild}"
+            ) from None
         if datastore is not None and index.ntotal != datastore.count:
             raise IncompatibleError(
                 f"index {path} holds {index.ntotal} vectors, datastore has {datastore.count}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -86,6 +88,39 @@ class Translation:
         return dataclasses.asdict(self)
 
 
+#: A Hugging Face Hub model id: ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _check_model_location(name: str) -> None:
+    """Raise :class:`KnnmtError` with a plain message when ``name`` is neither an existing local model
+    directory nor a Hub id that can be loaded: a path that does not exist (rather than the Hub's "Repo id
+    must be in the form..."), a file, or, offline, a Hub id that is not in the local cache."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KnnmtError(
+                f"model {name}: is a file, expected a model directory (with config.json) or a Hugging Face "
+                "model id"
+            )
+        return  # a directory: what transformers finds missing in it is reported by load_model
+    if name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or not _HUB_ID.fullmatch(name):
+        raise KnnmtError(
+            f"model directory {name} does not exist ({path.absolute()}); give a local model directory "
+            "or a Hugging Face model id such as Helsinki-NLP/opus-mt-en-de"
+        )
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    offline = getattr(constants, "is_offline_mode", lambda: bool(constants.HF_HUB_OFFLINE))()
+    if offline and not isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        raise KnnmtError(
+            f"model {name!r} is not a local directory, and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) while downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE "
+            "is set); download it once with them unset, or give a local model directory"
+        )
+
+
 def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """Load a Hugging Face seq2seq model (eval mode) and its tokenizer.
 
@@ -94,6 +129,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    _check_model_location(name_or_path)
     kwargs: dict[str, Any] = {}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
