@@ -159,6 +159,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 raise DatastoreError(
                     f"{file}: field '{where}' must be {expected}, found {json.dumps(value)[:60]}; {damaged}"
                 )
+    vectors = manifest.get("sentence_vectors")  # optional: datastores built before it have none
+    if vectors is not None and not (isinstance(vectors, dict) and _valid("positive", vectors.get("dim"))):
+        raise DatastoreError(
+            f"{file}: field 'sentence_vectors' must be an object with 'dim' an integer >= 1, found "
+            f"{json.dumps(vectors)[:60]}; {damaged}"
+        )
     return manifest
 
 
