@@ -441,6 +441,10 @@ class Datastore:
             "model": m["model"]["name"],
             "shards": len(self.shards),
             "bytes_on_disk": size,
+            # what the domain gate's sentence vectors add (0 for datastores built before they were kept)
+            "sentence_vector_bytes": sum(
+                f.stat().st_size for s in self.shards if (f := s.path / VECTORS_FILE).is_file()
+            ),
             "corpora": [
                 {k: c[k] for k in ("paths", "sentences", "skipped_empty", "truncated", "state")}
                 for c in m["corpora"]
