@@ -755,8 +755,16 @@ Exported fp16 weights loaded in fp32 on CPU, sacreBLEU on detokenised output.
 {chr(10).join(rows)}
 
 Signatures: BLEU `{sig['bleu_signature'] if sig else ''}`, chrF `{sig['chrf_signature'] if sig else ''}`.
+
+## Out-of-domain dev set for kNN-MT
+
+`knnmt-ood-dev.tsv` is a copy of `data/general/dev.tsv` (held out from training; the text this model
+was made for). `knnmt tune` finds it in the model directory and uses it as the out-of-domain dev set
+(unless `--ood-source` or `--no-ood`), so a memory tuned for this model is checked for what it costs
+on general text without being asked.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
+    shutil.copyfile(args.dev, out / "knnmt-ood-dev.tsv")
     (out / "eval_results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False),
                                            encoding="utf-8")
 
