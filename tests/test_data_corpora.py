@@ -598,6 +598,7 @@ The output is sorted\(emalways.
 .nf
 foo \-a /tmp
 .fi
+prints nothing.
 .SH "SEE ALSO"
 .BR bar (1)
 """
@@ -625,6 +626,7 @@ Die Ausgabe ist sortiert\(emimmer.
 .nf
 foo \-a /tmp
 .fi
+gibt nichts aus.
 .SH "SIEHE AUCH"
 \fBbar\fP(1)
 .SH ÜBERSETZUNG
@@ -659,6 +661,7 @@ def test_parse_man_units() -> None:
         ("IP-tag", "•"),
         ("IP", "The output is sorted—always."),
         ("nf", "foo -a /tmp"),
+        ("IP", "prints nothing."),
         ("SH", "SEE ALSO"),
         ("PP", "bar(1)"),
     ]
@@ -680,6 +683,7 @@ def test_align_pages_full_and_filters() -> None:
     assert all(p.page == "foo:man1/foo.1" for p in result.pairs)
     assert not any("foo -a /tmp" in p.src for p in result.pairs)  # verbatim block: no pair
     assert result.stats["verbatim"] == 1
+    assert result.stats["fragment"] == 1  # "prints nothing." continues the sentence before the example
     # A changed number is an anchor mismatch: that pair goes, the rest stays.
     changed = DE_MAN.replace("standardmäßig 10", "standardmäßig 20")
     result = align_pages(EN_MAN, changed, "p")
@@ -696,7 +700,7 @@ def test_align_pages_skips_sections_and_pages_whose_structure_differs() -> None:
     assert "SEE ALSO" in srcs and "foo - frobnicate files" in srcs
     lost = ("Mandatory", "also frobnicate", "foo frobnicates")
     assert not any(p.src.startswith(lost) for p in result.pairs)
-    assert result.stats["units-in-unaligned-sections"] == 10
+    assert result.stats["units-in-unaligned-sections"] == 11
     # A different number of sections (and paragraphs): the page is skipped entirely.
     more = DE_MAN.replace(".SH \"SIEHE AUCH\"", ".SH FEHLER\nKeine bekannt.\n.SH \"SIEHE AUCH\"")
     result = align_pages(EN_MAN, more, "p")

@@ -14,7 +14,9 @@ whose kind sequence matches is aligned on its own (the rest of the page is skipp
 pages do not even have the same number of sections, the page is skipped. Paired units must also
 agree on their *anchors* — command-line options and numbers, which translators copy — else the
 pair is dropped. The German translators' section (``ÜBERSETZUNG``) that po4a appends is removed
-first. No-fill blocks (``.nf``/``.EX`` examples) and tables count as units but never give pairs.
+first. No-fill blocks (``.nf``/``.EX`` examples) and tables count as units but never give pairs, nor
+does a unit right after one that starts in lower case on either side (the rest of a sentence
+interrupted by an example: translators move words across the example).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ _IGNORED_REQUESTS: frozenset[str] = frozenset(
 #: The line that ends a ``.de``/``.am``/``.ig`` block: ``..``, or ``.`` + blanks + ``.`` when indented.
 _DEFINITION_END_RE = re.compile(r"^(?:\.\.|[.']\s*\.\s*$)")
 _NOFILL_START: dict[str, str] = {"nf": "fi", "EX": "EE", "TS": "TE", "EQ": "EN", "PS": "PE", "cW": "fi"}
+
+#: Unit kinds of verbatim blocks (examples, tables, equations, pictures): never paired.
+_VERBATIM_KINDS: frozenset[str] = frozenset({"nf", "TS", "EQ", "PS"})
 
 _NAMED_CHARS: dict[str, str] = {
     "em": "—", "en": "–", "hy": "-", "mi": "-", "aq": "'", "dq": '"', "lq": "“", "rq": "”",
@@ -364,8 +369,12 @@ def align_pages(en_source: str, de_source: str, page: str) -> PageAlignment:
             stats["units-in-unaligned-sections"] += len(en)
     pairs: list[ManPair] = []
     for k, a, b in matched:
-        if a.kind in ("nf", "TS", "EQ", "PS"):
+        if a.kind in _VERBATIM_KINDS:
             stats["verbatim"] += 1
+            continue
+        if k > 0 and en[k - 1].kind in _VERBATIM_KINDS and (a.text[:1].islower() or b.text[:1].islower()):
+            # A sentence continued after an example: translators move words across the example.
+            stats["fragment"] += 1
             continue
         if anchors(a.text) != anchors(b.text):
             stats["anchor-mismatch"] += 1
