@@ -728,7 +728,8 @@ def test_align_trees_pairs_pages_by_name(tmp_path: Path) -> None:
     _write_page(own, "usr/share/man/de/man1/baz.1.gz", DE_MAN.replace("standardmäßig 10", "standardmäßig 12"))
     _write_page(en, "usr/share/man/man1/baz.1.gz", EN_MAN)
     corpus = align_trees([("enpkg", en)], [("ownpkg", own), ("depkg", de)])
-    assert set(corpus.page_package) == {"enpkg:man1/foo.1", "ownpkg:man1/baz.1"}
+    assert corpus.page_package == {"enpkg:man1/foo.1": "enpkg", "ownpkg:man1/baz.1": "ownpkg"}
+    assert corpus.page_translation == {"enpkg:man1/foo.1": "depkg", "ownpkg:man1/baz.1": "ownpkg"}
     assert corpus.stats["page-full"] == 2
     assert corpus.stats["page-redirect"] == 1 and corpus.stats["page-no-english"] == 1
     assert corpus.stats["anchor-mismatch"] == 0

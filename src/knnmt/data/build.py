@@ -321,20 +321,32 @@ def build_manpages(
             report.manpages_skipped.append((name, reason))
             continue
         trees[name] = pkg.root
-        records[name] = _record(pkg, "German" if name in MANPAGES_DE_PACKAGES else "English")
+        if name not in MANPAGES_DE_PACKAGES:
+            category = "English pages"
+        elif name.startswith("manpages-de"):
+            category = "German pages"
+        else:
+            category = "German and English pages"
+        records[name] = _record(pkg, category)
     corpus = align_trees(
         [(n, trees[n]) for n in MANPAGES_EN_PACKAGES if n in trees],
         [(n, trees[n]) for n in MANPAGES_DE_PACKAGES if n in trees],
         config,
     )
     report.manpages_filter.update(corpus.stats)
-    for pkg_name in corpus.page_package.values():
-        records[pkg_name].catalogs += 1  # for man pages, ``catalogs`` counts aligned pages
+    # For man pages, ``catalogs`` counts the aligned pages a package holds (either language).
+    page_packages = {
+        page: sorted({en, corpus.page_translation[page]})
+        for page, en in corpus.page_package.items()
+    }
+    for names in page_packages.values():
+        for pkg_name in names:
+            records[pkg_name].catalogs += 1
     for pair in corpus.pairs:
-        records[pair.page.split(":", 1)[0]].pairs += 1
-    report.manpages_packages = [r for r in records.values() if r.catalogs or r.category == "German"]
-    unused = [n for n, r in records.items() if not r.catalogs and r.category != "German"]
-    report.manpages_skipped.extend((n, "no aligned page") for n in unused)
+        for pkg_name in page_packages[pair.page]:
+            records[pkg_name].pairs += 1
+    report.manpages_packages = [r for r in records.values() if r.catalogs]
+    report.manpages_skipped.extend((n, "no aligned page") for n, r in records.items() if not r.catalogs)
     report.manpages_counts["pages"] = len(corpus.page_package)
     return split_manpages(corpus.pairs, other_sources, report)
 

@@ -422,11 +422,13 @@ def page_files(tree: Path, lang: str | None = None) -> dict[str, Path]:
 
 @dataclasses.dataclass
 class ManCorpus:
-    """Aligned, filtered pairs, the English package of each page, and the alignment statistics."""
+    """Aligned, filtered pairs, the alignment statistics, and the English (``page_package``) and
+    German (``page_translation``) package of each aligned page."""
 
     pairs: list[ManPair]
     stats: Counter[str]
     page_package: dict[str, str]
+    page_translation: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def is_mdoc(source: str) -> bool:
@@ -459,6 +461,7 @@ def align_trees(
     stats: Counter[str] = Counter()
     pairs: list[ManPair] = []
     page_package: dict[str, str] = {}
+    page_translation: dict[str, str] = {}
     seen: set[str] = set()
     for de_pkg, tree in de_trees:
         own = page_files(tree)
@@ -492,6 +495,7 @@ def align_trees(
             if result.status == "skipped":
                 continue
             page_package[page] = pkg
+            page_translation[page] = de_pkg
             for pair in result.pairs:
                 src, tgt = collapse_whitespace(pair.src), collapse_whitespace(pair.tgt)
                 reason = filter_reason(src, tgt, config)
@@ -501,4 +505,4 @@ def align_trees(
                 stats["kept"] += 1
                 pairs.append(dataclasses.replace(pair, src=src, tgt=tgt))
     log.info("man page alignment: %d pairs kept (%s)", stats["kept"], dict(stats))
-    return ManCorpus(pairs, stats, page_package)
+    return ManCorpus(pairs, stats, page_package, page_translation)
