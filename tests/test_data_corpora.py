@@ -640,8 +640,18 @@ def test_roff_to_text_and_anchors() -> None:
     assert roff_to_text(r"a\&.b\c") == "a.b"
     assert roff_to_text(r"\[u00E4]\*(lqx\*(rq \s-1SMALL\s0") == "ä“x” SMALL"
     assert roff_to_text(r"text \" a comment") == "text "
+    assert roff_to_text(r"\(Bqx\(lq \[char176]") == "„x“ °"
     assert anchors("use -n, --count=3 (see 2.1)") == sorted(["-n", "--count", "3", "2.1"])
     assert anchors("a non-option word") == []
+
+
+def test_parse_man_page_strings() -> None:
+    # pod2man's preamble defines strings for nroff (first) and troff (second): the first wins.
+    page = (
+        ".ie n \\{\\\n.    ds C` \"\"\n.    ds C' \"\"\n.\\}\n.el \\{\\\n.    ds C`\n.    ds C'\n.\\}\n"
+        ".PP\nSet \\*(C`dir\\*(C' \\*(-- done.\n"
+    )
+    assert [(u.kind, u.text) for u in parse_man(page)] == [("PP", 'Set "dir" — done.')]
 
 
 def test_parse_man_units() -> None:

@@ -71,10 +71,18 @@ _NAMED_CHARS: dict[str, str] = {
     ":a": "ä", ":o": "ö", ":u": "ü", ":A": "Ä", ":O": "Ö", ":U": "Ü", "ss": "ß", "'e": "é",
     "`e": "è", "'E": "É", "oe": "œ", "ae": "æ", "ua": "↑", "da": "↓", "lA": "⇐", "rA": "⇒",
     "hA": "⇔", "lB": "[", "rB": "]", "lC": "{", "rC": "}", "la": "⟨", "ra": "⟩", "tno": "~",
-    "Ho": "‘", "i.": "ı",
+    "Ho": "‘", "i.": "ı", "Bq": "„", "bq": "‚", "ci": "○", "is": "∫", "if": "∞", "pd": "∂",
+    "mc": "µ", "S1": "¹", "S2": "²", "S3": "³", "12": "½", "14": "¼", "34": "¾", "eq": "=",
+    "pl": "+", "ts": "ς", "tmu": "×", "fm": "′", "sd": "″", "dd": "‡", "==": "≡", "**": "∗",
+    "^o": "ô", "^a": "â", "'o": "ó", "`a": "à", ",c": "ç", "~n": "ñ", "/l": "ł", "/O": "Ø",
+    "*a": "α", "*b": "β", "*g": "γ", "*d": "δ", "*e": "ε", "*i": "ι", "*l": "λ", "*m": "μ",
+    "*p": "π", "*s": "σ", "*S": "Σ", "*W": "Ω", "*w": "ω", "ell": "…",
 }  # fmt: skip
-#: man-pages / groff predefined strings (``\*(lq``, ``\*R``).
-_STRINGS: dict[str, str] = {"lq": "“", "rq": "”", "R": "®", "Tm": "™", "S": "", "Aq": "'", "aq": "'"}
+#: Predefined strings (``\*(lq``, ``\*R``); a page's own ``.ds`` definitions add to these (the first
+#: definition of a name wins, which for pod2man's ``.ie n``/``.el`` preamble is the terminal one).
+_STRINGS: dict[str, str] = {
+    "lq": "“", "rq": "”", "R": "®", "Tm": "™", "S": "", "Aq": "'", "aq": "'", "--": "—",
+}  # fmt: skip
 
 _ESCAPE_RE = re.compile(
     r"\\(?:"
@@ -89,15 +97,17 @@ _ESCAPE_RE = re.compile(
 )
 
 
-def _escape_sub(m: re.Match[str]) -> str:
+def _escape_sub(m: re.Match[str], strings: dict[str, str]) -> str:
     if m.group("c2") is not None or m.group("cb") is not None:
         name = m.group("c2") if m.group("c2") is not None else m.group("cb")
-        if name.startswith("u") and re.fullmatch(r"u[0-9A-Fa-f]{4,6}", name):
+        if re.fullmatch(r"u[0-9A-Fa-f]{4,6}", name):
             return chr(int(name[1:], 16))
+        if re.fullmatch(r"char\d{1,5}", name):
+            return chr(int(name[4:]))
         return _NAMED_CHARS.get(name, "")
     for key in ("s2", "sb", "s1"):
         if m.group(key) is not None:
-            return _STRINGS.get(m.group(key), "")
+            return strings.get(m.group(key), "")
     lit = m.group("lit")
     if lit is None:
         return ""
@@ -114,16 +124,18 @@ def _escape_sub(m: re.Match[str]) -> str:
     return ""
 
 
-def roff_to_text(text: str) -> str:
+def roff_to_text(text: str, strings: dict[str, str] | None = None) -> str:
     """Plain text of a line of roff text: escapes resolved, font changes dropped.
 
-    ``\\-`` becomes ``-``, ``\\(em`` a dash, ``\\[u00E4]`` ``ä``, ``\\*(lq`` a quote; font (``\\fB``),
-    size, motion and spacing escapes (``\\&``, ``\\,``, ``\\/``, ``\\c``) disappear; an inline
-    comment (``\\"``) ends the text. Whitespace is not collapsed here.
+    ``\\-`` becomes ``-``, ``\\(em`` a dash, ``\\[u00E4]`` ``ä``, ``\\*(lq`` a quote (``strings``: the
+    defined strings, default the predefined ones); font (``\\fB``), size, motion and spacing escapes
+    (``\\&``, ``\\,``, ``\\/``, ``\\c``) disappear; an inline comment (``\\"``) ends the text.
+    Whitespace is not collapsed here.
     """
     if "\\" not in text:
         return text
-    out = _ESCAPE_RE.sub(_escape_sub, text)
+    table = _STRINGS if strings is None else strings
+    out = _ESCAPE_RE.sub(lambda m: _escape_sub(m, table), text)
     return out.split("\0", 1)[0]
 
 
@@ -178,6 +190,17 @@ class _ManParser:
         self._buf: list[str] = []
         self._cur_kind: str | None = None
         self._tag_pending = False  # the next text line is a .TP tag
+        self._strings = dict(_STRINGS)  # predefined strings plus the page's own .ds definitions
+
+    def _t(self, text: str) -> str:
+        return roff_to_text(text, self._strings)
+
+    def _define(self, rest: str) -> None:
+        """``.ds name value``: a leading ``"`` of the value is dropped, the rest is literal."""
+        name, _, value = rest.partition(" ")
+        value = value.lstrip(" ")
+        if name and name not in self._strings:
+            self._strings[name] = self._t(value[1:] if value.startswith('"') else value)
 
     def _flush(self) -> None:
         if self._cur_kind is not None:
@@ -206,7 +229,9 @@ class _ManParser:
         while i < n:
             line = lines[i]
             i += 1
-            while line.endswith("\\") and not line.endswith("\\\\") and i < n:  # continuation
+            # A trailing backslash continues the line, except after "\{" (a conditional block opens and
+            # its first request follows on the next line).
+            while line.endswith("\\") and not line.endswith(("\\\\", "\\{\\")) and i < n:
                 line = line[:-1] + lines[i]
                 i += 1
             if not line.strip():
@@ -215,7 +240,7 @@ class _ManParser:
                     self._kind = "blank"
                 continue
             if line[0] not in ".'":
-                self._text(roff_to_text(line))
+                self._text(self._t(line))
                 continue
             body = line[1:].lstrip(" \t")
             if body.startswith(('\\"', "\\#")) or not body:
@@ -236,11 +261,14 @@ class _ManParser:
                     i += 1
                     if stripped is not None and stripped.split(" ")[0] == end:
                         break
-                    block.append(roff_to_text(lines[i - 1]))
+                    block.append(self._t(lines[i - 1]))
                 self._unit("nf" if name in ("nf", "EX", "cW") else name, " ".join(block))
                 continue
+            if name in ("ds", "ds1"):
+                self._define(rest)
+                continue
             if name in _FONT_MACROS or name in _ALT_MACROS:
-                args = [roff_to_text(a) for a in split_args(rest)]
+                args = [self._t(a) for a in split_args(rest)]
                 if not args and i < n and name in _FONT_MACROS:  # ".B" alone: the next line is bold
                     continue
                 self._text((" " if name in _FONT_MACROS else "").join(args))
@@ -249,7 +277,7 @@ class _ManParser:
                 continue  # the address is not text; the link text follows
             if name in ("UE", "ME"):
                 if rest:
-                    self._buf.append(roff_to_text(" ".join(split_args(rest))))
+                    self._buf.append(self._t(" ".join(split_args(rest))))
                 continue
             if name in _IGNORED_REQUESTS or name.startswith("\\}") or name == "\\}":
                 continue
@@ -258,7 +286,7 @@ class _ManParser:
                 text = " ".join(split_args(rest))
                 self._flush()
                 if text:
-                    self._unit(name, roff_to_text(text))
+                    self._unit(name, self._t(text))
                     self._kind = "PP"
                 else:
                     self._kind = name  # heading text on the next line
@@ -271,7 +299,7 @@ class _ManParser:
                 self._flush()
                 args = split_args(rest)
                 if name == "IP" and args and args[0]:
-                    self._unit("IP-tag", roff_to_text(args[0]))
+                    self._unit("IP-tag", self._t(args[0]))
                 self._kind = name
                 continue
             # Any other request (PP, LP, P, br, sp, RS, RE, in, ti, if, ie, el, …) ends a unit.
