@@ -133,7 +133,7 @@ def render_readme(report: BuildReport, config: FilterConfig) -> str:
         "which downloads the packages with `apt-get download` and unpacks them with `dpkg-deb -x`",
         "into a cache (default `~/.cache/knnmt/debian`; nothing is installed). Files are UTF-8,",
         "one pair per line, `source<TAB>target`, with no tabs or newlines inside fields.",
-        "A first run downloads about 750 MB of",
+        "A first run downloads about 800 MB of",
         "packages (about 6 minutes on a fast mirror, 2 CPU cores); later runs reuse the cache (about",
         "1 minute). The output is deterministic: the same package versions give byte-identical files.",
         "",
