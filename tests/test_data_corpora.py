@@ -712,9 +712,13 @@ def test_align_pages_skips_sections_and_pages_whose_structure_differs() -> None:
     assert not any(p.src.startswith(lost) for p in result.pairs)
     assert result.stats["units-in-unaligned-sections"] == 11
     # A different number of sections (and paragraphs): the page is skipped entirely.
-    more = DE_MAN.replace(".SH \"SIEHE AUCH\"", ".SH FEHLER\nKeine bekannt.\n.SH \"SIEHE AUCH\"")
+    more = DE_MAN.replace(".SH \"SIEHE AUCH\"", ".SH GESCHICHTE\nSeit 2024.\n.SH \"SIEHE AUCH\"")
     result = align_pages(EN_MAN, more, "p")
     assert result.status == "skipped" and result.pairs == []
+    # Same shape, but a standard heading faces a different standard heading: sections are shifted.
+    shifted = DE_MAN.replace('.SH "SIEHE AUCH"', ".SH DATEIEN")
+    result = align_pages(EN_MAN, shifted, "p")
+    assert result.status == "heading-mismatch" and result.pairs == []
 
 
 def _write_page(root: Path, rel: str, text: str) -> None:

@@ -329,6 +329,42 @@ def strip_translation_section(units: list[ManUnit]) -> list[ManUnit]:
     return out
 
 
+#: Standard section headings and the German headings the translations use for them. Two standard
+#: headings at the same position that do not correspond mean the sections of the page are shifted.
+STANDARD_HEADINGS: dict[str, frozenset[str]] = {
+    "NAME": frozenset({"BEZEICHNUNG", "NAME"}),
+    "SYNOPSIS": frozenset({"ÜBERSICHT", "SYNTAX", "SYNOPSIS"}),
+    "DESCRIPTION": frozenset({"BESCHREIBUNG"}),
+    "OPTIONS": frozenset({"OPTIONEN"}),
+    "SEE ALSO": frozenset({"SIEHE AUCH"}),
+    "NOTES": frozenset({"ANMERKUNGEN", "FUßNOTEN", "BEMERKUNGEN", "HINWEISE"}),
+    "AUTHOR": frozenset({"AUTOR", "AUTOREN"}),
+    "AUTHORS": frozenset({"AUTOR", "AUTOREN"}),
+    "RETURN VALUE": frozenset({"RÜCKGABEWERT"}),
+    "FILES": frozenset({"DATEIEN"}),
+    "BUGS": frozenset({"FEHLER", "PROBLEME"}),
+    "ERRORS": frozenset({"FEHLER"}),
+    "ENVIRONMENT": frozenset({"UMGEBUNGSVARIABLEN", "UMGEBUNG"}),
+    "EXAMPLES": frozenset({"BEISPIELE", "BEISPIEL"}),
+    "EXAMPLE": frozenset({"BEISPIELE", "BEISPIEL"}),
+    "EXIT STATUS": frozenset({"EXIT-STATUS", "RÜCKGABEWERT"}),
+    "VERSIONS": frozenset({"VERSIONEN"}),
+    "REPORTING BUGS": frozenset({"FEHLER MELDEN"}),
+}
+_GERMAN_HEADINGS: frozenset[str] = frozenset().union(*STANDARD_HEADINGS.values())
+
+
+def headings_agree(en: Sequence[ManUnit], de: Sequence[ManUnit]) -> bool:
+    """False when the ``.SH`` headings at some position are two :data:`STANDARD_HEADINGS` that do
+    not correspond (``NOTES`` against ``BESCHREIBUNG``): the sections are shifted."""
+    en_heads = [u.text.upper() for u in en if u.kind == "SH"]
+    de_heads = [u.text.upper() for u in de if u.kind == "SH"]
+    for e, d in zip(en_heads, de_heads, strict=False):
+        if e in STANDARD_HEADINGS and d in _GERMAN_HEADINGS and d not in STANDARD_HEADINGS[e]:
+            return False
+    return True
+
+
 _OPTION_RE = re.compile(r"(?<![\w-])--?[A-Za-z0-9][\w-]*")
 _NUMBER_RE = re.compile(r"(?<![\w.])\d+(?:\.\d+)*")
 
@@ -359,7 +395,8 @@ class ManPair:
 
 @dataclasses.dataclass
 class PageAlignment:
-    """Pairs of one page and how the page was aligned (``full``, ``sections`` or ``skipped``)."""
+    """Pairs of one page and how it was aligned (``full``, ``sections``, ``skipped`` or
+    ``heading-mismatch``)."""
 
     pairs: list[ManPair]
     status: str
@@ -371,13 +408,18 @@ def align_pages(en_source: str, de_source: str, page: str) -> PageAlignment:
 
     ``full``: both sides have the same sequence of unit kinds. ``sections``: they do not, but
     they have the same number of ``.SH`` sections; sections with equal kind sequences are aligned.
-    ``skipped``: no section could be aligned. Verbatim blocks and tables give no pairs; pairs whose
-    :func:`anchors` differ are dropped (counted as ``anchor-mismatch``).
+    ``skipped``: no section could be aligned. ``heading-mismatch``: standard headings at the same
+    position do not correspond (see :func:`headings_agree`), so nothing is aligned. Verbatim
+    blocks and tables give no pairs; pairs whose :func:`anchors` differ are dropped (counted as
+    ``anchor-mismatch``), as are sentence fragments right after a verbatim block (``fragment``).
     """
     en = parse_man(en_source)
     de = strip_translation_section(parse_man(de_source))
     stats: Counter[str] = Counter()
     matched: list[tuple[int, ManUnit, ManUnit]] = []
+    if not headings_agree(en, de):
+        stats["units-in-unaligned-sections"] += len(en)
+        return PageAlignment([], "heading-mismatch", stats)
     if [u.kind for u in en] == [u.kind for u in de]:
         status = "full"
         matched = [(k, a, b) for k, (a, b) in enumerate(zip(en, de, strict=True))]
@@ -520,7 +562,7 @@ def align_trees(
             result = align_pages(en_source, de_source, page)
             stats[f"page-{result.status}"] += 1
             stats.update(result.stats)
-            if result.status == "skipped":
+            if result.status not in ("full", "sections"):
                 continue
             page_package[page] = pkg
             page_translation[page] = de_pkg

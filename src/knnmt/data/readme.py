@@ -56,7 +56,8 @@ def _manpages_section(report: BuildReport) -> list[str]:
 
     m, f = report.manpages_counts, report.manpages_filter
     pages = {k: v for k, v in f.items() if k.startswith("page-")}
-    units = {k: f[k] for k in ("anchor-mismatch", "verbatim", "units-in-unaligned-sections") if k in f}
+    unit_keys = ("anchor-mismatch", "verbatim", "units-in-unaligned-sections", "fragment")
+    units = {k: f[k] for k in unit_keys if k in f}
     filters = {k: v for k, v in f.items() if k not in pages and k not in units}
     lines = [
         "## Second target domain: manual pages (`manpages/`)",
@@ -77,10 +78,13 @@ def _manpages_section(report: BuildReport) -> list[str]:
         "the German translators' section (`ÜBERSETZUNG`) removed. po4a keeps the document structure,",
         "so a page is aligned unit by unit when both sides have the same sequence of unit kinds;",
         "otherwise each `.SH` section with the same kind sequence is aligned on its own, provided",
-        "both pages have the same number of sections, and the rest is skipped. Verbatim blocks",
-        "(`.nf`, `.EX`, tables) give no pairs, and a pair is dropped when its command-line options",
-        "and numbers differ between the sides (`anchor-mismatch`). Untranslated paragraphs (po4a",
-        "leaves them in English) are removed by the `identical` filter.",
+        "both pages have the same number of sections, and the rest is skipped. A page is skipped",
+        "whole when two standard headings at the same position do not correspond (`NOTES` against",
+        "`BESCHREIBUNG`: shifted sections). Verbatim blocks (`.nf`, `.EX`, tables) give no pairs, nor",
+        "does a unit right after one that starts in lower case (a sentence continued after an",
+        "example: `fragment`), and a pair is dropped when its command-line options and numbers differ",
+        "between the sides (`anchor-mismatch`). Untranslated paragraphs (po4a leaves them in",
+        "English) are removed by the `identical` filter.",
         "",
         f"- pages: {m.get('pages', 0):,} aligned ({_tally(Counter(pages))})",
         f"- units not used: {_tally(Counter(units))}",
