@@ -654,6 +654,11 @@ def test_parse_man_page_strings() -> None:
     assert [(u.kind, u.text) for u in parse_man(page)] == [("PP", 'Set "dir" — done.')]
 
 
+def test_parse_man_links() -> None:
+    page = ".PP\nSee the\n.UR https://example.org/\nproject page\n.UE .\nThanks.\n"
+    assert [u.text for u in parse_man(page)] == ["See the project page. Thanks."]
+
+
 def test_parse_man_units() -> None:
     units = parse_man(EN_MAN)
     assert [(u.kind, u.text) for u in units] == [

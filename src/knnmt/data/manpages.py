@@ -276,8 +276,11 @@ class _ManParser:
             if name in ("UR", "MT"):
                 continue  # the address is not text; the link text follows
             if name in ("UE", "ME"):
-                if rest:
-                    self._buf.append(self._t(" ".join(split_args(rest))))
+                tail = self._t(" ".join(split_args(rest)))
+                if tail and self._buf:  # punctuation right after the link text: no space
+                    self._buf[-1] += tail
+                elif tail:
+                    self._text(tail)
                 continue
             if name in _IGNORED_REQUESTS or name.startswith("\\}") or name == "\\}":
                 continue
