@@ -1,10 +1,12 @@
-"""Tests for the corpus pipeline (``knnmt.data``): .mo parsing, cleaning, help alignment, splits.
+"""Tests for the corpus pipeline (``knnmt.data``): .mo parsing, cleaning, help and man-page
+alignment, splits.
 
-Everything runs offline: the ``.mo`` files and help pages are written by the tests themselves.
+Everything runs offline: the ``.mo`` files, help pages and man pages are written by the tests.
 """
 
 from __future__ import annotations
 
+import gzip
 import random
 import struct
 import zipfile
@@ -12,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from knnmt.data.build import Pair, find_catalogs, split_general, split_group, write_tsv
+from knnmt.data import build
+from knnmt.data.build import (
+    BuildReport,
+    Pair,
+    find_catalogs,
+    split_general,
+    split_group,
+    split_manpages,
+    write_tsv,
+)
 from knnmt.data.clean import (
     detect_accelerator_markers,
     filter_reason,
@@ -23,7 +34,17 @@ from knnmt.data.clean import (
 from knnmt.data.debian import DebPackage, summarise_licence
 from knnmt.data.gettext_mo import MoEntry, MoFormatError, extract_pairs, parse_mo, read_mo
 from knnmt.data.lo_help import align_help_files, align_help_trees, parse_help_html
-from knnmt.data.sources import exclusion_reason, general_package_names
+from knnmt.data.manpages import (
+    MAN_SECTIONS,
+    ManPair,
+    align_pages,
+    align_trees,
+    anchors,
+    parse_man,
+    roff_to_text,
+    strip_translation_section,
+)
+from knnmt.data.sources import exclusion_reason, general_package_names, manpages_package_names
 from knnmt.data.split import GroupSplit, split_by_group, stable_hash
 
 REPO = Path(__file__).resolve().parents[1]
@@ -542,3 +563,261 @@ def test_shipped_target_corpus_is_well_formed() -> None:
 def test_mo_entry_singular_property() -> None:
     assert MoEntry("a", ()).msgstr == ""
     assert MoEntry("a", ("x", "y"), msgid_plural="b").msgstr == "x"
+
+
+# --------------------------------------------------------------------------------------------------
+# Man pages (second target domain)
+# --------------------------------------------------------------------------------------------------
+
+EN_MAN = r""".\" Copyright and licence comment
+.TH FOO 1 "May 2024" "foo 1.0" "User Commands"
+.de XX
+.  ft B
+.  .
+..
+.SH NAME
+foo \- frobnicate files
+.SH SYNOPSIS
+.B foo
+[\fIOPTION\fR]... \fIFILE\fR
+.SH DESCRIPTION
+.B foo
+frobnicates each
+.IR FILE .
+It never deletes anything.
+.PP
+Mandatory arguments to long options are mandatory for short options too.
+.TP
+\fB\-a\fR, \fB\-\-all\fR
+also frobnicate hidden files
+.TP
+.BR \-n ", " \-\-count =\fIN\fR
+stop after N files, 10 by default
+.IP \(bu 2
+The output is sorted\(emalways.
+.nf
+foo \-a /tmp
+.fi
+prints nothing.
+.SH "SEE ALSO"
+.BR bar (1)
+"""
+
+DE_MAN = r""".\" -*- coding: UTF-8 -*-
+.\" This file was generated with po4a. Translate the source file.
+.TH FOO 1 "Mai 2024" "foo 1.0" "Dienstprogramme für Benutzer"
+.SH BEZEICHNUNG
+foo \- Dateien frobnizieren
+.SH ÜBERSICHT
+\fBfoo\fP [\fIOPTION\fP]… \fIDATEI\fP
+.SH BESCHREIBUNG
+\fBfoo\fP frobniziert jede \fIDATEI\fP. Es löscht
+niemals etwas.
+.PP
+Die obligatorischen Argumente für Optionen sind für deren Kurz\- und Langform gleich.
+.TP
+\fB\-a\fP, \fB\-\-all\fP
+auch versteckte Dateien frobnizieren
+.TP
+\fB\-n\fP, \fB\-\-count\fP=\fIN\fP
+nach N Dateien anhalten, standardmäßig 10
+.IP \(bu 2
+Die Ausgabe ist sortiert\(emimmer.
+.nf
+foo \-a /tmp
+.fi
+gibt nichts aus.
+.SH "SIEHE AUCH"
+\fBbar\fP(1)
+.SH ÜBERSETZUNG
+Die deutsche Übersetzung dieser Handbuchseite wurde von
+Jemand <jemand@example.org> erstellt.
+"""
+
+
+def test_roff_to_text_and_anchors() -> None:
+    assert roff_to_text(r"\fB\-\-all\fR and \(lqquotes\(rq\(emdash \e") == "--all and “quotes”—dash \\"
+    assert roff_to_text(r"a\&.b\c") == "a.b"
+    assert roff_to_text(r"\[u00E4]\*(lqx\*(rq \s-1SMALL\s0") == "ä“x” SMALL"
+    assert roff_to_text(r"text \" a comment") == "text "
+    assert roff_to_text(r"\(Bqx\(lq \[char176]") == "„x“ °"
+    assert anchors("use -n, --count=3 (see 2.1)") == sorted(["-n", "--count", "3", "2.1"])
+    assert anchors("a non-option word") == []
+
+
+def test_parse_man_page_strings() -> None:
+    # pod2man's preamble defines strings for nroff (first) and troff (second): the first wins.
+    page = (
+        ".ie n \\{\\\n.    ds C` \"\"\n.    ds C' \"\"\n.\\}\n.el \\{\\\n.    ds C`\n.    ds C'\n.\\}\n"
+        ".PP\nSet \\*(C`dir\\*(C' \\*(-- done.\n"
+    )
+    assert [(u.kind, u.text) for u in parse_man(page)] == [("PP", 'Set "dir" — done.')]
+
+
+def test_parse_man_links() -> None:
+    page = ".PP\nSee the\n.UR https://example.org/\nproject page\n.UE .\nThanks.\n"
+    assert [u.text for u in parse_man(page)] == ["See the project page. Thanks."]
+
+
+def test_parse_man_units() -> None:
+    units = parse_man(EN_MAN)
+    assert [(u.kind, u.text) for u in units] == [
+        ("SH", "NAME"),
+        ("PP", "foo - frobnicate files"),
+        ("SH", "SYNOPSIS"),
+        ("PP", "foo [OPTION]... FILE"),
+        ("SH", "DESCRIPTION"),
+        ("PP", "foo frobnicates each FILE. It never deletes anything."),
+        ("PP", "Mandatory arguments to long options are mandatory for short options too."),
+        ("TP-tag", "-a, --all"),
+        ("TP", "also frobnicate hidden files"),
+        ("TP-tag", "-n, --count=N"),
+        ("TP", "stop after N files, 10 by default"),
+        ("IP-tag", "•"),
+        ("IP", "The output is sorted—always."),
+        ("nf", "foo -a /tmp"),
+        ("IP", "prints nothing."),
+        ("SH", "SEE ALSO"),
+        ("PP", "bar(1)"),
+    ]
+    de = strip_translation_section(parse_man(DE_MAN))
+    assert [u.kind for u in de] == [u.kind for u in units]
+    assert de[-1].text == "bar(1)"
+
+
+def test_align_pages_full_and_filters() -> None:
+    result = align_pages(EN_MAN, DE_MAN, "foo:man1/foo.1")
+    assert result.status == "full"
+    got = {(p.src, p.tgt) for p in result.pairs}
+    assert (
+        "foo frobnicates each FILE. It never deletes anything.",
+        "foo frobniziert jede DATEI. Es löscht niemals etwas.",
+    ) in got
+    assert ("stop after N files, 10 by default", "nach N Dateien anhalten, standardmäßig 10") in got
+    assert ("SEE ALSO", "SIEHE AUCH") in got
+    assert all(p.page == "foo:man1/foo.1" for p in result.pairs)
+    assert not any("foo -a /tmp" in p.src for p in result.pairs)  # verbatim block: no pair
+    assert result.stats["verbatim"] == 1
+    assert result.stats["fragment"] == 1  # "prints nothing." continues the sentence before the example
+    # A changed number is an anchor mismatch: that pair goes, the rest stays.
+    changed = DE_MAN.replace("standardmäßig 10", "standardmäßig 20")
+    result = align_pages(EN_MAN, changed, "p")
+    assert result.status == "full" and result.stats["anchor-mismatch"] == 1
+    assert not any(p.src.startswith("stop after") for p in result.pairs)
+
+
+def test_align_pages_skips_sections_and_pages_whose_structure_differs() -> None:
+    # An extra German paragraph in DESCRIPTION: only that section is lost.
+    extra = DE_MAN.replace(".PP\nDie", ".PP\nEin zusätzlicher Absatz.\n.PP\nDie")
+    result = align_pages(EN_MAN, extra, "p")
+    assert result.status == "sections"
+    srcs = {p.src for p in result.pairs}
+    assert "SEE ALSO" in srcs and "foo - frobnicate files" in srcs
+    lost = ("Mandatory", "also frobnicate", "foo frobnicates")
+    assert not any(p.src.startswith(lost) for p in result.pairs)
+    assert result.stats["units-in-unaligned-sections"] == 11
+    # A different number of sections (and paragraphs): the page is skipped entirely.
+    more = DE_MAN.replace(".SH \"SIEHE AUCH\"", ".SH GESCHICHTE\nSeit 2024.\n.SH \"SIEHE AUCH\"")
+    result = align_pages(EN_MAN, more, "p")
+    assert result.status == "skipped" and result.pairs == []
+    # Same shape, but a standard heading faces a different standard heading: sections are shifted.
+    shifted = DE_MAN.replace('.SH "SIEHE AUCH"', ".SH DATEIEN")
+    result = align_pages(EN_MAN, shifted, "p")
+    assert result.status == "heading-mismatch" and result.pairs == []
+
+
+def _write_page(root: Path, rel: str, text: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text.encode("utf-8")))
+
+
+def test_align_trees_pairs_pages_by_name(tmp_path: Path) -> None:
+    en, de, own = tmp_path / "en", tmp_path / "de", tmp_path / "own"
+    _write_page(en, "usr/share/man/man1/foo.1.gz", EN_MAN)
+    _write_page(en, "usr/share/man/man6/foo.6.gz", EN_MAN)  # games section: never used
+    _write_page(de, "usr/share/man/de/man1/foo.1.gz", DE_MAN)
+    _write_page(de, "usr/share/man/de/man6/foo.6.gz", DE_MAN)
+    _write_page(de, "usr/share/man/de/man8/halt.8.gz", ".so man8/shutdown.8\n")
+    _write_page(de, "usr/share/man/de/man1/nowhere.1.gz", DE_MAN)
+    (de / "usr/share/man/de/man1/foo-alias.1.gz").symlink_to("foo.1.gz")
+    # A package with its own German page: its English original wins over the shared one.
+    own_en = EN_MAN.replace("10 by default", "12 by default")
+    _write_page(own, "usr/share/man/man1/baz.1.gz", own_en)
+    _write_page(own, "usr/share/man/de/man1/baz.1.gz", DE_MAN.replace("standardmäßig 10", "standardmäßig 12"))
+    _write_page(en, "usr/share/man/man1/baz.1.gz", EN_MAN)
+    corpus = align_trees([("enpkg", en)], [("ownpkg", own), ("depkg", de)])
+    assert corpus.page_package == {"enpkg:man1/foo.1": "enpkg", "ownpkg:man1/baz.1": "ownpkg"}
+    assert corpus.page_translation == {"enpkg:man1/foo.1": "depkg", "ownpkg:man1/baz.1": "ownpkg"}
+    assert corpus.stats["page-full"] == 2
+    assert corpus.stats["page-redirect"] == 1 and corpus.stats["page-no-english"] == 1
+    assert corpus.stats["anchor-mismatch"] == 0
+    assert corpus.stats["identical"] >= 2  # "-a, --all" and "bar(1)"
+    assert corpus.stats["kept"] == len(corpus.pairs)
+    assert ("stop after N files, 12 by default", "nach N Dateien anhalten, standardmäßig 12") in {
+        (p.src, p.tgt) for p in corpus.pairs if p.page == "ownpkg:man1/baz.1"
+    }
+    assert "6" not in MAN_SECTIONS
+
+
+def _man_pairs(pages: int, per_page: int) -> list[ManPair]:
+    pairs = []
+    for g in range(pages):
+        for i in range(per_page):
+            pairs.append(ManPair(f"pkg:man1/p{g}.1", i, f"Sentence {g}-{i}", f"Satz {g}-{i}"))
+        pairs.append(ManPair(f"pkg:man1/p{g}.1", per_page, "SEE ALSO", "SIEHE AUCH"))
+    return pairs
+
+
+def test_split_manpages_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "MANPAGES_SIZES", (("test", 100), ("dev", 50)))
+    pairs = _man_pairs(60, 40)
+    other = {"sentence 0-1", "sentence 5-5", "sentence 7-7", "see also"}
+    report = BuildReport()
+    result = split_manpages(pairs, other, report)
+    again = split_manpages(list(reversed(pairs)), other, BuildReport())
+    for name in ("test", "dev"):
+        assert sorted(p.src for p in result.splits[name]) == sorted(p.src for p in again.splits[name])
+    assert len(result.splits["test"]) == 100 and len(result.splits["dev"]) == 50
+    pages = {name: {p.page for p in result.splits[name]} for name in result.splits}
+    assert not pages["test"] & pages["train"] and not pages["dev"] & pages["train"]
+    assert not pages["test"] & pages["dev"]
+    for name in ("test", "dev"):
+        per_page: dict[str, int] = {}
+        for p in result.splits[name]:
+            per_page[p.page] = per_page.get(p.page, 0) + 1
+        assert max(per_page.values()) <= build.MANPAGES_MAX_PER_PAGE
+        assert not {p.src.casefold() for p in result.splits[name]} & other
+    assert not {p.src.casefold() for p in result.splits["train"]} & other  # "SEE ALSO" is gone
+    held = {p.src.casefold() for name in ("test", "dev") for p in result.splits[name]}
+    assert not held & {p.src.casefold() for p in result.splits["train"]}
+    assert report.manpages_counts["train-removed-other-corpora"] > 0
+    assert report.manpages_counts["unique"] == 60 * 40 + 1
+
+
+def test_manpages_packages_exclude_games_education_science() -> None:
+    names = manpages_package_names()
+    assert len(names) > 50 and len(names) == len(set(names))
+    assert "manpages-de" in names and "coreutils" in names
+    assert [n for n in names if exclusion_reason(n)] == []
+
+
+def test_shipped_manpages_corpus_is_well_formed() -> None:
+    folder = REPO / "data" / "manpages"
+    if not (folder / "test.tsv").exists():
+        pytest.skip("data/manpages not built")
+    rows = {}
+    for name in ("train", "dev", "test"):
+        lines = (folder / f"{name}.tsv").read_text(encoding="utf-8").splitlines()
+        rows[name] = [line.split("\t") for line in lines]
+        assert all(len(r) == 2 and r[0] and r[1] for r in rows[name]), name
+    assert len(rows["dev"]) == 500 and len(rows["test"]) == 1000
+    assert len(rows["train"]) > 8_000
+    train_src = {r[0].casefold() for r in rows["train"]}
+    target_train = REPO / "data" / "target" / "train.tsv"
+    target_lines = target_train.read_text(encoding="utf-8").splitlines()
+    target_src = {line.split("\t")[0].casefold() for line in target_lines}
+    for name in ("dev", "test"):
+        src = {r[0].casefold() for r in rows[name]}
+        assert not src & train_src, f"{name} source sentences leak into train"
+        assert not src & target_src, f"{name} source sentences occur in target train"

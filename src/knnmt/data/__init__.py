@@ -3,7 +3,8 @@
 * :mod:`~knnmt.data.debian` — ``apt-get download`` + ``dpkg-deb -x`` into a cache, with provenance
 * :mod:`~knnmt.data.gettext_mo` — ``.mo`` catalog parser and pair extraction
 * :mod:`~knnmt.data.lo_help` — LibreOffice help aligner (English vs German HTML by element id)
-* :mod:`~knnmt.data.clean` — normalisation and filters shared by both
+* :mod:`~knnmt.data.manpages` — man-page aligner (English vs German roff pages, unit by unit)
+* :mod:`~knnmt.data.clean` — normalisation and filters shared by all
 * :mod:`~knnmt.data.split` — deterministic hash-based split by group
 * :mod:`~knnmt.data.sources` — package lists and the held-out (games/education/science) exclusions
 * :mod:`~knnmt.data.build` — the pipeline behind ``scripts/make_corpora.py``

@@ -1,4 +1,4 @@
-"""Build the general-domain and target-domain (LibreOffice help) corpora from Debian packages.
+"""Build the general-domain, target-domain (LibreOffice help) and man-page corpora from Debian packages.
 
 This is the library side of ``scripts/make_corpora.py``: it downloads the packages listed in
 :mod:`knnmt.data.sources` (see :mod:`knnmt.data.debian`), extracts and filters pairs, splits them
@@ -21,7 +21,15 @@ from .clean import DEFAULT_FILTER, FilterConfig, detect_accelerator_markers
 from .debian import DebianError, DebPackage, fetch_package
 from .gettext_mo import CatalogPairs, MoEntry, MoFormatError, extract_pairs, parse_mo, raw_pairs
 from .lo_help import HelpPair, align_help_trees, help_root
-from .sources import GENERAL_PACKAGES, HELP_PACKAGES, exclusion_reason
+from .manpages import ManPair, align_trees
+from .sources import (
+    GENERAL_PACKAGES,
+    HELP_PACKAGES,
+    MANPAGES_DE_PACKAGES,
+    MANPAGES_EN_PACKAGES,
+    exclusion_reason,
+    manpages_package_names,
+)
 from .split import GroupSplit, dedupe_by, split_by_group
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,11 @@ GENERAL_MAX_PER_GROUP = 200
 GENERAL_MAX_GROUP_SIZE = 5000
 #: At most this many pairs of one held-out help file go into a target dev/test set.
 TARGET_MAX_PER_FILE = 40
+MANPAGES_SIZES: tuple[tuple[str, int], ...] = (("test", 1000), ("dev", 500))
+#: At most this many pairs of one held-out man page go into a man-page dev/test set.
+MANPAGES_MAX_PER_PAGE = 25
+#: The corpora ``build_all`` can build, in build order.
+DOMAINS: tuple[str, ...] = ("target", "general", "manpages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +92,12 @@ class BuildReport:
     general_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     target_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     general_heldout_groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    manpages_packages: list[PackageRecord] = dataclasses.field(default_factory=list)
+    manpages_skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    manpages_filter: Counter[str] = dataclasses.field(default_factory=Counter)
+    manpages_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    manpages_heldout_pages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    domains: tuple[str, ...] = DOMAINS
     seconds: float = 0.0
 
 
@@ -262,6 +281,125 @@ def build_target(
     return result
 
 
+def build_manpages(
+    cache: Path,
+    report: BuildReport,
+    other_sources: Iterable[str],
+    config: FilterConfig = DEFAULT_FILTER,
+    jobs: int = 2,
+) -> GroupSplit[ManPair]:
+    """Align English and German manual pages (:mod:`knnmt.data.manpages`) and split them by page.
+
+    Packages excluded by name or by their real Debian section are skipped (and reported).
+    ``other_sources`` are the case-folded source sentences of the other corpora (general and
+    target, all splits): dev/test take only pairs whose source is not among them, and train drops
+    them too, so no sentence of another corpus's dev/test can sit in a man-page memory. Dev/test
+    take whole pages (at most :data:`MANPAGES_MAX_PER_PAGE` pairs of each, one pair per source
+    sentence); train is every other page's pairs, deduplicated, minus any pair whose source
+    sentence occurs in dev or test.
+
+    Raises:
+        DebianError: when a package of the list cannot be downloaded.
+    """
+    wanted: list[str] = []
+    for name in manpages_package_names():
+        reason = exclusion_reason(name)
+        if reason:
+            report.manpages_skipped.append((name, reason))
+        else:
+            wanted.append(name)
+    fetched = _fetch_all(wanted, cache, jobs)
+    trees: dict[str, Path] = {}
+    records: dict[str, PackageRecord] = {}
+    for name in wanted:
+        pkg = fetched[name]
+        if isinstance(pkg, Exception):
+            raise pkg
+        reason = exclusion_reason(pkg.name, pkg.section)
+        if reason:
+            log.warning("skipping %s: %s", name, reason)
+            report.manpages_skipped.append((name, reason))
+            continue
+        trees[name] = pkg.root
+        if name not in MANPAGES_DE_PACKAGES:
+            category = "English pages"
+        elif name.startswith("manpages-de"):
+            category = "German pages"
+        else:
+            category = "German and English pages"
+        records[name] = _record(pkg, category)
+    corpus = align_trees(
+        [(n, trees[n]) for n in MANPAGES_EN_PACKAGES if n in trees],
+        [(n, trees[n]) for n in MANPAGES_DE_PACKAGES if n in trees],
+        config,
+    )
+    report.manpages_filter.update(corpus.stats)
+    # For man pages, ``catalogs`` counts the aligned pages a package holds (either language).
+    page_packages = {
+        page: sorted({en, corpus.page_translation[page]})
+        for page, en in corpus.page_package.items()
+    }
+    for names in page_packages.values():
+        for pkg_name in names:
+            records[pkg_name].catalogs += 1
+    for pair in corpus.pairs:
+        for pkg_name in page_packages[pair.page]:
+            records[pkg_name].pairs += 1
+    report.manpages_packages = [r for r in records.values() if r.catalogs]
+    report.manpages_skipped.extend((n, "no aligned page") for n, r in records.items() if not r.catalogs)
+    report.manpages_counts["pages"] = len(corpus.page_package)
+    return split_manpages(corpus.pairs, other_sources, report)
+
+
+def split_manpages(
+    pairs: Sequence[ManPair], other_sources: Iterable[str], report: BuildReport
+) -> GroupSplit[ManPair]:
+    """Split aligned man-page pairs by page (the split half of :func:`build_manpages`).
+
+    ``other_sources`` are case-folded source sentences of the other corpora: no dev/test pair and
+    no train pair may have one as its source. Counts go to ``report.manpages_counts``.
+    """
+    report.manpages_counts["aligned"] = len(pairs)
+    report.manpages_counts["unique"] = len({(p.src, p.tgt) for p in pairs})
+    blocked = set(other_sources)
+    result = split_by_group(
+        pairs,
+        group_of=lambda p: p.page,
+        sizes=MANPAGES_SIZES,
+        key_of=lambda p: p.src.casefold(),
+        max_per_group=MANPAGES_MAX_PER_PAGE,
+        eligible=lambda p: p.src.casefold() not in blocked,
+    )
+    heldout = {p.src.casefold() for name, _ in MANPAGES_SIZES for p in result.splits[name]}
+    train = dedupe_by(result.splits["train"], lambda p: (p.src, p.tgt))
+    report.manpages_counts["train-duplicates"] = len(result.splits["train"]) - len(train)
+    no_heldout = [p for p in train if p.src.casefold() not in heldout]
+    report.manpages_counts["train-removed-heldout-overlap"] = len(train) - len(no_heldout)
+    clean_train = [p for p in no_heldout if p.src.casefold() not in blocked]
+    report.manpages_counts["train-removed-other-corpora"] = len(no_heldout) - len(clean_train)
+    result.splits["train"] = clean_train
+    for name, items in result.splits.items():
+        report.manpages_counts[name] = len(items)
+    report.manpages_counts["discarded-heldout-pages"] = len(result.discarded)
+    report.manpages_heldout_pages = result.groups
+    return result
+
+
+def read_tsv_sources(path: Path) -> set[str]:
+    """Case-folded source sentences of a ``src<TAB>tgt`` file.
+
+    Raises:
+        FileNotFoundError: with a hint to build that corpus first.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the man-page corpus is filtered against the general and target"
+            " corpora, so build them first (make_corpora.py --domains target,general,manpages)"
+        )
+    with path.open(encoding="utf-8") as fh:
+        return {line.split("\t", 1)[0].casefold() for line in fh if line.strip()}
+
+
 def write_tsv(path: Path, pairs: Iterable[tuple[str, str]]) -> int:
     """Write ``src<TAB>tgt`` lines (UTF-8, ``\\n``); returns the number of lines.
 
@@ -282,23 +420,57 @@ def write_tsv(path: Path, pairs: Iterable[tuple[str, str]]) -> int:
 
 
 def build_all(
-    out_dir: str | Path, cache_dir: str | Path, jobs: int = 2, config: FilterConfig = DEFAULT_FILTER
+    out_dir: str | Path,
+    cache_dir: str | Path,
+    jobs: int = 2,
+    config: FilterConfig = DEFAULT_FILTER,
+    domains: Sequence[str] = DOMAINS,
 ) -> BuildReport:
-    """Build both corpora under ``out_dir`` (``general/`` and ``target/``) and write the README."""
+    """Build the corpora named in ``domains`` under ``out_dir`` (``target/``, ``general/``,
+    ``manpages/``); ``README.md`` is written only when all of :data:`DOMAINS` are built.
+
+    The man-page corpus needs the source sentences of the general and target corpora; those not
+    built in the same run are read from ``out_dir``.
+
+    Raises:
+        ValueError: for an unknown domain name.
+    """
     from .readme import render_readme
 
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown:
+        raise ValueError(f"unknown corpus {', '.join(unknown)}; choose from {', '.join(DOMAINS)}")
     start = time.monotonic()
     out, cache = Path(out_dir), Path(cache_dir)
-    report = BuildReport()
-    target = build_target(cache, report, config)
-    for name, help_items in target.splits.items():
-        write_tsv(out / "target" / f"{name}.tsv", ((p.src, p.tgt) for p in help_items))
-    blocked = {p.src.casefold() for name, _ in TARGET_SIZES for p in target.splits[name]}
+    report = BuildReport(domains=tuple(d for d in DOMAINS if d in domains))
+    other_sources: set[str] = set()
+    if "target" in domains:
+        target = build_target(cache, report, config)
+        for name, help_items in target.splits.items():
+            write_tsv(out / "target" / f"{name}.tsv", ((p.src, p.tgt) for p in help_items))
+        blocked = {p.src.casefold() for name, _ in TARGET_SIZES for p in target.splits[name]}
+        other_sources |= {p.src.casefold() for items in target.splits.values() for p in items}
+    elif "general" in domains:
+        blocked = set()
+        for name, _ in TARGET_SIZES:
+            blocked |= read_tsv_sources(out / "target" / f"{name}.tsv")
 
-    general_pairs = collect_general(cache, report, config, jobs=jobs)
-    general = split_general(general_pairs, blocked, report)
-    for name, items in general.splits.items():
-        write_tsv(out / "general" / f"{name}.tsv", ((p.src, p.tgt) for p in items))
+    if "general" in domains:
+        general_pairs = collect_general(cache, report, config, jobs=jobs)
+        general = split_general(general_pairs, blocked, report)
+        for name, items in general.splits.items():
+            write_tsv(out / "general" / f"{name}.tsv", ((p.src, p.tgt) for p in items))
+        other_sources |= {p.src.casefold() for items in general.splits.values() for p in items}
+
+    if "manpages" in domains:
+        for corpus in ("target", "general"):
+            if corpus not in domains:
+                for name in ("train", "dev", "test"):
+                    other_sources |= read_tsv_sources(out / corpus / f"{name}.tsv")
+        manpages = build_manpages(cache, report, other_sources, config, jobs=jobs)
+        for name, man_items in manpages.splits.items():
+            write_tsv(out / "manpages" / f"{name}.tsv", ((p.src, p.tgt) for p in man_items))
     report.seconds = time.monotonic() - start
-    (out / "README.md").write_text(render_readme(report, config), encoding="utf-8")
+    if set(DOMAINS) <= set(domains):
+        (out / "README.md").write_text(render_readme(report, config), encoding="utf-8")
     return report

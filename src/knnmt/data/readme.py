@@ -29,11 +29,13 @@ def _esc(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _package_table(records: list[PackageRecord], with_counts: bool) -> list[str]:
+def _package_table(
+    records: list[PackageRecord], with_counts: bool, count_names: tuple[str, str] = ("catalogs", "pairs")
+) -> list[str]:
     head = "| package | version | section | category | licence (debian/copyright) |"
     sep = "|---|---|---|---|---|"
     if with_counts:
-        head += " catalogs | pairs |"
+        head += f" {count_names[0]} | {count_names[1]} |"
         sep += "---:|---:|"
     lines = [head, sep]
     for r in records:
@@ -48,11 +50,80 @@ def _tally(counter: Counter[str]) -> str:
     return ", ".join(f"{k}: {v:,}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _manpages_section(report: BuildReport) -> list[str]:
+    from .build import MANPAGES_MAX_PER_PAGE
+    from .manpages import MAN_SECTIONS
+
+    m, f = report.manpages_counts, report.manpages_filter
+    pages = {k: v for k, v in f.items() if k.startswith("page-")}
+    unit_keys = ("anchor-mismatch", "verbatim", "units-in-unaligned-sections", "fragment")
+    units = {k: f[k] for k in unit_keys if k in f}
+    filters = {k: v for k, v in f.items() if k not in pages and k not in units}
+    lines = [
+        "## Second target domain: manual pages (`manpages/`)",
+        "",
+        "Command-line, system-administration, file-format and C-library reference text, a kind of",
+        "text neither UI strings nor LibreOffice help are: for checking that a domain memory does",
+        "not hurt other text. Source: the German manual pages of `manpages-de` and `manpages-de-dev`",
+        "(translated with po4a from the upstream English pages, which Debian ships in the programs'",
+        "own packages) and of packages that ship their own German pages (`dpkg`, `apt`, `debhelper`,",
+        "`devscripts`, `passwd` …, English original in the same package), sections"
+        f" {', '.join(MAN_SECTIONS)} (section 6, games, is not used). A German page is paired with the",
+        "English page of the same section and name; pages that only include another (`.so`), BSD",
+        "`mdoc` pages and pages without an English original are skipped.",
+        "",
+        "Alignment (`src/knnmt/data/manpages.py`): both pages are cut into units by the same roff",
+        "parser (headings, `.TP` tags, `.IP` items, paragraphs, verbatim blocks; inline font macros",
+        "such as `.B word` are text, as po4a turns them into `\\fB…\\fP`), roff escapes resolved and",
+        "the German translators' section (`ÜBERSETZUNG`) removed. po4a keeps the document structure,",
+        "so a page is aligned unit by unit when both sides have the same sequence of unit kinds;",
+        "otherwise each `.SH` section with the same kind sequence is aligned on its own, provided",
+        "both pages have the same number of sections, and the rest is skipped. A page is skipped",
+        "whole when two standard headings at the same position do not correspond (`NOTES` against",
+        "`BESCHREIBUNG`: shifted sections). Verbatim blocks (`.nf`, `.EX`, tables) give no pairs, nor",
+        "does a unit right after one that starts in lower case (a sentence continued after an",
+        "example: `fragment`), and a pair is dropped when its command-line options and numbers differ",
+        "between the sides (`anchor-mismatch`). Untranslated paragraphs (po4a leaves them in",
+        "English) are removed by the `identical` filter.",
+        "",
+        f"- pages: {m.get('pages', 0):,} aligned ({_tally(Counter(pages))})",
+        f"- units not used: {_tally(Counter(units))}",
+        f"- aligned and filtered: {m.get('aligned', 0):,} pairs ({m.get('unique', 0):,} distinct); filter"
+        f" tally: {_tally(Counter(filters))}",
+        "- split by *page* (`<English package>:manN/<name>`), deterministically: pages ordered by"
+        f" SHA-256 of `knnmt-v1\\0<page>`; test takes pages until it has 1,000 pairs"
+        f" ({len(report.manpages_heldout_pages.get('test', []))} pages), then dev until 500"
+        f" ({len(report.manpages_heldout_pages.get('dev', []))} pages); at most {MANPAGES_MAX_PER_PAGE}"
+        " pairs per page, one pair per source sentence, and only pairs whose source sentence"
+        " (case-insensitive) occurs nowhere in `general/` or `target/` (train, dev or test); the rest"
+        f" of a held-out page is dropped ({m.get('discarded-heldout-pages', 0):,} pairs), never moved"
+        " to train",
+        f"- train: all other pages, exact duplicates removed ({m.get('train-duplicates', 0):,}), every"
+        " pair whose source sentence also occurs in dev or test removed"
+        f" ({m.get('train-removed-heldout-overlap', 0):,}), and every pair whose source sentence occurs"
+        f" in `general/` or `target/` removed ({m.get('train-removed-other-corpora', 0):,})",
+        f"- held-out pages: test = {', '.join(report.manpages_heldout_pages.get('test', []))};"
+        f" dev = {', '.join(report.manpages_heldout_pages.get('dev', []))}",
+        "",
+        "Licences as for the other tables; the German pages are under the licence of the",
+        "translation project (`manpages-l10n`: GPL-3+) or of the program. `pages` counts the",
+        "aligned pages whose English original or German translation the package holds.",
+        "",
+        *_package_table(report.manpages_packages, with_counts=True, count_names=("pages", "pairs")),
+        "",
+    ]
+    if report.manpages_skipped:
+        lines += ["Packages on the man-page lists that were not used:", ""]
+        lines += [f"- {name}: {why}" for name, why in report.manpages_skipped]
+        lines += [""]
+    return lines
+
+
 def render_readme(report: BuildReport, config: FilterConfig) -> str:
     """The Markdown text of ``data/README.md``."""
     from .build import GENERAL_MAX_GROUP_SIZE, GENERAL_MAX_PER_GROUP, TARGET_MAX_PER_FILE
 
-    g, t = report.general_counts, report.target_counts
+    g, t, m = report.general_counts, report.target_counts, report.manpages_counts
     lines = [
         "# Corpora",
         "",
@@ -66,7 +137,7 @@ def render_readme(report: BuildReport, config: FilterConfig) -> str:
         "which downloads the packages with `apt-get download` and unpacks them with `dpkg-deb -x`",
         "into a cache (default `~/.cache/knnmt/debian`; nothing is installed). Files are UTF-8,",
         "one pair per line, `source<TAB>target`, with no tabs or newlines inside fields.",
-        "A first run downloads about 750 MB of",
+        "A first run downloads about 800 MB of",
         "packages (about 6 minutes on a fast mirror, 2 CPU cores); later runs reuse the cache (about",
         "1 minute). The output is deterministic: the same package versions give byte-identical files.",
         "",
@@ -77,6 +148,8 @@ def render_readme(report: BuildReport, config: FilterConfig) -> str:
         f"| `target/` (LibreOffice help) | {t.get('train', 0):,} | {t.get('dev', 0):,}"
         f" | {t.get('test', 0):,} "
         "| yes |",
+        f"| `manpages/` (manual pages) | {m.get('train', 0):,} | {m.get('dev', 0):,}"
+        f" | {m.get('test', 0):,} | yes |",
         "",
         "## Target domain: LibreOffice help (`target/`)",
         "",
@@ -105,6 +178,7 @@ def render_readme(report: BuildReport, config: FilterConfig) -> str:
         "",
         *_package_table(report.help_packages, with_counts=False),
         "",
+        *_manpages_section(report),
         "## General domain: UI message catalogs (`general/`)",
         "",
         "For training the base model. Source: the German gettext catalogs"
@@ -143,7 +217,7 @@ def render_readme(report: BuildReport, config: FilterConfig) -> str:
         lines += [f"- {name}: {why}" for name, why in report.skipped_packages]
         lines += [""]
     lines += [
-        "## Filters (both corpora)",
+        "## Filters (all corpora)",
         "",
         "Applied to every pair, in this order (`src/knnmt/data/clean.py`, `gettext_mo.py`):",
         "",

@@ -16,6 +16,51 @@ import re
 #: English and German LibreOffice help: the target (kNN datastore) domain.
 HELP_PACKAGES: dict[str, str] = {"en-US": "libreoffice-help-en-us", "de": "libreoffice-help-de"}
 
+#: Second target domain, manual pages (``manpages/``): the German translations. Packages that ship
+#: the German pages of their own programs come first (their English originals are in the same
+#: package), then the ``manpages-l10n`` collections, whose originals are in
+#: :data:`MANPAGES_EN_PACKAGES`. Section 6 (games) is never used.
+MANPAGES_DE_PACKAGES: tuple[str, ...] = (
+    "dpkg",
+    "dpkg-dev",
+    "apt",
+    "apt-utils",
+    "debhelper",
+    "debconf-doc",
+    "devscripts",
+    "po4a",
+    "debianutils",
+    "ghostscript",
+    "login",
+    "man-db",
+    "net-tools",
+    "passwd",
+    "procps",
+    "psmisc",
+    "sensible-utils",
+    "manpages-de",
+    "manpages-de-dev",
+)
+
+#: Packages holding the English originals of the ``manpages-de``/``manpages-de-dev`` pages, in
+#: lookup order (the first package with a page of a given name is used). Command-line tools,
+#: system administration, file formats, C library and kernel interfaces; no games, educational or
+#: science software.
+MANPAGES_EN_PACKAGES: tuple[str, ...] = (
+    "manpages", "manpages-dev", "coreutils", "util-linux", "util-linux-extra", "bsdutils",
+    "bsdextrautils", "mount", "fdisk", "eject", "sane-utils", "libsane-common", "mtools", "gettext",
+    "gettext-base", "grub-common", "grub2-common", "kbd", "dosfstools", "systemd", "udev",
+    "systemd-container", "systemd-homed", "systemd-resolved", "systemd-timesyncd",
+    "systemd-journal-remote", "systemd-boot", "systemd-sysv", "libnss-myhostname",
+    "libnss-mymachines", "libnss-resolve", "libnss-systemd", "libpam-systemd", "systemd-oomd",
+    "systemd-userdbd", "vorbis-tools", "iptables", "diffutils", "grep", "e2fsprogs", "texinfo",
+    "info", "install-info", "groff-base", "groff", "kmod", "thinkfan", "zstd", "usbutils", "parted",
+    "init-system-helpers", "ed", "wdiff", "recutils", "bzip2", "gzip", "less", "cpio", "tar",
+    "sed", "findutils", "make", "nano", "mutt", "sysstat", "cron", "anacron", "acct", "hostname",
+    "ncurses-bin", "psutils", "initscripts", "nfs-common", "nfs-kernel-server", "x11-xserver-utils",
+    "locales", "libc-bin", "wodim", "binkd", "vlock", "exif", "scanbd", "netpbm", "btrfs-progs",
+)  # fmt: skip
+
 #: Packages whose ``de`` ``.mo`` catalogs make the general-domain corpus, by kind of software.
 GENERAL_PACKAGES: dict[str, tuple[str, ...]] = {
     "office": (
@@ -545,4 +590,13 @@ def general_package_names() -> list[str]:
     out: list[str] = []
     for names in GENERAL_PACKAGES.values():
         out.extend(n for n in names if n not in out)
+    return out
+
+
+def manpages_package_names() -> list[str]:
+    """All packages of the man-page domain (German first, then English), without duplicates."""
+    out: list[str] = []
+    for name in (*MANPAGES_DE_PACKAGES, *MANPAGES_EN_PACKAGES):
+        if name not in out:
+            out.append(name)
     return out
