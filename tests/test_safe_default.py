@@ -188,3 +188,34 @@ def test_tune_uses_the_out_of_domain_dev_set_a_model_ships(
     assert about["domain_gate_rule"] in ("separate", None)  # the best split, when the similarity separates
     assert main([*_tune_argv(model, store, src, ref), "--no-ood", "--no-save"]) == EXIT_OK
     assert "NOT measured" in capsys.readouterr().out
+
+
+def test_served_gate_counts_added_pairs_as_memory_at_once(
+    toy_dir: Path, datastore: Datastore, toy_pairs, tmp_path: Path
+) -> None:
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from knnmt.config import KNNConfig
+    from knnmt.service import ServeConfig, Service, create_app
+
+    path = tmp_path / "served"
+    shutil.copytree(datastore.path, path)
+    config = ServeConfig(token="t" * 16, allowed_hosts=("testserver",), compact_every=0)
+    gated = KNNConfig(domain_gate=0.5)
+    service = Service.open(str(toy_dir / "model"), path, config, index=None, knn_config=gated)
+    new = "zebra quantum violin seventeen"
+    try:
+        before = float(service.translator.source_similarity([new])[0])
+        with TestClient(create_app(service, close_on_shutdown=False)) as client:
+            added = client.post(
+                "/memory",
+                headers={"Authorization": "Bearer " + "t" * 16},
+                json={"pairs": [{"source": new, "target": "Zebra Quanten Geige siebzehn"}]},
+            )
+            assert added.status_code == 201, added.text
+        after = float(service.translator.source_similarity([new])[0])
+    finally:
+        service.close()
+    assert before < 0.999 and after == pytest.approx(1.0, abs=2e-3)

@@ -143,6 +143,11 @@ class DomainGate:
             )
         return cls(DenseSentenceSearch.load(directory / GATE_SEARCH))
 
+    def add(self, vectors: np.ndarray) -> None:
+        """Count more memory sources: ``[n, d]`` unit sentence vectors (e.g. a new shard's stored ones)."""
+        self.search.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.search.count = int(self.search.index.ntotal)
+
     def similarity(self, encoder_states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         """``[B]`` cosine similarity of each input to its nearest memory source sentence.
 
@@ -234,11 +239,10 @@ def _load_stored(datastore: Datastore) -> DenseSentenceSearch:
         if prefix_ok:
             search = DenseSentenceSearch.load(directory)
             if covered < count:  # pairs appended since: their stored vectors join the loaded index
+                gate = DomainGate(search)
                 for first, vectors in datastore.iter_sentence_vectors():
-                    lo = max(covered - first, 0)
-                    if lo < len(vectors):
-                        search.index.add(np.ascontiguousarray(vectors[lo:]))
-                search.count = int(search.index.ntotal)
+                    if covered - first < len(vectors):
+                        gate.add(vectors[max(covered - first, 0) :])
             return search
         logger.warning(
             "the sentence index at %s belongs to another datastore; indexing the stored sentence vectors "

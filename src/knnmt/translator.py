@@ -350,6 +350,11 @@ class KNNMT:
             self._domain_gate = DomainGate.load(self.datastore)
         return self._domain_gate
 
+    @property
+    def loaded_domain_gate(self) -> DomainGate | None:
+        """The domain gate if it is loaded (``None`` otherwise; :attr:`domain_gate` loads it)."""
+        return self._domain_gate
+
     def source_similarity(self, sources: Sequence[str]) -> np.ndarray:
         """``[len(sources)]`` what the domain gate compares with its threshold: the cosine similarity of
         each source's mean-pooled encoder states to the nearest memory source sentence."""

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import KNNConfig, _check
-from ..datastore import Datastore
+from ..datastore import VECTORS_FILE, Datastore
 from ..errors import KnnmtError, UsageError
 from ..translator import KNN_CONFIG_FILE, KNNMT, Translation, load_model
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
@@ -181,8 +181,8 @@ class Service:
                 model_obj, tokenizer, store, index=main, config=knn_config, retriever=memory.retriever
             )
             if knn_config.domain_gate is not None:
-                # loaded now, so that a missing index fails at start; it gates on the memory as indexed
-                # (pairs added while serving are searched, but do not count as similar sources)
+                # loaded now, so that a missing index fails at start; pairs added while serving join it
+                # (add_pairs), on datastores that keep sentence vectors
                 translator.domain_gate  # noqa: B018
         except BaseException:
             memory.close()
@@ -201,9 +201,14 @@ class Service:
         self.memory.close()
 
     def add_pairs(self, pairs: list[tuple[str, str]], key: str | None) -> AddResult:
-        """Runs on the model thread: add to the memory, then point the translator at the new datastore."""
+        """Runs on the model thread: add to the memory, then point the translator at the new datastore and
+        let the domain gate (when loaded) count the new sources as memory at once."""
         result = self.memory.add(pairs, key)
-        self.translator.datastore = self.memory.store
+        store = self.memory.store
+        self.translator.datastore = store
+        gate = self.translator.loaded_domain_gate
+        if gate is not None and result.entries and store.vector_dim:
+            gate.add(store.shards[-1].load(VECTORS_FILE))
         return result
 
 
