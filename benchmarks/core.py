@@ -58,8 +58,8 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from knnmt.build import build_datastore
-    from knnmt.config import BuildConfig
-    from knnmt.corpus import CorpusSpec
+    from knnmt.core.config import BuildConfig
+    from knnmt.store.corpus import CorpusSpec
     from knnmt.teacher_forcing import decoder_inputs, encode_for_model, length_batches, pad_sequences
     from knnmt.translator import load_model
 
@@ -122,10 +122,10 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from knnmt.config import IndexConfig
-    from knnmt.datastore import Datastore
+    from knnmt.core.config import IndexConfig
     from knnmt.index import SearchIndex, build_index, recall_at_k
     from knnmt.search import IndexRetriever
+    from knnmt.store.datastore import Datastore
     from knnmt.teacher_forcing import pair_queries
     from knnmt.translator import load_model
 
@@ -176,7 +176,7 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
     """Target tokens/s, plain vs kNN-MT, greedy and beam 4, batch 32, same sentences side by side."""
     import torch
 
-    from knnmt.config import KNNConfig
+    from knnmt.core.config import KNNConfig
     from knnmt.translator import KNNMT, load_model, timed_translate, tokens_per_second
 
     torch.set_num_threads(os.cpu_count() or 2)

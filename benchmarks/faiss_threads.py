@@ -20,7 +20,7 @@ WORK = ROOT / "runs" / "bench-core"
 
 
 def run(threads: int) -> dict[str, float]:
-    from knnmt.config import KNNConfig
+    from knnmt.core.config import KNNConfig
     from knnmt.translator import KNNMT, load_model
 
     model, tokenizer = load_model(str(next(WORK.glob("model-*"))))

@@ -117,7 +117,7 @@ _TOY_BUILD = """
 import sys
 from pathlib import Path
 from knnmt.build import build_datastore
-from knnmt.corpus import CorpusSpec
+from knnmt.store.corpus import CorpusSpec
 from knnmt.toy import build_toy_model
 from knnmt.translator import load_model
 work = Path(sys.argv[1])

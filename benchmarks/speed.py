@@ -52,12 +52,13 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 
 from knnmt.build import build_datastore  # noqa: E402
-from knnmt.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
-from knnmt.corpus import CorpusSpec  # noqa: E402
-from knnmt.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
+from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
 from knnmt.evaluation import score  # noqa: E402
 from knnmt.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
+from knnmt.models import open_reusable  # noqa: E402
 from knnmt.search import IndexRetriever, Retriever  # noqa: E402
+from knnmt.store.corpus import CorpusSpec  # noqa: E402
+from knnmt.store.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
 from knnmt.subset import SubsetConfig, SubsetRetriever, SubsetSearch, build_subset_index  # noqa: E402
 from knnmt.teacher_forcing import pair_queries  # noqa: E402
 from knnmt.translator import (  # noqa: E402
@@ -85,7 +86,7 @@ def full_datastore(model: Any, tokenizer: Any, want: int) -> Datastore:
     if missing:
         raise SystemExit(f"missing corpus {missing}: run `python scripts/make_corpora.py --out data` first")
     config = BuildConfig(shard_sentences=20000)
-    store = Datastore.open_reusable(path, model, tokenizer)
+    store = open_reusable(path, model, tokenizer)
     if store is None:  # none yet, unfinished, or of other weights: start over, views and indexes too
         clear_cache()
         store = build_datastore(

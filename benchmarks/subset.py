@@ -48,15 +48,16 @@ def _pairs(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
 def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
     """Open ``--datastore`` or build ``WORK/datastore`` (target corpus, general corpus appended to size)."""
     from knnmt.build import build_datastore
-    from knnmt.config import BuildConfig
-    from knnmt.corpus import CorpusSpec
-    from knnmt.datastore import Datastore
+    from knnmt.core.config import BuildConfig
+    from knnmt.models import open_reusable
+    from knnmt.store.corpus import CorpusSpec
+    from knnmt.store.datastore import Datastore
 
     if args.datastore:
         return Datastore.open(args.datastore)
     out = WORK / "datastore"
     config = BuildConfig(max_tokens=6000)
-    store = Datastore.open_reusable(out, model, tokenizer)
+    store = open_reusable(out, model, tokenizer)
     if store is None:
         spec = CorpusSpec((str(TRAIN),), "tsv")
         store = build_datastore(model, tokenizer, spec, out, config, force=True, model_name=str(MODEL))
@@ -294,7 +295,7 @@ def phase_translate(
     args: argparse.Namespace, store: Any, subset_dir: Path, model: Any, tokenizer: Any
 ) -> dict:
     """BLEU, chrF and target tokens/s of each system on the first ``--sentences`` test sentences."""
-    from knnmt.config import KNNConfig
+    from knnmt.core.config import KNNConfig
     from knnmt.evaluation import score
     from knnmt.translator import KNNMT, timed_translate, tokens_per_second
 

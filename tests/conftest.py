@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from knnmt.build import build_datastore
-from knnmt.config import BuildConfig
-from knnmt.corpus import CorpusSpec
-from knnmt.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
+from knnmt.core.config import BuildConfig
+from knnmt.store.corpus import CorpusSpec
+from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
 from knnmt.toy import build_toy_model, toy_corpus, train_sentencepiece
 from knnmt.translator import KNNMT, load_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from knnmt.beam_tracking import BeamSettings, BeamTracker, beam_settings
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
 
 KNN = KNNConfig(lambda_=0.5, k=4, temperature=10.0)
 

@@ -14,10 +14,11 @@ import pytest
 import knnmt.build
 from conftest import all_entries, all_sentences
 from knnmt.build import build_datastore
-from knnmt.config import BuildConfig
-from knnmt.corpus import CorpusSpec
-from knnmt.datastore import MANIFEST, Datastore, ShardWriter, read_manifest
-from knnmt.errors import DatastoreError, IncompatibleError
+from knnmt.core.config import BuildConfig
+from knnmt.core.errors import DatastoreError, IncompatibleError
+from knnmt.models import open_reusable
+from knnmt.store.corpus import CorpusSpec
+from knnmt.store.datastore import MANIFEST, Datastore, ShardWriter, read_manifest
 from knnmt.toy import make_marian_model
 
 SMALL = BuildConfig(shard_sentences=7, max_tokens=64)
@@ -113,7 +114,7 @@ def test_resumed_build_equals_uninterrupted(
         DatastoreError, match=r"incomplete.*interrupted build.*run the same `knnmt build` again"
     ):
         Datastore.open(out)
-    assert Datastore.open_reusable(out, model, tokenizer) is None  # a cache user rebuilds it
+    assert open_reusable(out, model, tokenizer) is None  # a cache user rebuilds it
     # resuming with other settings is refused, with both settings in the message
     with pytest.raises(IncompatibleError, match="resume it with the same settings"):
         build_datastore(
@@ -210,13 +211,13 @@ def test_open_reusable_only_for_the_model_it_was_built_with(
 ) -> None:
     model, tokenizer = marian
     out = tmp_path / "ds"
-    assert Datastore.open_reusable(out, model, tokenizer) is None  # nothing there yet
+    assert open_reusable(out, model, tokenizer) is None  # nothing there yet
     built = build_datastore(model, tokenizer, make_corpus(toy_pairs[:5]), out, progress=False)
-    reused = Datastore.open_reusable(out, model, tokenizer)
+    reused = open_reusable(out, model, tokenizer)
     assert reused is not None and reused.fingerprint == built.fingerprint
     before = _tree_digest(out)
-    with caplog.at_level(logging.WARNING, logger="knnmt.datastore"):
-        assert Datastore.open_reusable(out, make_marian_model(tokenizer, seed=1), tokenizer) is None
+    with caplog.at_level(logging.WARNING, logger="knnmt.store.datastore"):
+        assert open_reusable(out, make_marian_model(tokenizer, seed=1), tokenizer) is None
     assert "was built with model" in caplog.text and "not reused" in caplog.text
     assert _tree_digest(out) == before  # only a verdict: the caller decides whether to rebuild
 

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from knnmt.build import build_datastore
-from knnmt.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
-from knnmt.datastore import MANIFEST
-from knnmt.errors import CorpusError, KnnmtError
+from knnmt.core.errors import CorpusError, KnnmtError
+from knnmt.store.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
+from knnmt.store.datastore import MANIFEST
 
 # small and quick: each example writes a few tiny files; no model except in the last test
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
+from knnmt.core.errors import DatastoreError, UsageError
 from knnmt.domain_gate import DomainGate, threshold_for_recall, threshold_separating
-from knnmt.errors import DatastoreError, UsageError
 from knnmt.toy import toy_corpus
 from knnmt.translator import KNNMT
 
@@ -96,7 +96,7 @@ def test_gate_of_an_older_datastore_needs_the_dense_sentence_index(marian, datas
     import json
     import shutil
 
-    from knnmt.datastore import MANIFEST, VECTORS_FILE, Datastore
+    from knnmt.store.datastore import MANIFEST, VECTORS_FILE, Datastore
 
     with pytest.raises(DatastoreError, match="knnmt index --subset"):
         DomainGate.load(datastore, tmp_path / "nothing-here")
@@ -238,7 +238,7 @@ def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: 
     loads, compares with the sentences it covers, and says how to include the new ones."""
     from conftest import build_test_subset, write_text_corpus
     from knnmt.build import build_datastore
-    from knnmt.errors import IncompatibleError
+    from knnmt.core.errors import IncompatibleError
     from knnmt.subset import SubsetIndex
 
     model, tokenizer = marian

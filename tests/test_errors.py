@@ -16,10 +16,8 @@ import torch
 from conftest import all_sentences
 from knnmt import models
 from knnmt.build import build_datastore
-from knnmt.config import BuildConfig, IndexConfig, KNNConfig
-from knnmt.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
-from knnmt.datastore import MANIFEST, Datastore, read_manifest
-from knnmt.errors import (
+from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig
+from knnmt.core.errors import (
     CorpusError,
     DatastoreError,
     IncompatibleError,
@@ -29,6 +27,8 @@ from knnmt.errors import (
 )
 from knnmt.index import SearchIndex, build_index
 from knnmt.models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
+from knnmt.store.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
+from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
 from knnmt.teacher_forcing import KeyExtractor
 from knnmt.toy import make_marian_model, make_marian_tokenizer, toy_corpus
 from knnmt.translator import KNNMT, load_model

@@ -14,7 +14,7 @@ import torch
 
 from conftest import RETRIEVAL_MODES, build_test_subset, strip_pad, translator_for
 from knnmt.build import build_datastore
-from knnmt.config import BuildConfig, KNNConfig
+from knnmt.core.config import BuildConfig, KNNConfig
 from knnmt.generation import knn_generation
 from knnmt.index import exact_index
 from knnmt.search import IndexRetriever

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import strip_pad
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
 
 
 def test_explain_reference_finds_itself_with_provenance(translator, marian, datastore, toy_pairs) -> None:

@@ -11,9 +11,9 @@ import torch
 
 from conftest import strip_pad
 from knnmt import generation
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
+from knnmt.knn.distribution import interpolate, knn_log_probs, retrieval_weights
 from knnmt.models import key_module
-from knnmt.retrieval import interpolate, knn_log_probs, retrieval_weights
 from knnmt.teacher_forcing import ActivationCapture
 from knnmt.tuning import reference_statistics
 

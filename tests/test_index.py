@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import write_synthetic_datastore
-from knnmt.config import IndexConfig
-from knnmt.datastore import Datastore
-from knnmt.errors import DatastoreError, IncompatibleError, UsageError
+from knnmt.core.config import IndexConfig
+from knnmt.core.errors import DatastoreError, IncompatibleError, UsageError
 from knnmt.index import (
     SETTINGS_FILE,
     SearchIndex,
@@ -30,6 +29,7 @@ from knnmt.index import (
     self_recall,
 )
 from knnmt.search import IndexRetriever
+from knnmt.store.datastore import Datastore
 
 N, DIM, K = 20_000, 64, 8
 #: recall@8 with every list probed, PQ distances alone (measured: 0.73 for 8-bit look-up tables,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnmt.retrieval import interpolate, knn_log_probs, retrieval_weights
+from knnmt.knn.distribution import interpolate, knn_log_probs, retrieval_weights
 
 
 def test_knn_log_probs_hand_computed_softmax() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from knnmt.cli import EXIT_OK, EXIT_USAGE, main
-from knnmt.datastore import Datastore
 from knnmt.evaluation import SystemScore, format_domain_table
+from knnmt.store.datastore import Datastore
 from knnmt.toy import toy_corpus
 
 
@@ -105,7 +105,7 @@ def test_index_saves_the_sentence_index_and_the_gate_follows_appends(
     import numpy as np
 
     from knnmt.build import build_datastore
-    from knnmt.config import BuildConfig
+    from knnmt.core.config import BuildConfig
     from knnmt.domain_gate import SENTENCE_DIR, DomainGate
 
     model, tokenizer = marian
@@ -147,7 +147,7 @@ def test_tune_sets_the_domain_gate_and_says_the_cost_was_not_measured(
     and knn.json and the output say plainly that the out-of-domain cost is unknown."""
     import shutil
 
-    from knnmt.config import KNNConfig, read_about
+    from knnmt.core.config import KNNConfig, read_about
 
     store = tmp_path / "ds"
     shutil.copytree(datastore.path, store)
@@ -167,7 +167,7 @@ def test_tune_uses_the_out_of_domain_dev_set_a_model_ships(
 ) -> None:
     import shutil
 
-    from knnmt.config import read_about
+    from knnmt.core.config import read_about
     from knnmt.tuning import MODEL_OOD_DEV
 
     model = tmp_path / "model"
@@ -197,7 +197,7 @@ def test_served_gate_counts_added_pairs_as_memory_at_once(
 
     from fastapi.testclient import TestClient
 
-    from knnmt.config import KNNConfig
+    from knnmt.core.config import KNNConfig
     from knnmt.service import ServeConfig, Service, create_app
 
     path = tmp_path / "served"

@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from knnmt.config import IndexConfig, KNNConfig
-from knnmt.datastore import Datastore
-from knnmt.errors import UsageError
+from knnmt.core.config import IndexConfig, KNNConfig
+from knnmt.core.errors import UsageError
 from knnmt.index import build_index
 from knnmt.service import BatchConfig, BatchWorker, GenerationOptions, ServeConfig, Service, create_app
+from knnmt.store.datastore import Datastore
 from knnmt.toy import toy_corpus
 from knnmt.translator import KNNMT
 
@@ -315,7 +315,7 @@ def test_serve_refuses_writes_without_token(toy_dir, datastore, monkeypatch, cap
 
 
 def test_one_writer_per_datastore(open_service) -> None:
-    from knnmt.errors import DatastoreError
+    from knnmt.core.errors import DatastoreError
 
     first = open_service()
     with pytest.raises(DatastoreError, match=r"is being written by pid \d+ \(serve: "):
@@ -678,7 +678,7 @@ def test_serve_on_a_port_in_use_exits_1_with_a_message(toy_dir, datastore, caplo
 
 def test_bind_errors_say_what_to_change(toy_dir, datastore, monkeypatch, caplog) -> None:
     from knnmt.cli import main
-    from knnmt.errors import KnnmtError
+    from knnmt.core.errors import KnnmtError
     from knnmt.service import bind_socket
     from knnmt.service.app import TOKEN_ENV
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from knnmt.service import BatchConfig, ServeConfig, Service, create_app
-from knnmt.writelock import LOCK_FILE
+from knnmt.store.writelock import LOCK_FILE
 
 TOKEN = "property-token"
 HOST = "testserver"

@@ -19,12 +19,12 @@ import torch
 
 from conftest import write_synthetic_datastore
 from knnmt.cli import main
-from knnmt.config import KNNConfig
-from knnmt.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
-from knnmt.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
+from knnmt.core.config import KNNConfig
+from knnmt.core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from knnmt.index import recall_at_k
 from knnmt.pq import PQCodebook
 from knnmt.sentence_search import BM25SentenceSearch, datastore_sources, embed_sources, mean_pool
+from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
 from knnmt.subset import (
     SETTINGS_FILE,
     SubsetConfig,

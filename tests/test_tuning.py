@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from knnmt.cli import EXIT_OK, main
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
 from knnmt.translator import KNNMT
 from knnmt.tuning import _choose, grid_log_likelihood, reference_statistics, tune
 

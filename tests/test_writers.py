@@ -21,12 +21,12 @@ import pytest
 import knnmt.build
 from knnmt.build import build_datastore, rollback_append
 from knnmt.cli import main
-from knnmt.config import BuildConfig, IndexConfig
-from knnmt.datastore import MANIFEST, Datastore, read_manifest
-from knnmt.errors import DatastoreError, UsageError
+from knnmt.core.config import BuildConfig, IndexConfig
+from knnmt.core.errors import DatastoreError, UsageError
 from knnmt.index import SearchIndex, build_index
+from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
+from knnmt.store.writelock import LOCK_FILE, DatastoreLocked, WriteLock, holder_of
 from knnmt.subset import SubsetConfig, build_subset_index
-from knnmt.writelock import LOCK_FILE, DatastoreLocked, WriteLock, holder_of
 
 SMALL = BuildConfig(shard_sentences=7, max_tokens=64)
 
@@ -73,7 +73,7 @@ def test_lock_of_a_killed_process_is_recovered(tmp_path: Path, caplog: pytest.Lo
     script = textwrap.dedent(
         f"""
         import sys, time
-        from knnmt.writelock import WriteLock
+        from knnmt.store.writelock import WriteLock
         held = WriteLock({str(path)!r}, "build").acquire()
         print("locked", flush=True)
         time.sleep(120)

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 from sweep import ROOT, arguments, pairs  # the same directory: python benchmarks/quality/...
 
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
 from knnmt.domain_gate import threshold_for_recall, threshold_separating
 from knnmt.evaluation import score
 from knnmt.translator import KNNMT

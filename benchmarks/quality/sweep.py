@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from knnmt.config import KNNConfig
+from knnmt.core.config import KNNConfig
 from knnmt.evaluation import evaluate
 from knnmt.translator import KNNMT
 

@@ -7,13 +7,9 @@ The front door is :class:`KNNMT`; plain functions build what it needs::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .build import build_datastore
-from .config import BuildConfig, IndexConfig, KNNConfig
-from .corpus import CorpusSpec
-from .datastore import Datastore
-from .errors import (
+from .core.config import BuildConfig, IndexConfig, KNNConfig
+from .core.errors import (
     CorpusError,
     DatastoreError,
     IncompatibleError,
@@ -21,8 +17,11 @@ from .errors import (
     UnsupportedModelError,
     UsageError,
 )
+from .core.version import __version__
 from .index import SearchIndex, build_index, exact_index
 from .models import register_architecture, supported_architectures
+from .store.corpus import CorpusSpec
+from .store.datastore import Datastore
 from .subset import SubsetConfig, SubsetRetriever, SubsetSearch, build_subset_index
 from .translator import KNNMT, Translation, load_model
 

@@ -19,10 +19,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import BuildConfig
-from .corpus import CorpusInfo, CorpusSpec, check_not_empty, inspect_corpus, is_empty, iter_pairs, target_path
-from .datastore import (
+from .core.config import BuildConfig
+from .core.errors import DatastoreError, IncompatibleError, UsageError
+from .core.version import __version__
+from .models import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .store.corpus import (
+    CorpusInfo,
+    CorpusSpec,
+    check_not_empty,
+    inspect_corpus,
+    is_empty,
+    iter_pairs,
+    target_path,
+)
+from .store.datastore import (
     FORMAT,
     MANIFEST,
     VERSION,
@@ -32,8 +42,7 @@ from .datastore import (
     unlisted_shards,
     write_json_atomic,
 )
-from .errors import DatastoreError, IncompatibleError, UsageError
-from .models import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .store.writelock import LOCK_FILE, WriteLock
 from .teacher_forcing import (
     EncodedPair,
     KeyExtractor,
@@ -42,7 +51,6 @@ from .teacher_forcing import (
     sequence_limit,
     warn_truncated,
 )
-from .writelock import LOCK_FILE, WriteLock
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import KnnmtError, UsageError
+from .core.errors import KnnmtError, UsageError
+from .core.version import __version__
 
 logger = logging.getLogger("knnmt")
 
@@ -333,7 +333,7 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     """The datastore's saved kNN settings (``knn.json``, else the defaults) with the command line's
     ``--k/--lambda/--temperature/--half-distance/--confidence-gate/--domain-gate`` on top (``none``
     switches the last three off)."""
-    from .config import KNNConfig
+    from .core.config import KNNConfig
     from .translator import KNN_CONFIG_FILE
 
     saved = Path(datastore) / KNN_CONFIG_FILE
@@ -368,8 +368,8 @@ def _float_or_off(text: str) -> float | str:
 
 
 def _load_knn(args: argparse.Namespace) -> Any:
-    from .datastore import read_manifest
-    from .errors import DatastoreError
+    from .core.errors import DatastoreError
+    from .store.datastore import read_manifest
     from .translator import KNNMT, load_model
 
     manifest = read_manifest(Path(args.datastore))
@@ -443,8 +443,8 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build_datastore, check_build_mode
-    from .config import BuildConfig
-    from .corpus import CorpusSpec
+    from .core.config import BuildConfig
+    from .store.corpus import CorpusSpec
     from .translator import load_model, set_languages
 
     check_build_mode(args.append, args.force)  # before the model loads
@@ -484,9 +484,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .config import IndexConfig
-    from .datastore import Datastore
+    from .core.config import IndexConfig
     from .index import build_index
+    from .store.datastore import Datastore
 
     config = IndexConfig(
         factory=args.factory,
@@ -553,8 +553,8 @@ def _index_subset(args: argparse.Namespace, store: Any) -> int:
 
 def _read_input(path: str) -> list[str]:
     """The lines of ``-i/--input`` (``-``: stdin) under the rules of every text input
-    (:func:`knnmt.corpus.decode_lines`: BOM dropped; NUL, CR-only line ends, bad UTF-8 refused)."""
-    from .corpus import read_lines
+    (:func:`knnmt.store.corpus.decode_lines`: BOM dropped; NUL, CR-only line ends, bad UTF-8 refused)."""
+    from .store.corpus import read_lines
 
     return read_lines(path)
 
@@ -602,8 +602,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .corpus import read_lines
     from .evaluation import evaluate, format_domain_table, format_table
+    from .store.corpus import read_lines
 
     if bool(args.ood_source) != bool(args.ood_reference):
         raise UsageError("--ood-source and --ood-reference go together")
@@ -701,10 +701,10 @@ def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .corpus import read_lines
     from .domain_gate import SEPARATE
+    from .store.corpus import read_lines
+    from .store.writelock import DatastoreLocked, describe_holder, holder_of
     from .tuning import DEFAULT_LAMBDAS, plot_grid, shipped_ood_dev, tune, tuning_note
-    from .writelock import DatastoreLocked, describe_holder, holder_of
 
     holder = None if args.no_save else holder_of(args.datastore)
     if holder is not None:  # fail now, not after the whole tuning run
@@ -814,7 +814,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _read_json_object(file: Path) -> dict[str, Any]:
     """A JSON object file of a datastore (index or subset settings, knn.json) for ``knnmt info``."""
-    from .errors import DatastoreError
+    from .core.errors import DatastoreError
 
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -828,8 +828,8 @@ def _read_json_object(file: Path) -> dict[str, Any]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .datastore import Datastore, read_manifest
     from .index import SETTINGS_FILE
+    from .store.datastore import Datastore, read_manifest
     from .translator import KNN_CONFIG_FILE
 
     path = Path(args.datastore)

@@ -25,12 +25,13 @@ from typing import Any
 from sacrebleu.metrics import BLEU
 
 from .build import build_datastore
-from .config import BuildConfig, KNNConfig
-from .corpus import CorpusSpec, read_lines
-from .datastore import MANIFEST, Datastore, read_manifest
-from .errors import DatastoreError, IncompatibleError, KnnmtError
+from .core.config import BuildConfig, KNNConfig
+from .core.errors import DatastoreError, IncompatibleError, KnnmtError
 from .evaluation import SystemScore, evaluate, format_table
 from .index import INDEX_FILE, build_index
+from .models import open_reusable
+from .store.corpus import CorpusSpec, read_lines
+from .store.datastore import MANIFEST, Datastore, read_manifest
 from .toy import build_toy_model, toy_corpus
 from .translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
 
@@ -228,7 +229,7 @@ def run_demo(
     store_dir = workdir / "datastore"
     start = time.perf_counter()
     complete = (store_dir / MANIFEST).is_file() and read_manifest(store_dir).get("state") == "complete"
-    store = None if force else Datastore.open_reusable(store_dir, model, tokenizer)
+    store = None if force else open_reusable(store_dir, model, tokenizer)
     if store is not None:
         logger.info("reusing the datastore in %s (--force rebuilds)", store_dir)
     elif complete:  # built with another model (e.g. the bundled one was retrained): rebuilt, index too

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .datastore import Datastore
-from .errors import DatastoreError, UsageError
+from .core.errors import DatastoreError, UsageError
 from .sentence_search import DenseSentenceSearch, embed_sources
+from .store.datastore import Datastore
 from .teacher_forcing import mean_pool
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def build_sentence_index(
     Raises:
         DatastoreError: the datastore has no stored sentence vectors, or an index exists (no ``force``).
     """
-    from .writelock import WriteLock
+    from .store.writelock import WriteLock
 
     target = datastore.path / SENTENCE_DIR
     with WriteLock(datastore.path, "index (sentences)"):
@@ -262,7 +262,7 @@ def _load_stored(datastore: Datastore) -> DenseSentenceSearch:
 
 def _prefix_fingerprint(datastore: Datastore, sentences: int) -> str | None:
     """The fingerprint the datastore had when it held its first ``sentences`` sentences (whole shards)."""
-    from .datastore import manifest_fingerprint
+    from .store.datastore import manifest_fingerprint
 
     manifest = datastore.manifest
     total = 0

@@ -24,10 +24,10 @@ import torch
 from transformers import LogitsProcessor
 
 from .beam_tracking import BeamSettings, BeamTracker
-from .config import KNNConfig
-from .errors import KnnmtError
+from .core.config import KNNConfig
+from .core.errors import KnnmtError
+from .knn.distribution import interpolate, knn_log_probs, retrieval_weights
 from .models import key_module
-from .retrieval import interpolate, knn_log_probs, retrieval_weights
 from .search import Retriever
 from .teacher_forcing import ActivationCapture
 

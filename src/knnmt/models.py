@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError, UsageError
+from .core.errors import IncompatibleError, UnsupportedModelError, UsageError
+from .store.datastore import MANIFEST, Datastore, read_manifest
+
+logger = logging.getLogger(__name__)
 
 ModuleGetter = Callable[[nn.Module], nn.Module]
 
@@ -152,3 +157,27 @@ def encoder_dim(model: nn.Module) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise UnsupportedModelError(f"cannot tell the encoder width of {type(config).__name__} (no d_model)")
+
+
+def check_model(datastore: Datastore, model: nn.Module, tokenizer: Any) -> None:
+    """Raise :class:`IncompatibleError` unless ``model`` and ``tokenizer`` are the ones ``datastore``
+    was built with (their fingerprints and the key dimension of its key layer)."""
+    datastore.check_compatible(
+        model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model, datastore.key_layer)
+    )
+
+
+def open_reusable(path: str | Path, model: nn.Module, tokenizer: Any) -> Datastore | None:
+    """The complete datastore at ``path`` if it was built with ``model`` and ``tokenizer``, else
+    ``None`` (nothing there, an interrupted build, or another model: logged) for the caller to
+    rebuild; used where a built datastore is a cache (the demo, the benchmarks)."""
+    p = Path(path)
+    if not (p / MANIFEST).is_file() or read_manifest(p).get("state") != "complete":
+        return None
+    store = Datastore.open(p)
+    try:
+        check_model(store, model, tokenizer)
+    except IncompatibleError as exc:  # e.g. the model was retrained since
+        logger.warning("%s; not reused", exc)
+        return None
+    return store

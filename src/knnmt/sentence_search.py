@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .datastore import Datastore, write_json_atomic
-from .errors import DatastoreError, UsageError
+from .core.errors import DatastoreError, UsageError
 from .index import auto_factory, omp_threads
+from .store.datastore import Datastore, write_json_atomic
 from .teacher_forcing import encode_sources, mean_pool, sequence_limit
 
 logger = logging.getLogger(__name__)

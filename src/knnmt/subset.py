@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import JsonConfig, _check
-from .datastore import Datastore, write_json_atomic
-from .errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
+from .core.config import JsonConfig, _check
+from .core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from .index import omp_threads
 from .pq import PQCodebook
 from .search import exact_rerank
@@ -57,7 +56,8 @@ from .sentence_search import (
     load_sentence_search,
     mean_pool,
 )
-from .writelock import WriteLock
+from .store.datastore import Datastore, write_json_atomic
+from .store.writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CorpusError, UsageError
+from .core.errors import CorpusError, UsageError
 from .models import key_module, model_max_length
 
 logger = logging.getLogger(__name__)

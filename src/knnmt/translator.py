@@ -17,15 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .beam_tracking import beam_settings
-from .config import KNNConfig
-from .datastore import Datastore
+from .core.config import KNNConfig
+from .core.errors import KnnmtError, UsageError
 from .domain_gate import DomainGate
-from .errors import KnnmtError, UsageError
 from .generation import knn_generation
 from .index import INDEX_FILE, SearchIndex, exact_index
-from .models import key_module
-from .retrieval import knn_log_probs, retrieval_weights
+from .knn.distribution import knn_log_probs, retrieval_weights
+from .models import check_model, key_module
 from .search import IndexRetriever, Retriever, prepare_retrieval
+from .store.datastore import Datastore
 from .teacher_forcing import (
     ActivationCapture,
     decoder_inputs,
@@ -198,7 +198,7 @@ class KNNMT:
         self.datastore = datastore
         self.key_layer = datastore.key_layer
         if check:
-            datastore.check_model(model, tokenizer)
+            check_model(datastore, model, tokenizer)
         self._index = index  # None: an exact index is built on first use (not needed by a given retriever)
         self.config = config or KNNConfig()
         self.retriever = retriever or IndexRetriever(self.index, datastore)
@@ -575,9 +575,9 @@ class KNNMT:
 
     def save_config(self, config: KNNConfig | None = None, about: dict[str, Any] | None = None) -> Path:
         """Store ``config`` (default: the current one) as the datastore's default ``knn.json``, holding the
-        datastore's write lock (:class:`~knnmt.writelock.WriteLock`) while it writes; ``about`` is a note on
-        how it was chosen, saved with it (see :func:`knnmt.config.read_about`)."""
-        from .writelock import WriteLock
+        datastore's write lock (:class:`~knnmt.store.writelock.WriteLock`) while it writes; ``about`` is a
+        note on how it was chosen, saved with it (see :func:`knnmt.core.config.read_about`)."""
+        from .store.writelock import WriteLock
 
         path = self.datastore.path / KNN_CONFIG_FILE
         with WriteLock(self.datastore.path, "save kNN settings"):

@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .config import KNNConfig
+from .core.config import KNNConfig
+from .core.errors import UsageError
 from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
-from .errors import UsageError
 from .evaluation import score
 from .search import prepare_retrieval
 from .teacher_forcing import (
@@ -500,7 +500,7 @@ MODEL_OOD_DEV = "knnmt-ood-dev.tsv"
 def shipped_ood_dev(model: str | Path) -> tuple[Path, list[str], list[str]] | None:
     """``(path, sources, references)`` of the out-of-domain dev set a local model directory ships
     (:data:`MODEL_OOD_DEV`), or ``None`` (a Hub name, or a directory without one)."""
-    from .corpus import CorpusSpec, inspect_corpus, iter_pairs
+    from .store.corpus import CorpusSpec, inspect_corpus, iter_pairs
 
     path = Path(model) / MODEL_OOD_DEV
     if not path.is_file():

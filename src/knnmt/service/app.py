@@ -34,10 +34,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..config import KNNConfig, _check
-from ..datastore import VECTORS_FILE, Datastore
-from ..errors import KnnmtError, UsageError
+from ..core.config import KNNConfig, _check
+from ..core.errors import KnnmtError, UsageError
+from ..core.version import __version__
+from ..store.datastore import VECTORS_FILE, Datastore
 from ..translator import KNN_CONFIG_FILE, KNNMT, Translation, load_model
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
 from .memory import AddResult, ConflictError, LiveMemory, load_main_index

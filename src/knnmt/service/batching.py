@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..config import KNNConfig, _check
-from ..errors import KnnmtError
+from ..core.config import KNNConfig, _check
+from ..core.errors import KnnmtError
 from ..translator import KNNMT, Translation
 
 logger = logging.getLogger(__name__)

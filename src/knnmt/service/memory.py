@@ -1,6 +1,6 @@
 """Live translation memory: add parallel pairs to a datastore while it is being searched.
 
-A served datastore is the on-disk datastore (see :mod:`knnmt.datastore`) plus
+A served datastore is the on-disk datastore (see :mod:`knnmt.store.datastore`) plus
 
 * a **main index**: the saved faiss index (``<datastore>/index``), which may cover only the first
   shards (a *prefix*) of the datastore, or an in-memory exact index of everything when none is saved;
@@ -41,8 +41,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..build import _Rate, _write_shard, vector_dim
-from ..config import BuildConfig
-from ..datastore import (
+from ..core.config import BuildConfig
+from ..core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
+from ..search import IndexRetriever
+from ..store.datastore import (
     MANIFEST,
     Datastore,
     fsync_dir,
@@ -51,11 +54,8 @@ from ..datastore import (
     unlisted_shards,
     write_json_atomic,
 )
-from ..errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
-from ..search import IndexRetriever
+from ..store.writelock import WriteLock
 from ..teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
-from ..writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 

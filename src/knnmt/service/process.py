@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import KnnmtError
+from ..core.errors import KnnmtError
 
 
 def free_port() -> int:

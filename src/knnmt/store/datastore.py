@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatastoreError, IncompatibleError
+from ..core.errors import DatastoreError, IncompatibleError
 
 logger = logging.getLogger(__name__)
 
@@ -258,22 +258,6 @@ class Datastore:
             store.verify()
         return store
 
-    @classmethod
-    def open_reusable(cls, path: str | Path, model: Any, tokenizer: Any) -> Datastore | None:
-        """The complete datastore at ``path`` if it was built with ``model`` and ``tokenizer``, else
-        ``None`` (nothing there, an interrupted build, or another model: logged) for the caller to
-        rebuild; used where a built datastore is a cache (the demo, the benchmarks)."""
-        p = Path(path)
-        if not (p / MANIFEST).is_file() or read_manifest(p).get("state") != "complete":
-            return None
-        store = cls.open(p)
-        try:
-            store.check_model(model, tokenizer)
-        except IncompatibleError as exc:  # e.g. the model was retrained since
-            logger.warning("%s; not reused", exc)
-            return None
-        return store
-
     def verify(self) -> None:
         """Check each shard file exists with the shape and dtype the manifest promises."""
         expected = {
@@ -313,15 +297,6 @@ class Datastore:
         """Identity of the datastore's content (model, layer, count, shards, corpus checksums): indexes
         record it."""
         return manifest_fingerprint(self.manifest)
-
-    def check_model(self, model: Any, tokenizer: Any) -> None:
-        """Raise :class:`IncompatibleError` unless ``model`` and ``tokenizer`` are the ones this datastore
-        was built with (their fingerprints and the key dimension of its key layer)."""
-        from .models import key_dim, model_fingerprint, tokenizer_fingerprint
-
-        self.check_compatible(
-            model_fingerprint(model), tokenizer_fingerprint(tokenizer), key_dim(model, self.key_layer)
-        )
 
     def check_compatible(self, model_fingerprint: str, tokenizer_fingerprint: str, dim: int) -> None:
         """Raise :class:`IncompatibleError` unless this datastore was built with that model and tokenizer."""

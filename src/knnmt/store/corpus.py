@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import CorpusError, UsageError
+from ..core.errors import CorpusError, UsageError
 
 CorpusFormat = Literal["text", "tsv", "jsonl"]
 _JSON_KEYS: tuple[tuple[str, str], ...] = (("src", "tgt"), ("source", "target"))

@@ -47,7 +47,7 @@ def retrieval_weights(
     temperature: float,
     half_distance: float | None,
 ) -> torch.Tensor:
-    """The weight ``λ_q`` of ``p_kNN`` for each row (see :class:`knnmt.config.KNNConfig`).
+    """The weight ``λ_q`` of ``p_kNN`` for each row (see :class:`knnmt.core.config.KNNConfig`).
 
     Args:
         distances: ``[R, k]`` squared L2 distances.

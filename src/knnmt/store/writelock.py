@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .errors import DatastoreError
+from ..core.errors import DatastoreError
 
 logger = logging.getLogger(__name__)
 
