@@ -123,8 +123,8 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from knnmt.core.config import IndexConfig
-    from knnmt.index import SearchIndex, build_index, recall_at_k
-    from knnmt.search import IndexRetriever
+    from knnmt.search.index import SearchIndex, build_index, recall_at_k
+    from knnmt.search.retriever import IndexRetriever
     from knnmt.store.datastore import Datastore
     from knnmt.teacher_forcing import pair_queries
     from knnmt.translator import load_model

@@ -82,8 +82,9 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
 
 def ensure_indexes(args: argparse.Namespace, store: Any, model: Any, tokenizer: Any) -> Path:
     """The default faiss index (built if missing) and the subset index with bm25 and dense; its directory."""
-    from knnmt.index import build_index
-    from knnmt.subset import SubsetConfig, build_subset_index
+    from knnmt.build import build_subset_index
+    from knnmt.search.index import build_index
+    from knnmt.search.subset import SubsetConfig
 
     if not (store.path / "index" / "index.json").is_file():
         build_index(store)
@@ -117,7 +118,7 @@ def _system(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _retriever(store: Any, subset_dir: Path, spec: dict[str, Any], rerank: int | None = None) -> Any:
-    from knnmt.subset import SubsetRetriever, SubsetSearch
+    from knnmt.search.subset import SubsetRetriever, SubsetSearch
 
     options = SubsetSearch(
         subset_size=spec["n"], sentence_search=spec["kind"], scorer=spec["scorer"], rerank=rerank
@@ -132,8 +133,8 @@ def phase_recall(args: argparse.Namespace, store: Any, subset_dir: Path, model: 
     """recall@k of vanilla and Subset kNN-MT against exact search, on teacher-forced test queries."""
     import faiss
 
-    from knnmt.index import SearchIndex, recall_at_k
-    from knnmt.search import IndexRetriever, prepare_retrieval
+    from knnmt.search.index import SearchIndex, recall_at_k
+    from knnmt.search.retriever import IndexRetriever, prepare_retrieval
     from knnmt.teacher_forcing import encode_sources, pair_queries, sequence_limit
 
     pairs = _pairs(TEST, args.recall_sentences)
@@ -197,8 +198,8 @@ def phase_recall(args: argparse.Namespace, store: Any, subset_dir: Path, model: 
 
 def phase_scorers(args: argparse.Namespace, store: Any, subset_dir: Path, model: Any, tokenizer: Any) -> dict:
     """ms per decoding step of each scorer for 32 sentences (1 query each = greedy; 4 = beam 4)."""
-    from knnmt.index import SearchIndex
-    from knnmt.search import IndexRetriever
+    from knnmt.search.index import SearchIndex
+    from knnmt.search.retriever import IndexRetriever
 
     sources = [s for s, _ in _pairs(TEST, 32)]
     rng = np.random.default_rng(0)
@@ -244,7 +245,7 @@ def phase_kernels(args: argparse.Namespace, store: Any, subset_dir: Path, model:
     """Raw per-query distance kernels over one real subset (n = --subset-size, BM25): torch ADC as
     index_select + sum (int32 / int64 offsets) or as one fused embedding_bag, faiss's PQ scanner, and the
     exact matrix product over the gathered keys; q = 1 (greedy) and 4 (beam) queries per sentence."""
-    from knnmt.index import omp_threads
+    from knnmt.search.index import omp_threads
 
     retriever = _retriever(store, subset_dir, {"kind": "bm25", "scorer": "adc", "n": args.subset_size})
     retriever.prepare([s for s, _ in _pairs(TEST, 32)])

@@ -297,7 +297,8 @@ ORACLE_SUBSET_SIZE = 32
 
 def build_test_subset(store: Datastore, model: Any, tokenizer: Any, out: Path | None = None) -> Path:
     """A Subset kNN-MT index with both sentence searches (4-bit PQ: fast to train) over ``store``."""
-    from knnmt.subset import SUBSET_DIR, SubsetConfig, build_subset_index
+    from knnmt.build import build_subset_index
+    from knnmt.search.subset import SUBSET_DIR, SubsetConfig
 
     target = out or store.path / SUBSET_DIR
     build_subset_index(store, SubsetConfig(pq_bits=4), out=target, progress=False)
@@ -322,7 +323,7 @@ def translator_for(
     **kwargs: Any,
 ) -> KNNMT:
     """A :class:`KNNMT` over ``store`` retrieving with ``mode`` (one of :data:`RETRIEVAL_MODES`)."""
-    from knnmt.subset import SubsetRetriever, SubsetSearch
+    from knnmt.search.subset import SubsetRetriever, SubsetSearch
 
     if mode == "index":
         return KNNMT(model, tokenizer, store, **kwargs)

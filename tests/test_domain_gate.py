@@ -239,7 +239,7 @@ def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: 
     from conftest import build_test_subset, write_text_corpus
     from knnmt.build import build_datastore
     from knnmt.core.errors import IncompatibleError
-    from knnmt.subset import SubsetIndex
+    from knnmt.search.subset import SubsetIndex
 
     model, tokenizer = marian
     first = write_text_corpus(tmp_path / "a", toy_pairs[:40])

@@ -25,8 +25,8 @@ from knnmt.core.errors import (
     UnsupportedModelError,
     UsageError,
 )
-from knnmt.index import SearchIndex, build_index
 from knnmt.models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
+from knnmt.search.index import SearchIndex, build_index
 from knnmt.store.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
 from knnmt.teacher_forcing import KeyExtractor

@@ -16,8 +16,8 @@ from conftest import RETRIEVAL_MODES, build_test_subset, strip_pad, translator_f
 from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig, KNNConfig
 from knnmt.generation import knn_generation
-from knnmt.index import exact_index
-from knnmt.search import IndexRetriever
+from knnmt.search.index import exact_index
+from knnmt.search.retriever import IndexRetriever
 from knnmt.toy import toy_corpus
 from knnmt.translator import KNNMT
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import write_synthetic_datastore
 from knnmt.core.config import IndexConfig
 from knnmt.core.errors import DatastoreError, IncompatibleError, UsageError
-from knnmt.index import (
+from knnmt.search.index import (
     SETTINGS_FILE,
     SearchIndex,
     auto_factory,
@@ -28,7 +28,7 @@ from knnmt.index import (
     recall_at_k,
     self_recall,
 )
-from knnmt.search import IndexRetriever
+from knnmt.search.retriever import IndexRetriever
 from knnmt.store.datastore import Datastore
 
 N, DIM, K = 20_000, 64, 8

@@ -20,9 +20,8 @@ from knnmt.build import build_datastore
 from knnmt.cli import EXIT_OK, main
 from knnmt.core.config import BuildConfig, KNNConfig
 from knnmt.core.errors import UsageError
-from knnmt.sentence_search import embed_sources
 from knnmt.store.datastore import Datastore
-from knnmt.teacher_forcing import TooLongError, pair_queries, sequence_limit
+from knnmt.teacher_forcing import TooLongError, embed_sources, pair_queries, sequence_limit
 from knnmt.toy import make_marian_model, make_marian_tokenizer, toy_corpus
 from knnmt.translator import KNNMT, load_model
 from knnmt.tuning import tune

@@ -73,7 +73,8 @@ def test_stored_sentence_vectors_are_the_gates_input_embeddings(marian, datastor
     that sentence as an input (fp16 storage aside)."""
     import numpy as np
 
-    from knnmt.sentence_search import datastore_sources, embed_sources
+    from knnmt.search.sentence_search import datastore_sources
+    from knnmt.teacher_forcing import embed_sources
 
     model, tokenizer = marian
     stored = np.concatenate([v for _, v in datastore.iter_sentence_vectors()])

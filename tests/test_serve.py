@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from knnmt.core.config import IndexConfig, KNNConfig
 from knnmt.core.errors import UsageError
-from knnmt.index import build_index
+from knnmt.search.index import build_index
 from knnmt.service import BatchConfig, BatchWorker, GenerationOptions, ServeConfig, Service, create_app
 from knnmt.store.datastore import Datastore
 from knnmt.toy import toy_corpus
@@ -402,7 +402,7 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
 def test_live_retriever_equals_exact_search_without_removed_entries(datastore, removed_sentences) -> None:
     import faiss
 
-    from knnmt.index import SearchIndex
+    from knnmt.search.index import SearchIndex
     from knnmt.service.memory import LiveRetriever, _State
 
     rng = np.random.default_rng(0)

@@ -18,22 +18,23 @@ import pytest
 import torch
 
 from conftest import write_synthetic_datastore
+from knnmt.build import build_subset_index
 from knnmt.cli import main
 from knnmt.core.config import KNNConfig
 from knnmt.core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
-from knnmt.index import recall_at_k
-from knnmt.pq import PQCodebook
-from knnmt.sentence_search import BM25SentenceSearch, datastore_sources, embed_sources, mean_pool
-from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
-from knnmt.subset import (
+from knnmt.search.index import recall_at_k
+from knnmt.search.pq import PQCodebook
+from knnmt.search.sentence_search import BM25SentenceSearch, datastore_sources, mean_pool
+from knnmt.search.subset import (
     SETTINGS_FILE,
     SubsetConfig,
     SubsetIndex,
     SubsetRetriever,
     SubsetSearch,
-    build_subset_index,
     sentence_entry_ranges,
 )
+from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
+from knnmt.teacher_forcing import embed_sources
 from knnmt.translator import KNNMT
 
 DIM, K = 32, 8

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 
 import knnmt.build
-from knnmt.build import build_datastore, rollback_append
+from knnmt.build import build_datastore, build_subset_index, rollback_append
 from knnmt.cli import main
 from knnmt.core.config import BuildConfig, IndexConfig
 from knnmt.core.errors import DatastoreError, UsageError
-from knnmt.index import SearchIndex, build_index
+from knnmt.search.index import SearchIndex, build_index
+from knnmt.search.subset import SubsetConfig
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
 from knnmt.store.writelock import LOCK_FILE, DatastoreLocked, WriteLock, holder_of
-from knnmt.subset import SubsetConfig, build_subset_index
 
 SMALL = BuildConfig(shard_sentences=7, max_tokens=64)
 

@@ -7,7 +7,7 @@ The front door is :class:`KNNMT`; plain functions build what it needs::
 
 from __future__ import annotations
 
-from .build import build_datastore
+from .build import build_datastore, build_subset_index
 from .core.config import BuildConfig, IndexConfig, KNNConfig
 from .core.errors import (
     CorpusError,
@@ -18,11 +18,11 @@ from .core.errors import (
     UsageError,
 )
 from .core.version import __version__
-from .index import SearchIndex, build_index, exact_index
 from .models import register_architecture, supported_architectures
+from .search.index import SearchIndex, build_index, exact_index
+from .search.subset import SubsetConfig, SubsetRetriever, SubsetSearch
 from .store.corpus import CorpusSpec
 from .store.datastore import Datastore
-from .subset import SubsetConfig, SubsetRetriever, SubsetSearch, build_subset_index
 from .translator import KNNMT, Translation, load_model
 
 __all__ = [

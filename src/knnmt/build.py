@@ -1,4 +1,8 @@
-"""Datastore build: stream a parallel corpus through the model and write shards.
+"""Building what :class:`~knnmt.KNNMT` needs from a model: the datastore (:func:`build_datastore`) and the
+Subset kNN-MT index with the model's sentence vectors (:func:`build_subset_index`). The faiss index
+needs no model: :func:`knnmt.search.index.build_index`.
+
+Datastore build: stream a parallel corpus through the model and write shards.
 
 Memory stays bounded by one shard of sentences (``BuildConfig.shard_sentences``): a shard is
 read, tokenised, sorted into length batches under a token budget, teacher-forced, and written
@@ -13,16 +17,19 @@ import itertools
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .core.config import BuildConfig
 from .core.errors import DatastoreError, IncompatibleError, UsageError
 from .core.version import __version__
 from .models import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .search.sentence_search import SourceEmbedder
+from .search.subset import SubsetConfig, SubsetIndex
 from .store.corpus import (
     CorpusInfo,
     CorpusSpec,
@@ -46,6 +53,7 @@ from .store.writelock import LOCK_FILE, WriteLock
 from .teacher_forcing import (
     EncodedPair,
     KeyExtractor,
+    embed_sources,
     encode_pairs,
     length_batches,
     sequence_limit,
@@ -507,3 +515,30 @@ def rollback_append(path: str | Path) -> Datastore:
             manifest["count"],
         )
     return Datastore.open(out)
+
+
+def build_subset_index(
+    datastore: Datastore,
+    config: SubsetConfig | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> SubsetIndex:
+    """Build (or extend) the Subset kNN-MT index of ``datastore`` (:meth:`SubsetIndex.build`).
+
+    Trains PQ codebooks on a sample of keys and encodes every key (reused when a previous build for
+    the same datastore and PQ settings exists, unless ``force``), stores the entry ranges of every
+    sentence and builds ``config.sentence_search`` over the datastore's source sentences (``dense``
+    needs the ``model`` and ``tokenizer`` the datastore was built with). Building the other sentence
+    search later adds it beside the first; ``config.sentence_search`` becomes the default.
+    """
+    embed: SourceEmbedder | None = None
+    if model is not None and tokenizer is not None:
+
+        def embed(sources: Sequence[str], *, source_prefix: str = "", progress: bool = False) -> np.ndarray:
+            return embed_sources(model, tokenizer, sources, source_prefix=source_prefix, progress=progress)
+
+    return SubsetIndex.build(datastore, config, embed=embed, out=out, progress=progress, force=force)

@@ -384,7 +384,7 @@ def _load_knn(args: argparse.Namespace) -> Any:
     index = None if args.index == "exact" else args.index
     subset = None
     if args.retrieval == "subset":
-        from .subset import SubsetSearch
+        from .search.subset import SubsetSearch
 
         subset = SubsetSearch(
             subset_size=args.subset_size, sentence_search=args.sentence_search, scorer=args.subset_scorer
@@ -485,7 +485,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from .core.config import IndexConfig
-    from .index import build_index
+    from .search.index import build_index
     from .store.datastore import Datastore
 
     config = IndexConfig(
@@ -523,7 +523,8 @@ def _sentence_index(store: Any) -> dict[str, Any] | None:
 
 
 def _index_subset(args: argparse.Namespace, store: Any) -> int:
-    from .subset import SubsetConfig, build_subset_index
+    from .build import build_subset_index
+    from .search.subset import SubsetConfig
     from .translator import load_model
 
     config = SubsetConfig(
@@ -828,7 +829,7 @@ def _read_json_object(file: Path) -> dict[str, Any]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .index import SETTINGS_FILE
+    from .search.index import SETTINGS_FILE
     from .store.datastore import Datastore, read_manifest
     from .translator import KNN_CONFIG_FILE
 

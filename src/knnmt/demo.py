@@ -28,8 +28,8 @@ from .build import build_datastore
 from .core.config import BuildConfig, KNNConfig
 from .core.errors import DatastoreError, IncompatibleError, KnnmtError
 from .evaluation import SystemScore, evaluate, format_table
-from .index import INDEX_FILE, build_index
 from .models import open_reusable
+from .search.index import INDEX_FILE, build_index
 from .store.corpus import CorpusSpec, read_lines
 from .store.datastore import MANIFEST, Datastore, read_manifest
 from .toy import build_toy_model, toy_corpus
@@ -199,7 +199,8 @@ def _html(
 
 def _dense_sentence_index(store: Datastore, model: Any, tokenizer: Any, force: bool, progress: bool) -> None:
     """Build the dense sentence index the domain gate reads, unless it is there for this datastore."""
-    from .subset import SUBSET_DIR, SubsetConfig, build_subset_index, checked_settings
+    from .build import build_subset_index
+    from .search.subset import SUBSET_DIR, SubsetConfig, checked_settings
 
     if not force:
         try:

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from .core.errors import DatastoreError, UsageError
-from .sentence_search import DenseSentenceSearch, embed_sources
+from .search.sentence_search import DenseSentenceSearch, mean_pool
 from .store.datastore import Datastore
-from .teacher_forcing import mean_pool
+from .teacher_forcing import embed_sources
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DomainGate:
         """
         if datastore.vector_dim and subset_dir is None:
             return cls(_load_stored(datastore))
-        from .subset import SUBSET_DIR, checked_settings
+        from .search.subset import SUBSET_DIR, checked_settings
 
         directory = Path(subset_dir) if subset_dir is not None else datastore.path / SUBSET_DIR
         settings = checked_settings(directory, datastore, allow_grown=True)

@@ -28,7 +28,7 @@ from .core.config import KNNConfig
 from .core.errors import KnnmtError
 from .knn.distribution import interpolate, knn_log_probs, retrieval_weights
 from .models import key_module
-from .search import Retriever
+from .search.retriever import Retriever
 from .teacher_forcing import ActivationCapture
 
 

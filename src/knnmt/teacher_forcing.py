@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .core.errors import CorpusError, UsageError
 from .models import key_module, model_max_length
+from .search.sentence_search import mean_pool
 
 logger = logging.getLogger(__name__)
 
@@ -320,23 +322,6 @@ class KeyExtractor:
         return [keys[row, : len(p.target_ids)] for row, p in enumerate(batch)], mean_pool(states, src_mask)
 
 
-def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-    """L2-normalised mean of encoder states over non-pad tokens.
-
-    Args:
-        states: ``[B, L, d]`` encoder output.
-        attention_mask: ``[B, L]`` (1 for real tokens).
-
-    Returns:
-        ``[B, d]`` float32 numpy array.
-    """
-    mask = attention_mask.to(states.device, dtype=torch.float32).unsqueeze(-1)  # [B, L, 1]
-    summed = (states.float() * mask).sum(1)
-    pooled = summed / mask.sum(1).clamp(min=1.0)
-    pooled = torch.nn.functional.normalize(pooled, dim=-1)
-    return np.ascontiguousarray(pooled.cpu().numpy(), dtype=np.float32)
-
-
 def pair_queries(
     model: nn.Module,
     tokenizer: Any,
@@ -359,3 +344,39 @@ def pair_queries(
     return [
         k.float() for i in range(0, len(encoded), batch_size) for k in extractor(encoded[i : i + batch_size])
     ]
+
+
+@torch.inference_mode()
+def embed_sources(
+    model: Any,
+    tokenizer: Any,
+    sources: Sequence[str],
+    *,
+    source_prefix: str = "",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> np.ndarray:
+    """Mean-pooled encoder states of ``sources`` (tokenised as ``KNNMT`` tokenises inputs): ``[n, d]``."""
+    device = next(model.parameters()).device
+    encoder = model.get_encoder()
+    limit = sequence_limit(model, tokenizer)
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out: np.ndarray | None = None
+    bar = tqdm(
+        total=len(sources), unit="sent", desc="embed sources", disable=not progress, dynamic_ncols=True
+    )
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        # cut like translation inputs (which count and log what they truncate)
+        inputs, _ = encode_sources(tokenizer, [source_prefix + sources[i] for i in rows], limit)
+        inputs = inputs.to(device)
+        states = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+        pooled = mean_pool(states, inputs["attention_mask"])
+        if out is None:
+            out = np.zeros((len(sources), pooled.shape[1]), dtype=np.float32)
+        out[rows] = pooled
+        bar.update(len(rows))
+    bar.close()
+    if out is None:
+        raise UsageError("no sentences to embed")
+    return out

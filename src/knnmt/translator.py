@@ -21,10 +21,10 @@ from .core.config import KNNConfig
 from .core.errors import KnnmtError, UsageError
 from .domain_gate import DomainGate
 from .generation import knn_generation
-from .index import INDEX_FILE, SearchIndex, exact_index
 from .knn.distribution import knn_log_probs, retrieval_weights
 from .models import check_model, key_module
-from .search import IndexRetriever, Retriever, prepare_retrieval
+from .search.index import INDEX_FILE, SearchIndex, exact_index
+from .search.retriever import IndexRetriever, Retriever, prepare_retrieval
 from .store.datastore import Datastore
 from .teacher_forcing import (
     ActivationCapture,
@@ -239,9 +239,9 @@ class KNNMT:
         search; ``None`` forces exact search. ``config`` defaults to ``<datastore>/knn.json`` (from tuning)
         or :class:`KNNConfig` defaults.
 
-        ``retrieval="subset"`` uses Subset kNN-MT (:mod:`knnmt.subset`, built by ``knnmt index --subset``)
-        instead of the faiss index; ``subset`` (a :class:`knnmt.subset.SubsetSearch`) overrides its saved
-        search settings."""
+        ``retrieval="subset"`` uses Subset kNN-MT (:mod:`knnmt.search.subset`, built by
+        ``knnmt index --subset``) instead of the faiss index; ``subset`` (a
+        :class:`knnmt.search.subset.SubsetSearch`) overrides its saved search settings."""
         model_obj, tokenizer = load_model(model, device) if isinstance(model, str) else model
         set_languages(model_obj, tokenizer, src_lang, tgt_lang)
         store = Datastore.open(datastore)
@@ -249,7 +249,7 @@ class KNNMT:
             saved = store.path / KNN_CONFIG_FILE
             config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
         if retrieval == "subset":
-            from .subset import SubsetRetriever, SubsetSearch
+            from .search.subset import SubsetRetriever, SubsetSearch
 
             options = subset or SubsetSearch()
             device_name = str(next(model_obj.parameters()).device)

@@ -28,7 +28,7 @@ from .core.config import KNNConfig
 from .core.errors import UsageError
 from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
 from .evaluation import score
-from .search import prepare_retrieval
+from .search.retriever import prepare_retrieval
 from .teacher_forcing import (
     ActivationCapture,
     EncodedPair,

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from ..build import _Rate, _write_shard, vector_dim
 from ..core.config import BuildConfig
 from ..core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ..index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
-from ..search import IndexRetriever
+from ..search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
+from ..search.retriever import IndexRetriever
 from ..store.datastore import (
     MANIFEST,
     Datastore,
@@ -101,7 +101,7 @@ class _State:
 
 
 class LiveRetriever:
-    """A :class:`knnmt.search.Retriever` over main + side index that skips removed entries."""
+    """A :class:`knnmt.search.retriever.Retriever` over main + side index that skips removed entries."""
 
     def __init__(self, state: _State) -> None:
         self.state = state

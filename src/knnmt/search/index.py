@@ -23,10 +23,10 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core.config import IndexConfig
-from .core.errors import DatastoreError, IncompatibleError, UsageError
-from .store.datastore import Datastore, write_json_atomic
-from .store.writelock import WriteLock
+from ..core.config import IndexConfig
+from ..core.errors import DatastoreError, IncompatibleError, UsageError
+from ..store.datastore import Datastore, write_json_atomic
+from ..store.writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..store.datastore import Datastore
 from .index import SearchIndex
-from .store.datastore import Datastore
 
 
 class Retriever(Protocol):

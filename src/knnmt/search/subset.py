@@ -3,14 +3,14 @@ nearest to the input sentence.
 
 For each source sentence of a ``generate`` call (once, before decoding):
 
-1. a sentence search (:mod:`knnmt.sentence_search`: BM25 or the model's own mean-pooled encoder
+1. a sentence search (:mod:`knnmt.search.sentence_search`: BM25 or the model's own mean-pooled encoder
    states) picks the ``n`` datastore sentences whose source side is nearest (default ``n = 512``);
 2. their datastore entries are located through the per-sentence entry ranges stored with the index
    (``ranges[s] .. ranges[s + 1]``, from the datastore's provenance), typically ``n × 20-30`` keys.
 
 At every decoding step each query is then compared with its own sentence's subset only:
 product-quantisation codes of all keys are stored with the index, the distances are asymmetric
-(look-up tables of query-to-centroid distances summed over the codes, :mod:`knnmt.pq`), and the best
+(look-up tables of query-to-centroid distances summed over the codes, :mod:`knnmt.search.pq`), and the best
 ``rerank · k`` candidates are re-ranked by their exact squared L2 to the stored fp16 keys, so the
 returned distances are exact. The scorer is selectable: ``adc`` (torch, CPU or GPU), ``faiss`` (the
 same ADC in faiss's C++ scanner, CPU) or ``exact`` (the subset's keys gathered once per sentence,
@@ -41,23 +41,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core.config import JsonConfig, _check
-from .core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..core.config import JsonConfig, _check
+from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..store.datastore import Datastore, write_json_atomic
+from ..store.writelock import WriteLock
 from .index import omp_threads
 from .pq import PQCodebook
-from .search import exact_rerank
+from .retriever import exact_rerank
 from .sentence_search import (
     SENTENCE_SEARCHES,
     BM25SentenceSearch,
     DenseSentenceSearch,
     SentenceSearch,
+    SourceEmbedder,
     datastore_sources,
-    embed_sources,
     load_sentence_search,
     mean_pool,
 )
-from .store.datastore import Datastore, write_json_atomic
-from .store.writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 
@@ -227,35 +227,10 @@ def _self_hits(search: SentenceSearch, sources: list[str], embeddings: np.ndarra
     return float(np.mean(hits))
 
 
-def build_subset_index(
-    datastore: Datastore,
-    config: SubsetConfig | None = None,
-    *,
-    model: Any = None,
-    tokenizer: Any = None,
-    out: str | Path | None = None,
-    progress: bool = True,
-    force: bool = False,
-) -> SubsetIndex:
-    """Build (or extend) the Subset kNN-MT index of ``datastore``.
-
-    Trains PQ codebooks on a sample of keys and encodes every key (reused when a previous build for
-    the same datastore and PQ settings exists, unless ``force``), stores the entry ranges of every
-    sentence and builds ``config.sentence_search`` over the datastore's source sentences (``dense``
-    needs the ``model`` and ``tokenizer`` the datastore was built with). Building the other sentence
-    search later adds it beside the first; ``config.sentence_search`` becomes the default.
-    """
-    with WriteLock(datastore.path, "index --subset"):  # one writer at a time
-        return _build_subset_index(
-            datastore, config or SubsetConfig(), model, tokenizer, out, progress=progress, force=force
-        )
-
-
 def _build_subset_index(
     datastore: Datastore,
     config: SubsetConfig,
-    model: Any,
-    tokenizer: Any,
+    embed: SourceEmbedder | None,
     out: str | Path | None,
     *,
     progress: bool,
@@ -264,7 +239,7 @@ def _build_subset_index(
     target = Path(out) if out is not None else datastore.path / SUBSET_DIR
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
-    if config.sentence_search == "dense" and (model is None or tokenizer is None):
+    if config.sentence_search == "dense" and embed is None:
         raise UsageError("dense sentence search needs the model and tokenizer (knnmt index --model ...)")
     old = _read_settings(target)
     if old is not None and old.get("datastore_fingerprint") != datastore.fingerprint and not force:
@@ -338,8 +313,9 @@ def _build_subset_index(
     if kind == "bm25":
         search = BM25SentenceSearch.build(sources, progress=progress)
     else:
+        assert embed is not None  # checked above, before any work
         prefix = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
-        embeddings = embed_sources(model, tokenizer, sources, source_prefix=prefix, progress=progress)
+        embeddings = embed(sources, source_prefix=prefix, progress=progress)
         search = DenseSentenceSearch.build(embeddings, config.dense_factory, seed=config.seed)
         record["factory"] = config.dense_factory
     directory = target / kind
@@ -436,6 +412,32 @@ class SubsetIndex:
             return np.zeros(0, dtype=np.int64)
         first = np.cumsum(lengths) - lengths
         return np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
+
+    @classmethod
+    def build(
+        cls,
+        datastore: Datastore,
+        config: SubsetConfig | None = None,
+        *,
+        embed: SourceEmbedder | None = None,
+        out: str | Path | None = None,
+        progress: bool = True,
+        force: bool = False,
+    ) -> SubsetIndex:
+        """Build (or extend) the Subset kNN-MT index of ``datastore`` (at ``out``, default
+        ``<datastore>/subset``).
+
+        Trains PQ codebooks on a sample of keys and encodes every key (reused when a previous build for
+        the same datastore and PQ settings exists, unless ``force``), stores the entry ranges of every
+        sentence and builds ``config.sentence_search`` over the datastore's source sentences (``dense``
+        needs ``embed``, the sentence vectors of the model the datastore was built with: see
+        :func:`knnmt.build.build_subset_index`). Building the other sentence search later adds it
+        beside the first; ``config.sentence_search`` becomes the default.
+        """
+        with WriteLock(datastore.path, "index --subset"):  # one writer at a time
+            return _build_subset_index(
+                datastore, config or SubsetConfig(), embed, out, progress=progress, force=force
+            )
 
     @classmethod
     def load(

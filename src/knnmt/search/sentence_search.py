@@ -7,6 +7,10 @@ sentence ids (``-1`` where fewer than ``n`` were found):
   no server); sentences sharing no word with the input are not returned.
 * :class:`DenseSentenceSearch` - the model's own encoder states mean-pooled over the non-pad tokens
   and L2-normalised (so nearest by L2 = nearest by cosine), in a faiss index.
+
+Running the model to get those vectors is not done here (this layer knows no model): the encoder pass
+is :func:`knnmt.teacher_forcing.embed_sources`, handed in as a :class:`SourceEmbedder`; only the
+pooling (:func:`mean_pool`) and the index are here.
 """
 
 from __future__ import annotations
@@ -21,16 +25,23 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .core.errors import DatastoreError, UsageError
+from ..core.errors import DatastoreError, UsageError
+from ..store.datastore import Datastore, write_json_atomic
 from .index import auto_factory, omp_threads
-from .store.datastore import Datastore, write_json_atomic
-from .teacher_forcing import encode_sources, mean_pool, sequence_limit
 
 logger = logging.getLogger(__name__)
 
 SENTENCE_SEARCHES: tuple[str, ...] = ("bm25", "dense")
+
+
+class SourceEmbedder(Protocol):
+    """Sentence vectors of source sentences for the dense search (:func:`knnmt.teacher_forcing.embed_sources`
+    with a model and tokenizer bound): ``[len(sources), d]`` float32, L2-normalised (:func:`mean_pool`)."""
+
+    def __call__(
+        self, sources: Sequence[str], *, source_prefix: str = "", progress: bool = False
+    ) -> np.ndarray: ...
 
 
 class SentenceSearch(Protocol):
@@ -124,40 +135,21 @@ class BM25SentenceSearch:
 # ---- dense -----------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def embed_sources(
-    model: Any,
-    tokenizer: Any,
-    sources: Sequence[str],
-    *,
-    source_prefix: str = "",
-    batch_size: int = 64,
-    progress: bool = False,
-) -> np.ndarray:
-    """Mean-pooled encoder states of ``sources`` (tokenised as ``KNNMT`` tokenises inputs): ``[n, d]``."""
-    device = next(model.parameters()).device
-    encoder = model.get_encoder()
-    limit = sequence_limit(model, tokenizer)
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    out: np.ndarray | None = None
-    bar = tqdm(
-        total=len(sources), unit="sent", desc="embed sources", disable=not progress, dynamic_ncols=True
-    )
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
-        # cut like translation inputs (which count and log what they truncate)
-        inputs, _ = encode_sources(tokenizer, [source_prefix + sources[i] for i in rows], limit)
-        inputs = inputs.to(device)
-        states = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
-        pooled = mean_pool(states, inputs["attention_mask"])
-        if out is None:
-            out = np.zeros((len(sources), pooled.shape[1]), dtype=np.float32)
-        out[rows] = pooled
-        bar.update(len(rows))
-    bar.close()
-    if out is None:
-        raise UsageError("no sentences to embed")
-    return out
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    """L2-normalised mean of encoder states over non-pad tokens.
+
+    Args:
+        states: ``[B, L, d]`` encoder output.
+        attention_mask: ``[B, L]`` (1 for real tokens).
+
+    Returns:
+        ``[B, d]`` float32 numpy array.
+    """
+    mask = attention_mask.to(states.device, dtype=torch.float32).unsqueeze(-1)  # [B, L, 1]
+    summed = (states.float() * mask).sum(1)
+    pooled = summed / mask.sum(1).clamp(min=1.0)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return np.ascontiguousarray(pooled.cpu().numpy(), dtype=np.float32)
 
 
 class DenseSentenceSearch:

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import torch
 
-from .core.errors import DatastoreError, UsageError
+from ..core.errors import DatastoreError, UsageError
 
 
 class PQCodebook:
