@@ -37,7 +37,7 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def setup(args: argparse.Namespace) -> None:
     """Tokenizer + random model (cached)."""
-    from knnmt.toy import make_marian_model, make_marian_tokenizer
+    from knnmt.hf.toy import make_marian_model, make_marian_tokenizer
 
     out = _model_dir(args)
     if (out / "config.json").is_file():
@@ -59,8 +59,8 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
 
     from knnmt.build import build_datastore
     from knnmt.core.config import BuildConfig
+    from knnmt.hf.teacher_forcing import decoder_inputs, encode_for_model, length_batches, pad_sequences
     from knnmt.store.corpus import CorpusSpec
-    from knnmt.teacher_forcing import decoder_inputs, encode_for_model, length_batches, pad_sequences
     from knnmt.translator import load_model
 
     torch.set_num_threads(os.cpu_count() or 2)
@@ -123,10 +123,10 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from knnmt.core.config import IndexConfig
+    from knnmt.hf.teacher_forcing import pair_queries
     from knnmt.search.index import SearchIndex, build_index, recall_at_k
     from knnmt.search.retriever import IndexRetriever
     from knnmt.store.datastore import Datastore
-    from knnmt.teacher_forcing import pair_queries
     from knnmt.translator import load_model
 
     store = Datastore.open(WORK / "datastore")

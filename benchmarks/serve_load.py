@@ -118,7 +118,7 @@ import sys
 from pathlib import Path
 from knnmt.build import build_datastore
 from knnmt.store.corpus import CorpusSpec
-from knnmt.toy import build_toy_model
+from knnmt.hf.toy import build_toy_model
 from knnmt.translator import load_model
 work = Path(sys.argv[1])
 toy = build_toy_model(work / "toy", n_sentences=400)

@@ -54,13 +54,13 @@ import shutil  # noqa: E402
 from knnmt.build import build_datastore, build_subset_index  # noqa: E402
 from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
 from knnmt.evaluation import score  # noqa: E402
-from knnmt.models import open_reusable  # noqa: E402
+from knnmt.hf.registry import open_reusable  # noqa: E402
+from knnmt.hf.teacher_forcing import pair_queries  # noqa: E402
 from knnmt.search.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
 from knnmt.search.retriever import IndexRetriever, Retriever  # noqa: E402
 from knnmt.search.subset import SubsetConfig, SubsetRetriever, SubsetSearch  # noqa: E402
 from knnmt.store.corpus import CorpusSpec  # noqa: E402
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
-from knnmt.teacher_forcing import pair_queries  # noqa: E402
 from knnmt.translator import (  # noqa: E402
     KNNMT,
     load_model,
@@ -215,8 +215,8 @@ def subset_ids(
     model: Any, tokenizer: Any, retriever: Any, recall: list[tuple[str, np.ndarray]], k: int
 ) -> np.ndarray:
     """Subset kNN-MT's neighbours of the recall queries, each sentence's queries in its own subset."""
+    from knnmt.hf.teacher_forcing import encode_sources, sequence_limit
     from knnmt.search.retriever import prepare_retrieval
-    from knnmt.teacher_forcing import encode_sources, sequence_limit
 
     found = []
     for start in range(0, len(recall), 32):

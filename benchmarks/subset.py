@@ -49,7 +49,7 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
     """Open ``--datastore`` or build ``WORK/datastore`` (target corpus, general corpus appended to size)."""
     from knnmt.build import build_datastore
     from knnmt.core.config import BuildConfig
-    from knnmt.models import open_reusable
+    from knnmt.hf.registry import open_reusable
     from knnmt.store.corpus import CorpusSpec
     from knnmt.store.datastore import Datastore
 
@@ -133,9 +133,9 @@ def phase_recall(args: argparse.Namespace, store: Any, subset_dir: Path, model: 
     """recall@k of vanilla and Subset kNN-MT against exact search, on teacher-forced test queries."""
     import faiss
 
+    from knnmt.hf.teacher_forcing import encode_sources, pair_queries, sequence_limit
     from knnmt.search.index import SearchIndex, recall_at_k
     from knnmt.search.retriever import IndexRetriever, prepare_retrieval
-    from knnmt.teacher_forcing import encode_sources, pair_queries, sequence_limit
 
     pairs = _pairs(TEST, args.recall_sentences)
     per_sentence = pair_queries(model, tokenizer, pairs, path=str(TEST))

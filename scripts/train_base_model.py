@@ -214,7 +214,7 @@ def build_tokenizer(args: argparse.Namespace, pairs: list[tuple[str, str]], tok_
     """Shared SentencePiece unigram vocabulary on both sides of the train set, as a MarianTokenizer."""
     from transformers import MarianTokenizer
 
-    from knnmt.toy import make_marian_tokenizer
+    from knnmt.hf.toy import make_marian_tokenizer
 
     if not (tok_dir / "vocab.json").exists():
         texts = [s for s, _ in pairs] + [t for _, t in pairs]

@@ -18,9 +18,9 @@ import torch
 
 from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig
+from knnmt.hf.toy import build_toy_model, toy_corpus, train_sentencepiece
 from knnmt.store.corpus import CorpusSpec
 from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
-from knnmt.toy import build_toy_model, toy_corpus, train_sentencepiece
 from knnmt.translator import KNNMT, load_model
 
 #: Sentence pairs in the session's toy corpus (and its datastore).

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knnmt.beam_tracking import BeamSettings, BeamTracker, beam_settings
 from knnmt.core.config import KNNConfig
+from knnmt.hf.beam_tracking import BeamSettings, BeamTracker, beam_settings
 
 KNN = KNNConfig(lambda_=0.5, k=4, temperature=10.0)
 
@@ -99,7 +99,7 @@ def test_tracked_finished_pool_is_the_beam_searchs(
     translator, toy_pairs, num_beams: int, extra: dict
 ) -> None:
     """The tracker's finished hypotheses' scores are the ones generate returns (``sequences_scores``)."""
-    from knnmt.generation import knn_generation
+    from knnmt.hf.logits_processor import knn_generation
 
     model, tokenizer = translator.model, translator.tokenizer
     sources = [s for s, _ in toy_pairs[120:128]]

@@ -16,10 +16,10 @@ from conftest import all_entries, all_sentences
 from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig
 from knnmt.core.errors import DatastoreError, IncompatibleError
-from knnmt.models import open_reusable
+from knnmt.hf.registry import open_reusable
+from knnmt.hf.toy import make_marian_model
 from knnmt.store.corpus import CorpusSpec
 from knnmt.store.datastore import MANIFEST, Datastore, ShardWriter, read_manifest
-from knnmt.toy import make_marian_model
 
 SMALL = BuildConfig(shard_sentences=7, max_tokens=64)
 LARGE = BuildConfig(shard_sentences=10_000, max_tokens=1_000_000)
@@ -308,7 +308,7 @@ def test_manifest_describes_the_build(datastore, marian, toy_spec) -> None:
 def test_keys_beyond_fp16_range_are_refused(
     marian, toy_pairs, make_corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knnmt.teacher_forcing import KeyExtractor
+    from knnmt.hf.teacher_forcing import KeyExtractor
 
     model, tokenizer = marian
     real = KeyExtractor.extract

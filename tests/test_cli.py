@@ -16,8 +16,8 @@ import pytest
 
 import knnmt
 from knnmt.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from knnmt.hf.toy import build_toy_model
 from knnmt.store.writelock import LOCK_FILE
-from knnmt.toy import build_toy_model
 
 
 @pytest.fixture(scope="module")

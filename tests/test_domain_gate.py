@@ -12,7 +12,7 @@ import pytest
 from knnmt.core.config import KNNConfig
 from knnmt.core.errors import DatastoreError, UsageError
 from knnmt.domain_gate import DomainGate, threshold_for_recall, threshold_separating
-from knnmt.toy import toy_corpus
+from knnmt.hf.toy import toy_corpus
 from knnmt.translator import KNNMT
 
 KNN = KNNConfig(lambda_=0.8, k=4, temperature=10.0)

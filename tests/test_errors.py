@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import all_sentences
-from knnmt import models
 from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig
 from knnmt.core.errors import (
@@ -25,12 +24,13 @@ from knnmt.core.errors import (
     UnsupportedModelError,
     UsageError,
 )
-from knnmt.models import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
+from knnmt.hf import registry
+from knnmt.hf.registry import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
+from knnmt.hf.teacher_forcing import KeyExtractor
+from knnmt.hf.toy import make_marian_model, make_marian_tokenizer, toy_corpus
 from knnmt.search.index import SearchIndex, build_index
 from knnmt.store.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
-from knnmt.teacher_forcing import KeyExtractor
-from knnmt.toy import make_marian_model, make_marian_tokenizer, toy_corpus
 from knnmt.translator import KNNMT, load_model
 
 
@@ -349,10 +349,10 @@ def test_register_architecture_and_key_layers(monkeypatch: pytest.MonkeyPatch) -
     assert key_module(model, "decoder_output") is model.lm_head  # every LM head model has one
     with pytest.raises(UsageError, match="unknown key layer 'middle'"):
         key_module(model, "middle")
-    monkeypatch.setitem(models._FFN_INPUT, "GPT2Config", lambda m: m.transformer.h[-1].mlp.c_fc)
-    assert "GPT2Config" in models.supported_architectures()
+    monkeypatch.setitem(registry._FFN_INPUT, "GPT2Config", lambda m: m.transformer.h[-1].mlp.c_fc)
+    assert "GPT2Config" in registry.supported_architectures()
     assert key_module(model) is model.transformer.h[-1].mlp.c_fc
-    assert models.key_module_name(model) == "transformer.h.0.mlp.c_fc"
+    assert registry.key_module_name(model) == "transformer.h.0.mlp.c_fc"
 
 
 def test_key_dim_of_registered_families(marian, t5, m2m100) -> None:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import strip_pad
-from knnmt import generation
 from knnmt.core.config import KNNConfig
+from knnmt.hf import logits_processor
+from knnmt.hf.capture import ActivationCapture
+from knnmt.hf.registry import key_module
 from knnmt.knn.distribution import interpolate, knn_log_probs, retrieval_weights
-from knnmt.models import key_module
-from knnmt.teacher_forcing import ActivationCapture
 from knnmt.tuning import reference_statistics
 
 GEN = {"max_new_tokens": 32}
@@ -25,10 +25,10 @@ def knn_steps(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
     """Spy on :class:`KNNLogitsProcessor`: records ``input_ids``, ``scores``, the captured queries and the
     output of every call during the test."""
     calls: list[dict[str, torch.Tensor]] = []
-    original = generation.KNNLogitsProcessor.__call__
+    original = logits_processor.KNNLogitsProcessor.__call__
 
     def spy(
-        self: generation.KNNLogitsProcessor, input_ids: torch.Tensor, scores: torch.Tensor
+        self: logits_processor.KNNLogitsProcessor, input_ids: torch.Tensor, scores: torch.Tensor
     ) -> torch.Tensor:
         scores_in = scores.clone()
         assert self.capture.last is not None
@@ -39,7 +39,7 @@ def knn_steps(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
         )
         return out
 
-    monkeypatch.setattr(generation.KNNLogitsProcessor, "__call__", spy)
+    monkeypatch.setattr(logits_processor.KNNLogitsProcessor, "__call__", spy)
     return calls
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from knnmt.models import key_module
-from knnmt.teacher_forcing import ActivationCapture, EncodedPair, KeyExtractor, pair_queries
+from knnmt.hf.capture import ActivationCapture
+from knnmt.hf.registry import key_module
+from knnmt.hf.teacher_forcing import EncodedPair, KeyExtractor, pair_queries
 
 
 class ForceAndRecord(LogitsProcessor):

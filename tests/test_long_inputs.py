@@ -2,7 +2,7 @@
 
 The model here has 32 positions while its tokenizer declares 64 tokens, so neither the tokenizer's own
 truncation nor a hard-coded length keeps the inputs inside the position embeddings: only the model's
-own maximum (:func:`knnmt.teacher_forcing.sequence_limit`) does. Over-long sides are truncated and
+own maximum (:func:`knnmt.hf.teacher_forcing.sequence_limit`) does. Over-long sides are truncated and
 counted, or (memory appends) refused with a message for API users.
 """
 
@@ -20,9 +20,9 @@ from knnmt.build import build_datastore
 from knnmt.cli import EXIT_OK, main
 from knnmt.core.config import BuildConfig, KNNConfig
 from knnmt.core.errors import UsageError
+from knnmt.hf.teacher_forcing import TooLongError, embed_sources, pair_queries, sequence_limit
+from knnmt.hf.toy import make_marian_model, make_marian_tokenizer, toy_corpus
 from knnmt.store.datastore import Datastore
-from knnmt.teacher_forcing import TooLongError, embed_sources, pair_queries, sequence_limit
-from knnmt.toy import make_marian_model, make_marian_tokenizer, toy_corpus
 from knnmt.translator import KNNMT, load_model
 from knnmt.tuning import tune
 

@@ -9,8 +9,8 @@ import pytest
 
 from knnmt.cli import EXIT_OK, EXIT_USAGE, main
 from knnmt.evaluation import SystemScore, format_domain_table
+from knnmt.hf.toy import toy_corpus
 from knnmt.store.datastore import Datastore
-from knnmt.toy import toy_corpus
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -73,8 +73,8 @@ def test_stored_sentence_vectors_are_the_gates_input_embeddings(marian, datastor
     that sentence as an input (fp16 storage aside)."""
     import numpy as np
 
+    from knnmt.hf.teacher_forcing import embed_sources
     from knnmt.search.sentence_search import datastore_sources
-    from knnmt.teacher_forcing import embed_sources
 
     model, tokenizer = marian
     stored = np.concatenate([v for _, v in datastore.iter_sentence_vectors()])
@@ -89,7 +89,7 @@ def test_gate_from_stored_vectors_equals_the_dense_subset_gate(
     import numpy as np
 
     from knnmt.domain_gate import DomainGate
-    from knnmt.toy import toy_corpus
+    from knnmt.hf.toy import toy_corpus
 
     model, tokenizer = marian
     known = {s for s, _ in toy_pairs}

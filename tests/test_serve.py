@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 
 from knnmt.core.config import IndexConfig, KNNConfig
 from knnmt.core.errors import UsageError
+from knnmt.hf.toy import toy_corpus
 from knnmt.search.index import build_index
 from knnmt.service import BatchConfig, BatchWorker, GenerationOptions, ServeConfig, Service, create_app
 from knnmt.store.datastore import Datastore
-from knnmt.toy import toy_corpus
 from knnmt.translator import KNNMT
 
 TOKEN = "test-token-123"

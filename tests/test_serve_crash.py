@@ -19,9 +19,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from knnmt.cli import main  # noqa: E402
+from knnmt.hf.toy import toy_corpus  # noqa: E402
 from knnmt.service.process import spawn_server  # noqa: E402
 from knnmt.store.datastore import Datastore  # noqa: E402
-from knnmt.toy import toy_corpus  # noqa: E402
 
 TOKEN = "crash-test-token"
 

@@ -22,6 +22,7 @@ from knnmt.build import build_subset_index
 from knnmt.cli import main
 from knnmt.core.config import KNNConfig
 from knnmt.core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
+from knnmt.hf.teacher_forcing import embed_sources
 from knnmt.search.index import recall_at_k
 from knnmt.search.pq import PQCodebook
 from knnmt.search.sentence_search import BM25SentenceSearch, datastore_sources, mean_pool
@@ -34,7 +35,6 @@ from knnmt.search.subset import (
     sentence_entry_ranges,
 )
 from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
-from knnmt.teacher_forcing import embed_sources
 from knnmt.translator import KNNMT
 
 DIM, K = 32, 8

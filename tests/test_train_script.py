@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from knnmt.toy import toy_corpus
+from knnmt.hf.toy import toy_corpus
 
 pytestmark = pytest.mark.slow  # seven small training runs in subprocesses
 

@@ -18,7 +18,7 @@ from .core.errors import (
     UsageError,
 )
 from .core.version import __version__
-from .models import register_architecture, supported_architectures
+from .hf.registry import register_architecture, supported_architectures
 from .search.index import SearchIndex, build_index, exact_index
 from .search.subset import SubsetConfig, SubsetRetriever, SubsetSearch
 from .store.corpus import CorpusSpec

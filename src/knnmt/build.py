@@ -27,7 +27,16 @@ from tqdm.auto import tqdm
 from .core.config import BuildConfig
 from .core.errors import DatastoreError, IncompatibleError, UsageError
 from .core.version import __version__
-from .models import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .hf.registry import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from .hf.teacher_forcing import (
+    EncodedPair,
+    KeyExtractor,
+    embed_sources,
+    encode_pairs,
+    length_batches,
+    sequence_limit,
+    warn_truncated,
+)
 from .search.sentence_search import SourceEmbedder
 from .search.subset import SubsetConfig, SubsetIndex
 from .store.corpus import (
@@ -50,15 +59,6 @@ from .store.datastore import (
     write_json_atomic,
 )
 from .store.writelock import LOCK_FILE, WriteLock
-from .teacher_forcing import (
-    EncodedPair,
-    KeyExtractor,
-    embed_sources,
-    encode_pairs,
-    length_batches,
-    sequence_limit,
-    warn_truncated,
-)
 
 logger = logging.getLogger(__name__)
 

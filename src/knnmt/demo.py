@@ -5,7 +5,7 @@ strings) and the shipped LibreOffice-help corpus (``data/target``), the demo ada
 the help domain: it builds the datastore and index from the training pairs, translates the test
 set with the plain model and with kNN-MT, and reports BLEU/chrF (sacreBLEU), speed, and examples
 where retrieval changed the output together with their nearest neighbours. Without the bundled
-files (e.g. an installed wheel) it runs the same steps on the offline toy world of :mod:`knnmt.toy`.
+files (e.g. an installed wheel) it runs the same steps on the offline toy world of :mod:`knnmt.hf.toy`.
 Everything is written to the work directory; a re-run reuses what is already built.
 """
 
@@ -28,11 +28,11 @@ from .build import build_datastore
 from .core.config import BuildConfig, KNNConfig
 from .core.errors import DatastoreError, IncompatibleError, KnnmtError
 from .evaluation import SystemScore, evaluate, format_table
-from .models import open_reusable
+from .hf.registry import open_reusable
+from .hf.toy import build_toy_model, toy_corpus
 from .search.index import INDEX_FILE, build_index
 from .store.corpus import CorpusSpec, read_lines
 from .store.datastore import MANIFEST, Datastore, read_manifest
-from .toy import build_toy_model, toy_corpus
 from .translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
 
 logger = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from .core.errors import DatastoreError, UsageError
+from .hf.teacher_forcing import embed_sources
 from .search.sentence_search import DenseSentenceSearch, mean_pool
 from .store.datastore import Datastore
-from .teacher_forcing import embed_sources
 
 logger = logging.getLogger(__name__)
 

@@ -16,24 +16,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .beam_tracking import beam_settings
 from .core.config import KNNConfig
 from .core.errors import KnnmtError, UsageError
 from .domain_gate import DomainGate
-from .generation import knn_generation
-from .knn.distribution import knn_log_probs, retrieval_weights
-from .models import check_model, key_module
-from .search.index import INDEX_FILE, SearchIndex, exact_index
-from .search.retriever import IndexRetriever, Retriever, prepare_retrieval
-from .store.datastore import Datastore
-from .teacher_forcing import (
-    ActivationCapture,
+from .hf.beam_tracking import beam_settings
+from .hf.capture import ActivationCapture
+from .hf.logits_processor import knn_generation
+from .hf.registry import check_model, key_module
+from .hf.teacher_forcing import (
     decoder_inputs,
     encode_sources,
     encode_targets,
     sequence_limit,
     warn_truncated,
 )
+from .knn.distribution import knn_log_probs, retrieval_weights
+from .search.index import INDEX_FILE, SearchIndex, exact_index
+from .search.retriever import IndexRetriever, Retriever, prepare_retrieval
+from .store.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class KNNMT:
         )
         self.last_stats: dict[str, float] = {}
         self._domain_gate = domain_gate  # None: loaded from the datastore when a config needs it
-        #: beam search: skip the searches of sentences whose beam search is decided (knnmt.beam_tracking)
+        #: beam search: skip the searches of sentences whose beam search is decided (knnmt.hf.beam_tracking)
         self.track_beams = True
 
     @property
@@ -370,7 +370,7 @@ class KNNMT:
     ) -> Iterator[Translation]:
         """Translate lazily, ``batch_size`` sentences per ``generate`` call, in input order.
 
-        An input longer than the model's maximum (:func:`~knnmt.teacher_forcing.sequence_limit`) is
+        An input longer than the model's maximum (:func:`~knnmt.hf.teacher_forcing.sequence_limit`) is
         truncated to it (a warning per batch; counted in ``last_stats["truncated_sources"]``), and the
         output never runs past the decoder's positions, whatever length is asked for.
 
@@ -408,7 +408,7 @@ class KNNMT:
             yield from self._translate_batch(batch, knn_config, gen)
 
     def _cap_length(self, gen: dict[str, Any]) -> None:
-        """Keep generation within the decoder's positions (:func:`~knnmt.teacher_forcing.sequence_limit`):
+        """Keep generation within the decoder's positions (:func:`~knnmt.hf.teacher_forcing.sequence_limit`):
         at most that many decoder tokens, the start token (or given ``decoder_input_ids``) included.
         ``gen`` (``generate`` arguments) is changed in place; ``transformers`` itself only warns."""
         limit = sequence_limit(self.model, self.tokenizer)

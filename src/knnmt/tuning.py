@@ -28,15 +28,15 @@ from .core.config import KNNConfig
 from .core.errors import UsageError
 from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
 from .evaluation import score
-from .search.retriever import prepare_retrieval
-from .teacher_forcing import (
-    ActivationCapture,
+from .hf.capture import ActivationCapture
+from .hf.teacher_forcing import (
     EncodedPair,
     decoder_inputs,
     encode_for_model,
     length_batches,
     pad_sequences,
 )
+from .search.retriever import prepare_retrieval
 from .translator import KNNMT
 
 logger = logging.getLogger(__name__)

@@ -32,4 +32,4 @@ class IncompatibleError(KnnmtError):
 
 
 class UnsupportedModelError(KnnmtError):
-    """The model architecture is not in the registry of :mod:`knnmt.models`."""
+    """The model architecture is not in the registry of :mod:`knnmt.hf.registry`."""

@@ -9,7 +9,7 @@ sentence ids (``-1`` where fewer than ``n`` were found):
   and L2-normalised (so nearest by L2 = nearest by cosine), in a faiss index.
 
 Running the model to get those vectors is not done here (this layer knows no model): the encoder pass
-is :func:`knnmt.teacher_forcing.embed_sources`, handed in as a :class:`SourceEmbedder`; only the
+is :func:`knnmt.hf.teacher_forcing.embed_sources`, handed in as a :class:`SourceEmbedder`; only the
 pooling (:func:`mean_pool`) and the index are here.
 """
 
@@ -36,8 +36,9 @@ SENTENCE_SEARCHES: tuple[str, ...] = ("bm25", "dense")
 
 
 class SourceEmbedder(Protocol):
-    """Sentence vectors of source sentences for the dense search (:func:`knnmt.teacher_forcing.embed_sources`
-    with a model and tokenizer bound): ``[len(sources), d]`` float32, L2-normalised (:func:`mean_pool`)."""
+    """Sentence vectors of source sentences for the dense search
+    (:func:`knnmt.hf.teacher_forcing.embed_sources` with a model and tokenizer bound):
+    ``[len(sources), d]`` float32, L2-normalised (:func:`mean_pool`)."""
 
     def __call__(
         self, sources: Sequence[str], *, source_prefix: str = "", progress: bool = False

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..build import _Rate, _write_shard, vector_dim
 from ..core.config import BuildConfig
 from ..core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..hf.teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
 from ..search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
 from ..search.retriever import IndexRetriever
 from ..store.datastore import (
@@ -55,7 +56,6 @@ from ..store.datastore import (
     write_json_atomic,
 )
 from ..store.writelock import WriteLock
-from ..teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """kNN-MT inside ``model.generate``: a query hook plus a ``LogitsProcessor``.
 
 :func:`knn_generation` installs, for the duration of a ``with`` block, a forward pre-hook on
-the key module (see :mod:`knnmt.models`) that keeps the current decoding step's queries, and
+the key module (see :mod:`knnmt.hf.registry`) that keeps the current decoding step's queries, and
 returns a :class:`KNNLogitsProcessor` to pass to ``generate(logits_processor=[...])``. At every
 step the processor searches the neighbours of all live hypotheses (except those the confidence gate
 skips) in one batched call and returns ``log((1 - λ) p_MT + λ p_kNN)``. Nothing is patched; on exit
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from ..core.config import KNNConfig
+from ..core.errors import KnnmtError
+from ..knn.distribution import interpolate, knn_log_probs, retrieval_weights
+from ..search.retriever import Retriever
 from .beam_tracking import BeamSettings, BeamTracker
-from .core.config import KNNConfig
-from .core.errors import KnnmtError
-from .knn.distribution import interpolate, knn_log_probs, retrieval_weights
-from .models import key_module
-from .search.retriever import Retriever
-from .teacher_forcing import ActivationCapture
+from .capture import ActivationCapture
+from .registry import key_module
 
 
 class StepStats:
@@ -79,7 +79,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         sentence_on: ``[batch_size]`` bool, the sources whose rows are searched (the domain gate's
             decision); the rows of the others keep the model's log-probabilities. ``None``: all.
         beam: the settings of the beam search this processor runs in
-            (:func:`knnmt.beam_tracking.beam_settings`); the beams of sentences whose result is
+            (:func:`knnmt.hf.beam_tracking.beam_settings`); the beams of sentences whose result is
             already fixed are then not searched. ``None``: every live row is searched.
     """
 

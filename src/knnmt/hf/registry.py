@@ -8,7 +8,7 @@ which every model exposes through ``get_output_embeddings()``.
 
 To support another architecture, register it once::
 
-    from knnmt.models import register_architecture
+    from knnmt.hf.registry import register_architecture
     register_architecture("MyConfig", lambda model: model.get_decoder().layers[-1].fc1)
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.errors import IncompatibleError, UnsupportedModelError, UsageError
-from .store.datastore import MANIFEST, Datastore, read_manifest
+from ..core.errors import IncompatibleError, UnsupportedModelError, UsageError
+from ..store.datastore import MANIFEST, Datastore, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def key_module(model: nn.Module, key_layer: str = "ffn_input") -> nn.Module:
         raise UnsupportedModelError(
             f"no kNN key location is registered for {name} ({type(model).__name__}). "
             f"Supported: {', '.join(supported_architectures())}. To add one, call "
-            "knnmt.models.register_architecture('<ConfigClass>', lambda m: <module whose input is the "
+            "knnmt.hf.registry.register_architecture('<ConfigClass>', lambda m: <module whose input is the "
             "final decoder layer's feed-forward input>), or use key_layer='decoder_output'."
         )
     return getter(model)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core.errors import CorpusError, UsageError
-from .models import key_module, model_max_length
-from .search.sentence_search import mean_pool
+from ..core.errors import CorpusError, UsageError
+from ..search.sentence_search import mean_pool
+from .capture import ActivationCapture
+from .registry import key_module, model_max_length
 
 logger = logging.getLogger(__name__)
 
@@ -34,32 +35,6 @@ class EncodedPair:
     target: str
     source_ids: list[int]
     target_ids: list[int]
-
-
-class ActivationCapture:
-    """Forward pre-hook that keeps the *input* of a module (the kNN key/query).
-
-    Use as a context manager; the hook is removed on exit. ``last`` holds the most recent input,
-    shape ``[rows, seq_len, dim]``, detached.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.last: torch.Tensor | None = None
-        self._handle: Any = None
-
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.last = args[0].detach()
-
-    def __enter__(self) -> ActivationCapture:
-        self._handle = self.module.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.last = None
 
 
 class TooLongError(CorpusError):
@@ -82,7 +57,7 @@ class TooLongError(CorpusError):
 
 
 def sequence_limit(model: nn.Module, tokenizer: Any, requested: int | None = None) -> int:
-    """The most tokens one sentence side may have: :func:`~knnmt.models.model_max_length`, the model's
+    """The most tokens one sentence side may have: :func:`~knnmt.hf.registry.model_max_length`, the model's
     position embeddings and the tokenizer's declared maximum (``T`` target tokens take the decoder
     positions ``0..T-1``: its inputs are ``[start, y_1..y_{T-1}]``). Every path that feeds the model
     (build, tune, explain, memory appends, generation) uses this limit.
