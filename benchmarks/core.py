@@ -57,11 +57,11 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     """Build the datastore (appending the corpus until >= 1M entries); plain forward on the same batches."""
     import torch
 
-    from knnmt.build import build_datastore
     from knnmt.core.config import BuildConfig
     from knnmt.hf.teacher_forcing import decoder_inputs, encode_for_model, length_batches, pad_sequences
+    from knnmt.pipeline.build import build_datastore
+    from knnmt.pipeline.translator import load_model
     from knnmt.store.corpus import CorpusSpec
-    from knnmt.translator import load_model
 
     torch.set_num_threads(os.cpu_count() or 2)
     model, tokenizer = load_model(str(_model_dir(args)))
@@ -124,10 +124,10 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
 
     from knnmt.core.config import IndexConfig
     from knnmt.hf.teacher_forcing import pair_queries
+    from knnmt.pipeline.translator import load_model
     from knnmt.search.index import SearchIndex, build_index, recall_at_k
     from knnmt.search.retriever import IndexRetriever
     from knnmt.store.datastore import Datastore
-    from knnmt.translator import load_model
 
     store = Datastore.open(WORK / "datastore")
     t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from knnmt.core.config import KNNConfig
-    from knnmt.translator import KNNMT, load_model, timed_translate, tokens_per_second
+    from knnmt.pipeline.translator import KNNMT, load_model, timed_translate, tokens_per_second
 
     torch.set_num_threads(os.cpu_count() or 2)
     model, tokenizer = load_model(str(_model_dir(args)))

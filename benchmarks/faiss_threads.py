@@ -21,7 +21,7 @@ WORK = ROOT / "runs" / "bench-core"
 
 def run(threads: int) -> dict[str, float]:
     from knnmt.core.config import KNNConfig
-    from knnmt.translator import KNNMT, load_model
+    from knnmt.pipeline.translator import KNNMT, load_model
 
     model, tokenizer = load_model(str(next(WORK.glob("model-*"))))
     knn = KNNMT.load((model, tokenizer), WORK / "datastore", config=KNNConfig(k=8, lambda_=0.5))

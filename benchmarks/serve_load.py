@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from knnmt.service.process import spawn_server
+from knnmt.apps.service.process import spawn_server
 
 logger = logging.getLogger("serve_load")
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -116,10 +116,10 @@ def run_mode(
 _TOY_BUILD = """
 import sys
 from pathlib import Path
-from knnmt.build import build_datastore
+from knnmt.pipeline.build import build_datastore
 from knnmt.store.corpus import CorpusSpec
 from knnmt.hf.toy import build_toy_model
-from knnmt.translator import load_model
+from knnmt.pipeline.translator import load_model
 work = Path(sys.argv[1])
 toy = build_toy_model(work / "toy", n_sentences=400)
 model, tokenizer = load_model(str(toy / "model"))

@@ -51,23 +51,23 @@ import dataclasses  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 
-from knnmt.build import build_datastore, build_subset_index  # noqa: E402
 from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
-from knnmt.evaluation import score  # noqa: E402
 from knnmt.hf.registry import open_reusable  # noqa: E402
 from knnmt.hf.teacher_forcing import pair_queries  # noqa: E402
-from knnmt.search.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
-from knnmt.search.retriever import IndexRetriever, Retriever  # noqa: E402
-from knnmt.search.subset import SubsetConfig, SubsetRetriever, SubsetSearch  # noqa: E402
-from knnmt.store.corpus import CorpusSpec  # noqa: E402
-from knnmt.store.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
-from knnmt.translator import (  # noqa: E402
+from knnmt.pipeline.build import build_datastore, build_subset_index  # noqa: E402
+from knnmt.pipeline.evaluation import score  # noqa: E402
+from knnmt.pipeline.translator import (  # noqa: E402
     KNNMT,
     load_model,
     target_tokens,
     timed_translate,
     tokens_per_second,
 )
+from knnmt.search.index import INDEX_FILE, SearchIndex, build_index, exact_index, recall_at_k  # noqa: E402
+from knnmt.search.retriever import IndexRetriever, Retriever  # noqa: E402
+from knnmt.search.subset import SubsetConfig, SubsetRetriever, SubsetSearch  # noqa: E402
+from knnmt.store.corpus import CorpusSpec  # noqa: E402
+from knnmt.store.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("bench-speed")
 

@@ -47,9 +47,9 @@ def _pairs(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
 
 def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
     """Open ``--datastore`` or build ``WORK/datastore`` (target corpus, general corpus appended to size)."""
-    from knnmt.build import build_datastore
     from knnmt.core.config import BuildConfig
     from knnmt.hf.registry import open_reusable
+    from knnmt.pipeline.build import build_datastore
     from knnmt.store.corpus import CorpusSpec
     from knnmt.store.datastore import Datastore
 
@@ -82,7 +82,7 @@ def ensure_datastore(args: argparse.Namespace, model: Any, tokenizer: Any) -> An
 
 def ensure_indexes(args: argparse.Namespace, store: Any, model: Any, tokenizer: Any) -> Path:
     """The default faiss index (built if missing) and the subset index with bm25 and dense; its directory."""
-    from knnmt.build import build_subset_index
+    from knnmt.pipeline.build import build_subset_index
     from knnmt.search.index import build_index
     from knnmt.search.subset import SubsetConfig
 
@@ -297,8 +297,8 @@ def phase_translate(
 ) -> dict:
     """BLEU, chrF and target tokens/s of each system on the first ``--sentences`` test sentences."""
     from knnmt.core.config import KNNConfig
-    from knnmt.evaluation import score
-    from knnmt.translator import KNNMT, timed_translate, tokens_per_second
+    from knnmt.pipeline.evaluation import score
+    from knnmt.pipeline.translator import KNNMT, timed_translate, tokens_per_second
 
     pairs = _pairs(TEST, args.sentences)
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
@@ -398,7 +398,7 @@ def main() -> None:
     if isinstance(args.systems, str):
         args.systems = args.systems.split(",")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from knnmt.translator import load_model
+    from knnmt.pipeline.translator import load_model
 
     model, tokenizer = load_model(str(MODEL))
     WORK.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig
 from knnmt.hf.toy import build_toy_model, toy_corpus, train_sentencepiece
+from knnmt.pipeline.build import build_datastore
+from knnmt.pipeline.translator import KNNMT, load_model
 from knnmt.store.corpus import CorpusSpec
 from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
-from knnmt.translator import KNNMT, load_model
 
 #: Sentence pairs in the session's toy corpus (and its datastore).
 TOY_SENTENCES = 400
@@ -297,7 +297,7 @@ ORACLE_SUBSET_SIZE = 32
 
 def build_test_subset(store: Datastore, model: Any, tokenizer: Any, out: Path | None = None) -> Path:
     """A Subset kNN-MT index with both sentence searches (4-bit PQ: fast to train) over ``store``."""
-    from knnmt.build import build_subset_index
+    from knnmt.pipeline.build import build_subset_index
     from knnmt.search.subset import SUBSET_DIR, SubsetConfig
 
     target = out or store.path / SUBSET_DIR

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import knnmt.build
+import knnmt.pipeline.build
 from conftest import all_entries, all_sentences
-from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig
 from knnmt.core.errors import DatastoreError, IncompatibleError
 from knnmt.hf.registry import open_reusable
 from knnmt.hf.toy import make_marian_model
+from knnmt.pipeline.build import build_datastore
 from knnmt.store.corpus import CorpusSpec
 from knnmt.store.datastore import MANIFEST, Datastore, ShardWriter, read_manifest
 
@@ -79,7 +79,7 @@ def test_sharded_build_equals_one_shot(marian, toy_pairs, make_corpus, tmp_path:
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards_ok: int) -> list[str]:
     """Make ``_write_shard`` die on call ``shards_ok + 1``, after creating that shard's ``.tmp`` directory."""
-    real = knnmt.build._write_shard
+    real = knnmt.pipeline.build._write_shard
     calls: list[str] = []
 
     def flaky(out: Path, name: str, encoded: list[Any], *args: Any, **kwargs: Any) -> int:
@@ -90,7 +90,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards_ok: int) -> list[st
             raise RuntimeError("simulated crash while writing a shard")
         return real(out, name, encoded, *args, **kwargs)
 
-    monkeypatch.setattr(knnmt.build, "_write_shard", flaky)
+    monkeypatch.setattr(knnmt.pipeline.build, "_write_shard", flaky)
     return calls
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import knnmt
-from knnmt.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from knnmt.apps.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from knnmt.hf.toy import build_toy_model
 from knnmt.store.writelock import LOCK_FILE
 
@@ -417,7 +417,7 @@ def test_closed_stdout_ends_quietly(datastore: Path) -> None:
     src = str(Path(knnmt.__file__).parent.parent)
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "knnmt.cli", "info", str(datastore)],
+        [sys.executable, "-m", "knnmt.apps.cli", "info", str(datastore)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

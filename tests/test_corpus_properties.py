@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from knnmt.build import build_datastore
 from knnmt.core.errors import CorpusError, KnnmtError
+from knnmt.pipeline.build import build_datastore
 from knnmt.store.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
 from knnmt.store.datastore import MANIFEST
 

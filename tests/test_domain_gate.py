@@ -11,9 +11,9 @@ import pytest
 
 from knnmt.core.config import KNNConfig
 from knnmt.core.errors import DatastoreError, UsageError
-from knnmt.domain_gate import DomainGate, threshold_for_recall, threshold_separating
 from knnmt.hf.toy import toy_corpus
-from knnmt.translator import KNNMT
+from knnmt.pipeline.domain_gate import DomainGate, threshold_for_recall, threshold_separating
+from knnmt.pipeline.translator import KNNMT
 
 KNN = KNNConfig(lambda_=0.8, k=4, temperature=10.0)
 
@@ -120,7 +120,7 @@ def test_config_validates_the_gate() -> None:
 
 
 def test_tune_sets_the_gate_from_the_dev_sources(gated: KNNMT, toy_pairs, mixed_sources) -> None:
-    from knnmt.tuning import tune
+    from knnmt.pipeline.tuning import tune
 
     dev = toy_pairs[100:106]
     ood_sources = mixed_sources[1::2]
@@ -149,7 +149,7 @@ def test_tune_sets_the_gate_from_the_dev_sources(gated: KNNMT, toy_pairs, mixed_
 
 
 def test_cli_gate_options(tmp_path: Path, gated: KNNMT) -> None:
-    from knnmt.cli import AUTO_DOMAIN_RECALL, _domain_recall, _knn_config, _parser
+    from knnmt.apps.cli import AUTO_DOMAIN_RECALL, _domain_recall, _knn_config, _parser
 
     KNNConfig(k=4, domain_gate=0.8).save(tmp_path / "knn.json")
     base = ["translate", "--model", "m", "--datastore", str(tmp_path)]
@@ -157,7 +157,7 @@ def test_cli_gate_options(tmp_path: Path, gated: KNNMT) -> None:
     assert _knn_config(parser.parse_args(base), str(tmp_path)).domain_gate == 0.8
     assert _knn_config(parser.parse_args([*base, "--domain-gate", "none"]), str(tmp_path)).domain_gate is None
     assert _knn_config(parser.parse_args([*base, "--domain-gate", "0.6"]), str(tmp_path)).domain_gate == 0.6
-    from knnmt.domain_gate import SEPARATE
+    from knnmt.pipeline.domain_gate import SEPARATE
 
     # it has the dense sentence index: with out-of-domain dev data the gate separates, else keeps 0.9
     assert _domain_recall("auto", gated, has_ood=False) == AUTO_DOMAIN_RECALL
@@ -197,7 +197,7 @@ def test_threshold_separating_maximises_kept_in_minus_kept_out() -> None:
 
 
 def test_tune_separates_the_domains(gated: KNNMT, toy_pairs, mixed_sources) -> None:
-    from knnmt.tuning import tune
+    from knnmt.pipeline.tuning import tune
 
     dev = toy_pairs[100:106]
     ood_sources = mixed_sources[1::2]
@@ -237,8 +237,8 @@ def test_gate_of_a_grown_datastore_warns_and_works(marian, toy_pairs, tmp_path: 
     """Pairs appended after the dense sentence index was built (the service adds some): the gate still
     loads, compares with the sentences it covers, and says how to include the new ones."""
     from conftest import build_test_subset, write_text_corpus
-    from knnmt.build import build_datastore
     from knnmt.core.errors import IncompatibleError
+    from knnmt.pipeline.build import build_datastore
     from knnmt.search.subset import SubsetIndex
 
     model, tokenizer = marian

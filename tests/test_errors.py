@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import all_sentences
-from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig
 from knnmt.core.errors import (
     CorpusError,
@@ -28,10 +27,11 @@ from knnmt.hf import registry
 from knnmt.hf.registry import key_dim, key_module, model_fingerprint, tokenizer_fingerprint
 from knnmt.hf.teacher_forcing import KeyExtractor
 from knnmt.hf.toy import make_marian_model, make_marian_tokenizer, toy_corpus
+from knnmt.pipeline.build import build_datastore
+from knnmt.pipeline.translator import KNNMT, load_model
 from knnmt.search.index import SearchIndex, build_index
 from knnmt.store.corpus import CorpusSpec, inspect_corpus, iter_pairs, read_lines
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
-from knnmt.translator import KNNMT, load_model
 
 
 def _lines(path: Path, lines: list[str]) -> str:

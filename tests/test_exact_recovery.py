@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import RETRIEVAL_MODES, build_test_subset, strip_pad, translator_for
-from knnmt.build import build_datastore
 from knnmt.core.config import BuildConfig, KNNConfig
 from knnmt.hf.logits_processor import knn_generation
 from knnmt.hf.toy import toy_corpus
+from knnmt.pipeline.build import build_datastore
+from knnmt.pipeline.translator import KNNMT
 from knnmt.search.index import exact_index
 from knnmt.search.retriever import IndexRetriever
-from knnmt.translator import KNNMT
 
 #: Reference pairs not seen by the T5/M2M100 tokenizers' training (seed 1) in this order.
 REFERENCES = toy_corpus(30, seed=5)

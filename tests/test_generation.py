@@ -15,7 +15,7 @@ from knnmt.hf import logits_processor
 from knnmt.hf.capture import ActivationCapture
 from knnmt.hf.registry import key_module
 from knnmt.knn.distribution import interpolate, knn_log_probs, retrieval_weights
-from knnmt.tuning import reference_statistics
+from knnmt.pipeline.tuning import reference_statistics
 
 GEN = {"max_new_tokens": 32}
 

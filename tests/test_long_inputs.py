@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from conftest import write_text_corpus
-from knnmt.build import build_datastore
-from knnmt.cli import EXIT_OK, main
+from knnmt.apps.cli import EXIT_OK, main
 from knnmt.core.config import BuildConfig, KNNConfig
 from knnmt.core.errors import UsageError
 from knnmt.hf.teacher_forcing import TooLongError, embed_sources, pair_queries, sequence_limit
 from knnmt.hf.toy import make_marian_model, make_marian_tokenizer, toy_corpus
+from knnmt.pipeline.build import build_datastore
+from knnmt.pipeline.translator import KNNMT, load_model
+from knnmt.pipeline.tuning import tune
 from knnmt.store.datastore import Datastore
-from knnmt.translator import KNNMT, load_model
-from knnmt.tuning import tune
 
 #: Positions of the test model (its tokenizer declares more: 64).
 POSITIONS = 32
@@ -219,7 +219,7 @@ def test_memory_append_refuses_over_long_pair(
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from knnmt.service import ServeConfig, Service, create_app
+    from knnmt.apps.service import ServeConfig, Service, create_app
 
     store_dir = tmp_path / "served"
     shutil.copytree(short_store.path, store_dir)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from knnmt.cli import EXIT_OK, EXIT_USAGE, main
-from knnmt.evaluation import SystemScore, format_domain_table
+from knnmt.apps.cli import EXIT_OK, EXIT_USAGE, main
 from knnmt.hf.toy import toy_corpus
+from knnmt.pipeline.evaluation import SystemScore, format_domain_table
 from knnmt.store.datastore import Datastore
 
 
@@ -88,8 +88,8 @@ def test_gate_from_stored_vectors_equals_the_dense_subset_gate(
 ) -> None:
     import numpy as np
 
-    from knnmt.domain_gate import DomainGate
     from knnmt.hf.toy import toy_corpus
+    from knnmt.pipeline.domain_gate import DomainGate
 
     model, tokenizer = marian
     known = {s for s, _ in toy_pairs}
@@ -105,9 +105,9 @@ def test_index_saves_the_sentence_index_and_the_gate_follows_appends(
 ) -> None:
     import numpy as np
 
-    from knnmt.build import build_datastore
     from knnmt.core.config import BuildConfig
-    from knnmt.domain_gate import SENTENCE_DIR, DomainGate
+    from knnmt.pipeline.build import build_datastore
+    from knnmt.pipeline.domain_gate import SENTENCE_DIR, DomainGate
 
     model, tokenizer = marian
     path = tmp_path / "ds"
@@ -169,7 +169,7 @@ def test_tune_uses_the_out_of_domain_dev_set_a_model_ships(
     import shutil
 
     from knnmt.core.config import read_about
-    from knnmt.tuning import MODEL_OOD_DEV
+    from knnmt.pipeline.tuning import MODEL_OOD_DEV
 
     model = tmp_path / "model"
     shutil.copytree(toy_dir / "model", model)
@@ -198,8 +198,8 @@ def test_served_gate_counts_added_pairs_as_memory_at_once(
 
     from fastapi.testclient import TestClient
 
+    from knnmt.apps.service import ServeConfig, Service, create_app
     from knnmt.core.config import KNNConfig
-    from knnmt.service import ServeConfig, Service, create_app
 
     path = tmp_path / "served"
     shutil.copytree(datastore.path, path)

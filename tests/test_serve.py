@@ -16,13 +16,13 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
+from knnmt.apps.service import BatchConfig, BatchWorker, GenerationOptions, ServeConfig, Service, create_app
 from knnmt.core.config import IndexConfig, KNNConfig
 from knnmt.core.errors import UsageError
 from knnmt.hf.toy import toy_corpus
+from knnmt.pipeline.translator import KNNMT
 from knnmt.search.index import build_index
-from knnmt.service import BatchConfig, BatchWorker, GenerationOptions, ServeConfig, Service, create_app
 from knnmt.store.datastore import Datastore
-from knnmt.translator import KNNMT
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -305,8 +305,8 @@ def test_memory_survives_restart_and_compaction(open_service, marian, new_pairs,
 
 
 def test_serve_refuses_writes_without_token(toy_dir, datastore, monkeypatch, caplog) -> None:
-    from knnmt.cli import main
-    from knnmt.service.app import TOKEN_ENV
+    from knnmt.apps.cli import main
+    from knnmt.apps.service.app import TOKEN_ENV
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     argv = ["serve", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
@@ -402,8 +402,8 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
 def test_live_retriever_equals_exact_search_without_removed_entries(datastore, removed_sentences) -> None:
     import faiss
 
+    from knnmt.apps.service.memory import LiveRetriever, _State
     from knnmt.search.index import SearchIndex
-    from knnmt.service.memory import LiveRetriever, _State
 
     rng = np.random.default_rng(0)
     split = datastore.shards[1].start  # main index: first shard; side index: the rest
@@ -433,7 +433,7 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
 def test_failed_append_leaves_nothing_behind(open_service, new_pairs, monkeypatch) -> None:
     """A failure after the shard is written but before the manifest commits (what a crash there leaves):
     nothing is acknowledged, the datastore opens unchanged, and the next append takes the slot."""
-    import knnmt.service.memory as memory_module
+    import knnmt.apps.service.memory as memory_module
 
     service = open_service()
     before = service.memory.store.count
@@ -635,7 +635,7 @@ def test_no_page_or_schema_loads_anything_from_a_cdn(client) -> None:
 
 
 def test_host_header_must_name_this_server(open_service) -> None:
-    from knnmt.service.app import allowed_host_names
+    from knnmt.apps.service.app import allowed_host_names
 
     service = open_service(allowed_hosts=())  # bound to 127.0.0.1, the default
     with TestClient(create_app(service, close_on_shutdown=False), base_url="http://127.0.0.1:8000") as c:
@@ -664,7 +664,7 @@ def test_host_header_must_name_this_server(open_service) -> None:
 def test_serve_on_a_port_in_use_exits_1_with_a_message(toy_dir, datastore, caplog) -> None:
     import socket
 
-    from knnmt.cli import main
+    from knnmt.apps.cli import main
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -677,10 +677,10 @@ def test_serve_on_a_port_in_use_exits_1_with_a_message(toy_dir, datastore, caplo
 
 
 def test_bind_errors_say_what_to_change(toy_dir, datastore, monkeypatch, caplog) -> None:
-    from knnmt.cli import main
+    from knnmt.apps.cli import main
+    from knnmt.apps.service import bind_socket
+    from knnmt.apps.service.app import TOKEN_ENV
     from knnmt.core.errors import KnnmtError
-    from knnmt.service import bind_socket
-    from knnmt.service.app import TOKEN_ENV
 
     with pytest.raises(KnnmtError, match=r"192\.0\.2\.1: not an address of this machine"):
         bind_socket("192.0.2.1", 0)  # TEST-NET-1: never a local address

@@ -17,8 +17,8 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
+from knnmt.apps.service import BatchConfig, ServeConfig, Service, create_app  # noqa: E402
 from knnmt.hf.toy import toy_corpus  # noqa: E402
-from knnmt.service import BatchConfig, ServeConfig, Service, create_app  # noqa: E402
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
 pytestmark = pytest.mark.skipif(

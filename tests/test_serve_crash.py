@@ -18,9 +18,9 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from knnmt.cli import main  # noqa: E402
+from knnmt.apps.cli import main  # noqa: E402
+from knnmt.apps.service.process import spawn_server  # noqa: E402
 from knnmt.hf.toy import toy_corpus  # noqa: E402
-from knnmt.service.process import spawn_server  # noqa: E402
 from knnmt.store.datastore import Datastore  # noqa: E402
 
 TOKEN = "crash-test-token"

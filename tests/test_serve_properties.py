@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from knnmt.service import BatchConfig, ServeConfig, Service, create_app
+from knnmt.apps.service import BatchConfig, ServeConfig, Service, create_app
 from knnmt.store.writelock import LOCK_FILE
 
 TOKEN = "property-token"

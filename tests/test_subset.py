@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from conftest import write_synthetic_datastore
-from knnmt.build import build_subset_index
-from knnmt.cli import main
+from knnmt.apps.cli import main
 from knnmt.core.config import KNNConfig
 from knnmt.core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from knnmt.hf.teacher_forcing import embed_sources
+from knnmt.pipeline.build import build_subset_index
+from knnmt.pipeline.translator import KNNMT
 from knnmt.search.index import recall_at_k
 from knnmt.search.pq import PQCodebook
 from knnmt.search.sentence_search import BM25SentenceSearch, datastore_sources, mean_pool
@@ -35,7 +36,6 @@ from knnmt.search.subset import (
     sentence_entry_ranges,
 )
 from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
-from knnmt.translator import KNNMT
 
 DIM, K = 32, 8
 WORDS = [f"w{i}" for i in range(60)]
@@ -370,7 +370,7 @@ def test_load_with_subset_retrieval(marian, datastore, subset_dir, tmp_path: Pat
 
 
 def test_tuning_statistics_use_each_sentences_subset(marian, datastore, subset_dir, toy_pairs) -> None:
-    from knnmt.tuning import reference_statistics
+    from knnmt.pipeline.tuning import reference_statistics
 
     model, tokenizer = marian
     pairs = toy_pairs[100:106]
@@ -402,7 +402,7 @@ def test_cli_subset_index_and_evaluate(
     toy_dir, marian, make_corpus, tmp_path: Path, toy_pairs, capsys
 ) -> None:
     model, tokenizer = marian
-    from knnmt.build import build_datastore
+    from knnmt.pipeline.build import build_datastore
 
     pairs = toy_pairs[:60]
     spec = make_corpus(pairs)

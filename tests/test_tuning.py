@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from knnmt.cli import EXIT_OK, main
+from knnmt.apps.cli import EXIT_OK, main
 from knnmt.core.config import KNNConfig
-from knnmt.translator import KNNMT
-from knnmt.tuning import _choose, grid_log_likelihood, reference_statistics, tune
+from knnmt.pipeline.translator import KNNMT
+from knnmt.pipeline.tuning import _choose, grid_log_likelihood, reference_statistics, tune
 
 
 def test_grid_matches_a_per_token_loop() -> None:
@@ -147,7 +147,7 @@ def test_tune_with_out_of_domain_dev_decodes_it_for_every_confirmed_setting(
 
 
 def test_cli_switches_a_saved_gate_off(tmp_path: Path) -> None:
-    from knnmt.cli import _knn_config, _parser
+    from knnmt.apps.cli import _knn_config, _parser
 
     KNNConfig(k=4, half_distance=5.0, confidence_gate=0.9).save(tmp_path / "knn.json")
     base = ["translate", "--model", "m", "--datastore", str(tmp_path)]

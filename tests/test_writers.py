@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-import knnmt.build
-from knnmt.build import build_datastore, build_subset_index, rollback_append
-from knnmt.cli import main
+import knnmt.pipeline.build
+from knnmt.apps.cli import main
 from knnmt.core.config import BuildConfig, IndexConfig
 from knnmt.core.errors import DatastoreError, UsageError
+from knnmt.pipeline.build import build_datastore, build_subset_index, rollback_append
 from knnmt.search.index import SearchIndex, build_index
 from knnmt.search.subset import SubsetConfig
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
@@ -133,7 +133,7 @@ def test_cli_append_against_a_running_server_fails_and_loses_nothing(
     POST /memory overwrote the manifest. Now the append is refused, and the server's write lands."""
     from fastapi.testclient import TestClient
 
-    from knnmt.service import ServeConfig, Service, create_app
+    from knnmt.apps.service import ServeConfig, Service, create_app
 
     path = small_store.path
     corpus = write_tsv(tmp_path / "more.tsv", toy_pairs[30:40])
@@ -194,7 +194,7 @@ def test_append_with_force_is_a_usage_error_that_deletes_nothing(
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
     """Make the build raise after ``shards`` more shards are finished (a crash mid-build)."""
-    real = knnmt.build._write_shard
+    real = knnmt.pipeline.build._write_shard
     calls = {"n": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> int:
@@ -203,7 +203,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(knnmt.build, "_write_shard", flaky)
+    monkeypatch.setattr(knnmt.pipeline.build, "_write_shard", flaky)
 
 
 def test_interrupted_append_is_undone_by_rollback_not_force(

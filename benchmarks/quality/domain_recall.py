@@ -4,11 +4,11 @@
 
 Decodes each set (target and general, dev or test) once with the plain model and once with kNN-MT
 (``--config``, default the shipped ``data/target/knn.json``, without its domain gate), then, for each
-recall, sets the gate from the *target dev* sources (:func:`knnmt.domain_gate.threshold_for_recall`), and for
-"separate" at the best split of target dev from general dev sources
-(:func:`knnmt.domain_gate.threshold_separating`, what ``knnmt tune --domain-recall auto`` picks with
-an out-of-domain dev set), and scores
-the per-sentence mix (kNN-MT output where the similarity passes, plain output elsewhere). The mix is
+recall, sets the gate from the *target dev* sources
+(:func:`knnmt.pipeline.domain_gate.threshold_for_recall`), and for "separate" at the best split of
+target dev from general dev sources (:func:`knnmt.pipeline.domain_gate.threshold_separating`, what
+``knnmt tune --domain-recall auto`` picks with an out-of-domain dev set), and scores the per-sentence
+mix (kNN-MT output where the similarity passes, plain output elsewhere). The mix is
 exactly what decoding with the gate gives, because a sentence's translation does not depend on the
 rest of its batch (the batch-1-equals-batch-N oracle test). DATASTORE needs its dense sentence index
 (``knnmt index DATASTORE --subset --sentence-search dense``).
@@ -22,9 +22,9 @@ import numpy as np
 from sweep import ROOT, arguments, pairs  # the same directory: python benchmarks/quality/...
 
 from knnmt.core.config import KNNConfig
-from knnmt.domain_gate import threshold_for_recall, threshold_separating
-from knnmt.evaluation import score
-from knnmt.translator import KNNMT
+from knnmt.pipeline.domain_gate import threshold_for_recall, threshold_separating
+from knnmt.pipeline.evaluation import score
+from knnmt.pipeline.translator import KNNMT
 
 RECALLS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 

@@ -16,8 +16,8 @@ import dataclasses
 from pathlib import Path
 
 from knnmt.core.config import KNNConfig
-from knnmt.evaluation import evaluate
-from knnmt.translator import KNNMT
+from knnmt.pipeline.evaluation import evaluate
+from knnmt.pipeline.translator import KNNMT
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "data" / "target" / "knn.json"

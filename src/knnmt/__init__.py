@@ -7,7 +7,6 @@ The front door is :class:`KNNMT`; plain functions build what it needs::
 
 from __future__ import annotations
 
-from .build import build_datastore, build_subset_index
 from .core.config import BuildConfig, IndexConfig, KNNConfig
 from .core.errors import (
     CorpusError,
@@ -19,11 +18,12 @@ from .core.errors import (
 )
 from .core.version import __version__
 from .hf.registry import register_architecture, supported_architectures
+from .pipeline.build import build_datastore, build_subset_index
+from .pipeline.translator import KNNMT, Translation, load_model
 from .search.index import SearchIndex, build_index, exact_index
 from .search.subset import SubsetConfig, SubsetRetriever, SubsetSearch
 from .store.corpus import CorpusSpec
 from .store.datastore import Datastore
-from .translator import KNNMT, Translation, load_model
 
 __all__ = [
     "KNNMT",

@@ -431,7 +431,7 @@ class SubsetIndex:
         the same datastore and PQ settings exists, unless ``force``), stores the entry ranges of every
         sentence and builds ``config.sentence_search`` over the datastore's source sentences (``dense``
         needs ``embed``, the sentence vectors of the model the datastore was built with: see
-        :func:`knnmt.build.build_subset_index`). Building the other sentence search later adds it
+        :func:`knnmt.pipeline.build.build_subset_index`). Building the other sentence search later adds it
         beside the first; ``config.sentence_search`` becomes the default.
         """
         with WriteLock(datastore.path, "index --subset"):  # one writer at a time

@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.errors import KnnmtError
+from ...core.errors import KnnmtError
 
 
 def free_port() -> int:
@@ -25,7 +25,8 @@ def free_port() -> int:
 def spawn_server(
     model: str | Path, datastore: str | Path, extra: Sequence[str], log: Path, timeout: float = 120.0
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``python -m knnmt.cli serve`` (this interpreter, this copy of knnmt) and wait for ``/health``.
+    """Start ``python -m knnmt.apps.cli serve`` (this interpreter, this copy of knnmt) and wait for
+    ``/health``.
 
     Args:
         extra: further ``serve`` arguments (``--token-file``, ``--read-only``, batching...).
@@ -35,9 +36,9 @@ def spawn_server(
         the process and its base URL ``http://127.0.0.1:PORT``.
     """
     port = free_port()
-    package_root = str(Path(__file__).resolve().parents[2])  # the directory that holds knnmt/
+    package_root = str(Path(__file__).resolve().parents[3])  # the directory that holds knnmt/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "knnmt.cli", "-q", "serve", "--model", str(model)]
+    command = [sys.executable, "-m", "knnmt.apps.cli", "-q", "serve", "--model", str(model)]
     command += ["--datastore", str(datastore), "--port", str(port), *extra]
     with log.open("ab") as handle:
         process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)

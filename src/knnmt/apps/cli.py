@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .core.errors import KnnmtError, UsageError
-from .core.version import __version__
+from ..core.errors import KnnmtError, UsageError
+from ..core.version import __version__
 
 logger = logging.getLogger("knnmt")
 
@@ -333,8 +333,8 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     """The datastore's saved kNN settings (``knn.json``, else the defaults) with the command line's
     ``--k/--lambda/--temperature/--half-distance/--confidence-gate/--domain-gate`` on top (``none``
     switches the last three off)."""
-    from .core.config import KNNConfig
-    from .translator import KNN_CONFIG_FILE
+    from ..core.config import KNNConfig
+    from ..pipeline.translator import KNN_CONFIG_FILE
 
     saved = Path(datastore) / KNN_CONFIG_FILE
     base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
@@ -368,9 +368,9 @@ def _float_or_off(text: str) -> float | str:
 
 
 def _load_knn(args: argparse.Namespace) -> Any:
-    from .core.errors import DatastoreError
-    from .store.datastore import read_manifest
-    from .translator import KNNMT, load_model
+    from ..core.errors import DatastoreError
+    from ..pipeline.translator import KNNMT, load_model
+    from ..store.datastore import read_manifest
 
     manifest = read_manifest(Path(args.datastore))
     if manifest["state"] == "complete" and manifest["count"] == 0 and not getattr(args, "no_knn", False):
@@ -384,7 +384,7 @@ def _load_knn(args: argparse.Namespace) -> Any:
     index = None if args.index == "exact" else args.index
     subset = None
     if args.retrieval == "subset":
-        from .search.subset import SubsetSearch
+        from ..search.subset import SubsetSearch
 
         subset = SubsetSearch(
             subset_size=args.subset_size, sentence_search=args.sentence_search, scorer=args.subset_scorer
@@ -442,10 +442,10 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_datastore, check_build_mode
-    from .core.config import BuildConfig
-    from .store.corpus import CorpusSpec
-    from .translator import load_model, set_languages
+    from ..core.config import BuildConfig
+    from ..pipeline.build import build_datastore, check_build_mode
+    from ..pipeline.translator import load_model, set_languages
+    from ..store.corpus import CorpusSpec
 
     check_build_mode(args.append, args.force)  # before the model loads
     spec = CorpusSpec.from_args(args.source, args.target, args.corpus, args.format)
@@ -476,7 +476,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from .build import rollback_append
+    from ..pipeline.build import rollback_append
 
     store = rollback_append(args.datastore)
     print(json.dumps(store.describe(), indent=2))
@@ -484,9 +484,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .core.config import IndexConfig
-    from .search.index import build_index
-    from .store.datastore import Datastore
+    from ..core.config import IndexConfig
+    from ..search.index import build_index
+    from ..store.datastore import Datastore
 
     config = IndexConfig(
         factory=args.factory,
@@ -509,7 +509,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _sentence_index(store: Any) -> dict[str, Any] | None:
     """Rebuild the domain gate's sentence index with the key index (seconds, not minutes)."""
-    from .domain_gate import build_sentence_index
+    from ..pipeline.domain_gate import build_sentence_index
 
     if not store.vector_dim:
         logger.info(
@@ -523,9 +523,9 @@ def _sentence_index(store: Any) -> dict[str, Any] | None:
 
 
 def _index_subset(args: argparse.Namespace, store: Any) -> int:
-    from .build import build_subset_index
-    from .search.subset import SubsetConfig
-    from .translator import load_model
+    from ..pipeline.build import build_subset_index
+    from ..pipeline.translator import load_model
+    from ..search.subset import SubsetConfig
 
     config = SubsetConfig(
         sentence_search=args.sentence_search,
@@ -555,7 +555,7 @@ def _index_subset(args: argparse.Namespace, store: Any) -> int:
 def _read_input(path: str) -> list[str]:
     """The lines of ``-i/--input`` (``-``: stdin) under the rules of every text input
     (:func:`knnmt.store.corpus.decode_lines`: BOM dropped; NUL, CR-only line ends, bad UTF-8 refused)."""
-    from .store.corpus import read_lines
+    from ..store.corpus import read_lines
 
     return read_lines(path)
 
@@ -580,7 +580,7 @@ def _check_writable(path: str, flag: str) -> None:
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from .translator import dump_jsonl
+    from ..pipeline.translator import dump_jsonl
 
     if args.neighbors:
         _check_writable(args.neighbors, "--neighbors")
@@ -603,8 +603,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, format_domain_table, format_table
-    from .store.corpus import read_lines
+    from ..pipeline.evaluation import evaluate, format_domain_table, format_table
+    from ..store.corpus import read_lines
 
     if bool(args.ood_source) != bool(args.ood_reference):
         raise UsageError("--ood-source and --ood-reference go together")
@@ -679,7 +679,7 @@ def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
     """``--domain-recall``: a share in (0, 1], ``separate``, ``none``, or ``auto``: when the datastore has
     the dense sentence index the gate needs, ``separate`` with out-of-domain dev data and
     :data:`AUTO_DOMAIN_RECALL` without; else no gate."""
-    from .domain_gate import SEPARATE
+    from ..pipeline.domain_gate import SEPARATE
 
     value = text.strip().lower()
     if value == OFF:
@@ -702,10 +702,10 @@ def _domain_recall(text: str, knn: Any, has_ood: bool) -> float | str | None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .domain_gate import SEPARATE
-    from .store.corpus import read_lines
-    from .store.writelock import DatastoreLocked, describe_holder, holder_of
-    from .tuning import DEFAULT_LAMBDAS, plot_grid, shipped_ood_dev, tune, tuning_note
+    from ..pipeline.domain_gate import SEPARATE
+    from ..pipeline.tuning import DEFAULT_LAMBDAS, plot_grid, shipped_ood_dev, tune, tuning_note
+    from ..store.corpus import read_lines
+    from ..store.writelock import DatastoreLocked, describe_holder, holder_of
 
     holder = None if args.no_save else holder_of(args.datastore)
     if holder is not None:  # fail now, not after the whole tuning run
@@ -815,7 +815,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _read_json_object(file: Path) -> dict[str, Any]:
     """A JSON object file of a datastore (index or subset settings, knn.json) for ``knnmt info``."""
-    from .core.errors import DatastoreError
+    from ..core.errors import DatastoreError
 
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -829,9 +829,9 @@ def _read_json_object(file: Path) -> dict[str, Any]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .search.index import SETTINGS_FILE
-    from .store.datastore import Datastore, read_manifest
-    from .translator import KNN_CONFIG_FILE
+    from ..pipeline.translator import KNN_CONFIG_FILE
+    from ..search.index import SETTINGS_FILE
+    from ..store.datastore import Datastore, read_manifest
 
     path = Path(args.datastore)
     manifest = read_manifest(path)

@@ -16,24 +16,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core.config import KNNConfig
-from .core.errors import KnnmtError, UsageError
-from .domain_gate import DomainGate
-from .hf.beam_tracking import beam_settings
-from .hf.capture import ActivationCapture
-from .hf.logits_processor import knn_generation
-from .hf.registry import check_model, key_module
-from .hf.teacher_forcing import (
+from ..core.config import KNNConfig
+from ..core.errors import KnnmtError, UsageError
+from ..hf.beam_tracking import beam_settings
+from ..hf.capture import ActivationCapture
+from ..hf.logits_processor import knn_generation
+from ..hf.registry import check_model, key_module
+from ..hf.teacher_forcing import (
     decoder_inputs,
     encode_sources,
     encode_targets,
     sequence_limit,
     warn_truncated,
 )
-from .knn.distribution import knn_log_probs, retrieval_weights
-from .search.index import INDEX_FILE, SearchIndex, exact_index
-from .search.retriever import IndexRetriever, Retriever, prepare_retrieval
-from .store.datastore import Datastore
+from ..knn.distribution import knn_log_probs, retrieval_weights
+from ..search.index import INDEX_FILE, SearchIndex, exact_index
+from ..search.retriever import IndexRetriever, Retriever, prepare_retrieval
+from ..store.datastore import Datastore
+from .domain_gate import DomainGate
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class KNNMT:
             saved = store.path / KNN_CONFIG_FILE
             config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
         if retrieval == "subset":
-            from .search.subset import SubsetRetriever, SubsetSearch
+            from ..search.subset import SubsetRetriever, SubsetSearch
 
             options = subset or SubsetSearch()
             device_name = str(next(model_obj.parameters()).device)
@@ -345,7 +345,7 @@ class KNNMT:
 
     @property
     def domain_gate(self) -> DomainGate:
-        """The datastore's :class:`~knnmt.domain_gate.DomainGate` (loaded on first use)."""
+        """The datastore's :class:`~knnmt.pipeline.domain_gate.DomainGate` (loaded on first use)."""
         if self._domain_gate is None:
             self._domain_gate = DomainGate.load(self.datastore)
         return self._domain_gate
@@ -577,7 +577,7 @@ class KNNMT:
         """Store ``config`` (default: the current one) as the datastore's default ``knn.json``, holding the
         datastore's write lock (:class:`~knnmt.store.writelock.WriteLock`) while it writes; ``about`` is a
         note on how it was chosen, saved with it (see :func:`knnmt.core.config.read_about`)."""
-        from .store.writelock import WriteLock
+        from ..store.writelock import WriteLock
 
         path = self.datastore.path / KNN_CONFIG_FILE
         with WriteLock(self.datastore.path, "save kNN settings"):

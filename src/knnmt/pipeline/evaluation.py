@@ -8,8 +8,8 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from .core.config import KNNConfig
-from .core.errors import UsageError
+from ..core.config import KNNConfig
+from ..core.errors import UsageError
 from .translator import KNNMT, Translation, target_tokens, timed_translate, tokens_per_second
 
 

@@ -24,19 +24,19 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .core.config import KNNConfig
-from .core.errors import UsageError
-from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
-from .evaluation import score
-from .hf.capture import ActivationCapture
-from .hf.teacher_forcing import (
+from ..core.config import KNNConfig
+from ..core.errors import UsageError
+from ..hf.capture import ActivationCapture
+from ..hf.teacher_forcing import (
     EncodedPair,
     decoder_inputs,
     encode_for_model,
     length_batches,
     pad_sequences,
 )
-from .search.retriever import prepare_retrieval
+from ..search.retriever import prepare_retrieval
+from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
+from .evaluation import score
 from .translator import KNNMT
 
 logger = logging.getLogger(__name__)
@@ -277,11 +277,11 @@ def tune(
     (0 = always the most likely k). The ``confirm`` settings decoded are the best cells of distinct
     (half-distance, gate) pairs, so that the decoding sees really different settings.
 
-    ``domain_recall`` (e.g. 0.9) adds a sentence-level domain gate (:mod:`knnmt.domain_gate`; needs the
-    datastore's dense sentence index): its threshold keeps retrieval on for that share of the dev
+    ``domain_recall`` (e.g. 0.9) adds a sentence-level domain gate (:mod:`knnmt.pipeline.domain_gate`;
+    needs the datastore's dense sentence index): its threshold keeps retrieval on for that share of the dev
     sources, and every confirmed setting is decoded with it. ``separate_domains`` sets the gate instead
     to the similarity that best separates the in-domain from the out-of-domain dev sources
-    (:func:`~knnmt.domain_gate.threshold_separating`; needs ``ood_sources``).
+    (:func:`~knnmt.pipeline.domain_gate.threshold_separating`; needs ``ood_sources``).
     """
     if not sources or len(sources) != len(references):
         raise UsageError(
@@ -500,7 +500,7 @@ MODEL_OOD_DEV = "knnmt-ood-dev.tsv"
 def shipped_ood_dev(model: str | Path) -> tuple[Path, list[str], list[str]] | None:
     """``(path, sources, references)`` of the out-of-domain dev set a local model directory ships
     (:data:`MODEL_OOD_DEV`), or ``None`` (a Hub name, or a directory without one)."""
-    from .store.corpus import CorpusSpec, inspect_corpus, iter_pairs
+    from ..store.corpus import CorpusSpec, inspect_corpus, iter_pairs
 
     path = Path(model) / MODEL_OOD_DEV
     if not path.is_file():

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core.errors import DatastoreError, UsageError
-from .hf.teacher_forcing import embed_sources
-from .search.sentence_search import DenseSentenceSearch, mean_pool
-from .store.datastore import Datastore
+from ..core.errors import DatastoreError, UsageError
+from ..hf.teacher_forcing import embed_sources
+from ..search.sentence_search import DenseSentenceSearch, mean_pool
+from ..store.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def build_sentence_index(
     Raises:
         DatastoreError: the datastore has no stored sentence vectors, or an index exists (no ``force``).
     """
-    from .store.writelock import WriteLock
+    from ..store.writelock import WriteLock
 
     target = datastore.path / SENTENCE_DIR
     with WriteLock(datastore.path, "index (sentences)"):
@@ -132,7 +132,7 @@ class DomainGate:
         """
         if datastore.vector_dim and subset_dir is None:
             return cls(_load_stored(datastore))
-        from .search.subset import SUBSET_DIR, checked_settings
+        from ..search.subset import SUBSET_DIR, checked_settings
 
         directory = Path(subset_dir) if subset_dir is not None else datastore.path / SUBSET_DIR
         settings = checked_settings(directory, datastore, allow_grown=True)
@@ -185,7 +185,7 @@ def _round_down(value: float) -> float:
     return max(-1.0, math.floor(value * 10_000) / 10_000)
 
 
-#: :attr:`knnmt.tuning.TuningResult.domain_rule` of a gate set by :func:`threshold_separating`
+#: :attr:`knnmt.pipeline.tuning.TuningResult.domain_rule` of a gate set by :func:`threshold_separating`
 SEPARATE = "separate"
 #: ... and of one set by :func:`threshold_for_recall`
 RECALL = "recall"
@@ -262,7 +262,7 @@ def _load_stored(datastore: Datastore) -> DenseSentenceSearch:
 
 def _prefix_fingerprint(datastore: Datastore, sentences: int) -> str | None:
     """The fingerprint the datastore had when it held its first ``sentences`` sentences (whole shards)."""
-    from .store.datastore import manifest_fingerprint
+    from ..store.datastore import manifest_fingerprint
 
     manifest = datastore.manifest
     total = 0

@@ -34,11 +34,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.config import KNNConfig, _check
-from ..core.errors import KnnmtError, UsageError
-from ..core.version import __version__
-from ..store.datastore import VECTORS_FILE, Datastore
-from ..translator import KNN_CONFIG_FILE, KNNMT, Translation, load_model
+from ...core.config import KNNConfig, _check
+from ...core.errors import KnnmtError, UsageError
+from ...core.version import __version__
+from ...pipeline.translator import KNN_CONFIG_FILE, KNNMT, Translation, load_model
+from ...store.datastore import VECTORS_FILE, Datastore
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
 from .memory import AddResult, ConflictError, LiveMemory, load_main_index
 from .metrics import Metrics
@@ -500,7 +500,7 @@ def _explanation(service: Service, translation: Translation) -> list[dict[str, A
 
 
 def _static_page() -> str:
-    return resources.files("knnmt.service").joinpath("static/index.html").read_text(encoding="utf-8")
+    return resources.files("knnmt.apps.service").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 #: How a client recovers from a failed ``POST /memory``.

@@ -24,20 +24,20 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU
 
-from .build import build_datastore
-from .core.config import BuildConfig, KNNConfig
-from .core.errors import DatastoreError, IncompatibleError, KnnmtError
-from .evaluation import SystemScore, evaluate, format_table
-from .hf.registry import open_reusable
-from .hf.toy import build_toy_model, toy_corpus
-from .search.index import INDEX_FILE, build_index
-from .store.corpus import CorpusSpec, read_lines
-from .store.datastore import MANIFEST, Datastore, read_manifest
-from .translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
+from ..core.config import BuildConfig, KNNConfig
+from ..core.errors import DatastoreError, IncompatibleError, KnnmtError
+from ..hf.registry import open_reusable
+from ..hf.toy import build_toy_model, toy_corpus
+from ..pipeline.build import build_datastore
+from ..pipeline.evaluation import SystemScore, evaluate, format_table
+from ..pipeline.translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
+from ..search.index import INDEX_FILE, build_index
+from ..store.corpus import CorpusSpec, read_lines
+from ..store.datastore import MANIFEST, Datastore, read_manifest
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BUNDLED_MODEL = REPO / "models" / "opus-knnmt-en-de-small"
 BUNDLED_DATA = REPO / "data" / "target"
 
@@ -199,8 +199,8 @@ def _html(
 
 def _dense_sentence_index(store: Datastore, model: Any, tokenizer: Any, force: bool, progress: bool) -> None:
     """Build the dense sentence index the domain gate reads, unless it is there for this datastore."""
-    from .build import build_subset_index
-    from .search.subset import SUBSET_DIR, SubsetConfig, checked_settings
+    from ..pipeline.build import build_subset_index
+    from ..search.subset import SUBSET_DIR, SubsetConfig, checked_settings
 
     if not force:
         try:

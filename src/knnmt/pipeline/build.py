@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core.config import BuildConfig
-from .core.errors import DatastoreError, IncompatibleError, UsageError
-from .core.version import __version__
-from .hf.registry import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
-from .hf.teacher_forcing import (
+from ..core.config import BuildConfig
+from ..core.errors import DatastoreError, IncompatibleError, UsageError
+from ..core.version import __version__
+from ..hf.registry import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
+from ..hf.teacher_forcing import (
     EncodedPair,
     KeyExtractor,
     embed_sources,
@@ -37,9 +37,9 @@ from .hf.teacher_forcing import (
     sequence_limit,
     warn_truncated,
 )
-from .search.sentence_search import SourceEmbedder
-from .search.subset import SubsetConfig, SubsetIndex
-from .store.corpus import (
+from ..search.sentence_search import SourceEmbedder
+from ..search.subset import SubsetConfig, SubsetIndex
+from ..store.corpus import (
     CorpusInfo,
     CorpusSpec,
     check_not_empty,
@@ -48,7 +48,7 @@ from .store.corpus import (
     iter_pairs,
     target_path,
 )
-from .store.datastore import (
+from ..store.datastore import (
     FORMAT,
     MANIFEST,
     VERSION,
@@ -58,7 +58,7 @@ from .store.datastore import (
     unlisted_shards,
     write_json_atomic,
 )
-from .store.writelock import LOCK_FILE, WriteLock
+from ..store.writelock import LOCK_FILE, WriteLock
 
 logger = logging.getLogger(__name__)
 

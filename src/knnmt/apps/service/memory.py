@@ -40,13 +40,13 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..build import _Rate, _write_shard, vector_dim
-from ..core.config import BuildConfig
-from ..core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ..hf.teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
-from ..search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
-from ..search.retriever import IndexRetriever
-from ..store.datastore import (
+from ...core.config import BuildConfig
+from ...core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ...hf.teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
+from ...pipeline.build import _Rate, _write_shard, vector_dim
+from ...search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
+from ...search.retriever import IndexRetriever
+from ...store.datastore import (
     MANIFEST,
     Datastore,
     fsync_dir,
@@ -55,7 +55,7 @@ from ..store.datastore import (
     unlisted_shards,
     write_json_atomic,
 )
-from ..store.writelock import WriteLock
+from ...store.writelock import WriteLock
 
 logger = logging.getLogger(__name__)
 

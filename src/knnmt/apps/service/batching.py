@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ..core.config import KNNConfig, _check
-from ..core.errors import KnnmtError
-from ..translator import KNNMT, Translation
+from ...core.config import KNNConfig, _check
+from ...core.errors import KnnmtError
+from ...pipeline.translator import KNNMT, Translation
 
 logger = logging.getLogger(__name__)
 
