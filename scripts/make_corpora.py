@@ -19,13 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    from knnmt.data.build import DOMAINS, build_all
-    from knnmt.data.debian import have_tools
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from knnmt.data.build import DOMAINS, build_all
-    from knnmt.data.debian import have_tools
+from corpora.build import DOMAINS, build_all  # scripts/corpora, beside this script
+from corpora.debian import have_tools
 
 
 def default_cache() -> Path:

@@ -1,4 +1,4 @@
-"""Tests for the corpus pipeline (``knnmt.data``): .mo parsing, cleaning, help and man-page
+"""Tests for the corpus pipeline (``corpora``): .mo parsing, cleaning, help and man-page
 alignment, splits.
 
 Everything runs offline: the ``.mo`` files, help pages and man pages are written by the tests.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from knnmt.data import build
-from knnmt.data.build import (
+from corpora import build
+from corpora.build import (
     BuildReport,
     Pair,
     find_catalogs,
@@ -24,17 +24,17 @@ from knnmt.data.build import (
     split_manpages,
     write_tsv,
 )
-from knnmt.data.clean import (
+from corpora.clean import (
     detect_accelerator_markers,
     filter_reason,
     has_content,
     normalise,
     strip_accelerators,
 )
-from knnmt.data.debian import DebPackage, summarise_licence
-from knnmt.data.gettext_mo import MoEntry, MoFormatError, extract_pairs, parse_mo, read_mo
-from knnmt.data.lo_help import align_help_files, align_help_trees, parse_help_html
-from knnmt.data.manpages import (
+from corpora.debian import DebPackage, summarise_licence
+from corpora.gettext_mo import MoEntry, MoFormatError, extract_pairs, parse_mo, read_mo
+from corpora.lo_help import align_help_files, align_help_trees, parse_help_html
+from corpora.manpages import (
     MAN_SECTIONS,
     ManPair,
     align_pages,
@@ -44,8 +44,8 @@ from knnmt.data.manpages import (
     roff_to_text,
     strip_translation_section,
 )
-from knnmt.data.sources import exclusion_reason, general_package_names, manpages_package_names
-from knnmt.data.split import GroupSplit, split_by_group, stable_hash
+from corpora.sources import exclusion_reason, general_package_names, manpages_package_names
+from corpora.split import GroupSplit, split_by_group, stable_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -445,13 +445,13 @@ def test_split_eligibility_and_size_limits() -> None:
 
 
 def test_split_general_keeps_shared_strings_out_of_heldout() -> None:
-    from knnmt.data.build import BuildReport
+    from corpora.build import BuildReport
 
     pairs = []
     for g in range(80):
         pairs.append(Pair("Cancel", "Abbrechen", f"pkg{g}", f"pkg{g}:x.mo"))
         pairs += [Pair(f"Message {g}-{i}", f"Meldung {g}-{i}", f"pkg{g}", f"pkg{g}:x.mo") for i in range(40)]
-    import knnmt.data.build as build
+    import corpora.build as build
 
     sizes = build.GENERAL_SIZES
     build.GENERAL_SIZES = (("test", 100), ("dev", 100))

@@ -201,7 +201,7 @@ class HelpCorpus:
 def align_help_trees(en_root: Path, de_root: Path, config: FilterConfig = DEFAULT_FILTER) -> HelpCorpus:
     """Align every help page present in both language roots and filter the pairs.
 
-    Filters are those of :func:`~knnmt.data.clean.filter_reason` (identical, no-content, length,
+    Filters are those of :func:`~corpora.clean.filter_reason` (identical, no-content, length,
     ratio). Duplicates are *not* removed here: the split decides per file.
     """
     stats: Counter[str] = Counter()

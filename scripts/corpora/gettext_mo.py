@@ -159,9 +159,9 @@ def extract_pairs(
     Steps: skip the header (already removed by :func:`parse_mo`), untranslated entries and
     translator-credit entries; take the singular of plural entries; remove accelerator markers
     (``markers``, detected from the catalog itself when ``None``, plus ``extra_markers``, e.g. those
-    detected over the whole package; see :func:`~knnmt.data.clean.strip_accelerators`); strip markup
+    detected over the whole package; see :func:`~corpora.clean.strip_accelerators`); strip markup
     and decode entities; collapse whitespace; then drop pairs rejected by
-    :func:`~knnmt.data.clean.filter_reason` (identical, markup/number/placeholder-only, length,
+    :func:`~corpora.clean.filter_reason` (identical, markup/number/placeholder-only, length,
     ratio) and exact duplicates.
     """
     entries = list(entries)

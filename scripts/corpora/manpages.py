@@ -523,7 +523,7 @@ def align_trees(
     page of that name wins). A German page name seen before (in an earlier tree) is skipped, as is a
     page without an English original, a page that only includes another (``.so``) and an ``mdoc``
     page; each is counted. The page key (split unit) is ``"<English package>:<manN/name>"``. Pairs
-    are filtered with :func:`~knnmt.data.clean.filter_reason`; duplicates are kept (the split
+    are filtered with :func:`~corpora.clean.filter_reason`; duplicates are kept (the split
     decides).
     """
     trees = dict(en_trees)

@@ -1,7 +1,7 @@
 """Build the general-domain, target-domain (LibreOffice help) and man-page corpora from Debian packages.
 
 This is the library side of ``scripts/make_corpora.py``: it downloads the packages listed in
-:mod:`knnmt.data.sources` (see :mod:`knnmt.data.debian`), extracts and filters pairs, splits them
+:mod:`corpora.sources` (see :mod:`corpora.debian`), extracts and filters pairs, splits them
 deterministically and writes ``src<TAB>tgt`` files plus ``README.md``.
 """
 
@@ -288,7 +288,7 @@ def build_manpages(
     config: FilterConfig = DEFAULT_FILTER,
     jobs: int = 2,
 ) -> GroupSplit[ManPair]:
-    """Align English and German manual pages (:mod:`knnmt.data.manpages`) and split them by page.
+    """Align English and German manual pages (:mod:`corpora.manpages`) and split them by page.
 
     Packages excluded by name or by their real Debian section are skipped (and reported).
     ``other_sources`` are the case-folded source sentences of the other corpora (general and
