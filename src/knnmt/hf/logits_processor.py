@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -246,10 +245,3 @@ def knn_generation(
         yield KNNLogitsProcessor(
             capture, retriever, values, config, batch_size, finished_ids, sentence_on, beam
         )
-
-
-def generation_kwargs(model: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """Generation keyword arguments with knnmt's defaults applied (caller's ``extra`` wins)."""
-    kwargs: dict[str, Any] = {"num_beams": 1, "do_sample": False}
-    kwargs.update(extra)
-    return kwargs

@@ -186,8 +186,6 @@ class SearchIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         rerank: int | None = None,
-        mmap: bool = False,
-        use_gpu: bool = False,
     ) -> SearchIndex:
         """Load an index directory; with ``datastore``, check it was built for that datastore."""
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
@@ -223,9 +221,8 @@ class SearchIndex:
                 raise IncompatibleError(
                     f"index {path} has dimension {settings.get('dim')}, datastore {datastore.dim}"
                 )
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
-            index = faiss.read_index(str(index_file), flags)
+            index = faiss.read_index(str(index_file))
         except RuntimeError as exc:  # faiss says where in its C++ source, then what
             reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).strip()) or "unreadable"
             raise DatastoreError(
@@ -236,8 +233,6 @@ class SearchIndex:
             raise IncompatibleError(
                 f"index {path} holds {index.ntotal} vectors, datastore has {datastore.count}"
             )
-        if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-            index = faiss.index_cpu_to_all_gpus(index)
         result = cls(index, settings, path)
         result.set_params(nprobe, ef_search, rerank)
         return result
