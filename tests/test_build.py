@@ -216,7 +216,7 @@ def test_open_reusable_only_for_the_model_it_was_built_with(
     reused = open_reusable(out, model, tokenizer)
     assert reused is not None and reused.fingerprint == built.fingerprint
     before = _tree_digest(out)
-    with caplog.at_level(logging.WARNING, logger="knnmt.store.datastore"):
+    with caplog.at_level(logging.WARNING, logger="knnmt.hf.registry"):
         assert open_reusable(out, make_marian_model(tokenizer, seed=1), tokenizer) is None
     assert "was built with model" in caplog.text and "not reused" in caplog.text
     assert _tree_digest(out) == before  # only a verdict: the caller decides whether to rebuild

@@ -6,6 +6,9 @@ architecture, so each supported config class maps to a function returning that m
 The alternative key ``decoder_output`` is the input of the output projection (``lm_head``),
 which every model exposes through ``get_output_embeddings()``.
 
+Model identity lives here too: fingerprints of a model and tokenizer, :func:`check_model` (is this
+the model a datastore was built with?) and :func:`open_reusable` (a built datastore as a cache).
+
 To support another architecture, register it once::
 
     from knnmt.hf.registry import register_architecture
