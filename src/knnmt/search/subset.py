@@ -628,7 +628,7 @@ class SubsetRetriever:
             dist = torch.full((n, widest), float("inf"), device=self.device)
             qt = torch.from_numpy(qs).to(self.device)
             book = self.index.codebook
-            luts = book.luts(qt).reshape(n, -1) if self.scorer == "adc" else None  # [n, M * ksub]
+            luts = book.luts(qt) if self.scorer == "adc" else None  # [n, M, ksub]
             for sentence, lo, count in zip(present, starts, counts, strict=True):
                 subset = subsets[sentence]
                 size = len(subset.entries)
@@ -636,8 +636,7 @@ class SubsetRetriever:
                     continue
                 if luts is not None:
                     assert subset.flat_codes is not None
-                    picked = luts[lo : lo + count].index_select(1, subset.flat_codes)
-                    dist[lo : lo + count, :size] = picked.view(count, size, book.m).sum(-1)
+                    dist[lo : lo + count, :size] = book.adc(luts[lo : lo + count], subset.flat_codes)
                 else:
                     assert subset.keys is not None and subset.norms is not None
                     dist[lo : lo + count, :size] = subset.norms - 2 * qt[lo : lo + count] @ subset.keys.T
