@@ -141,6 +141,13 @@ def test_ivf_pq_recall_floor_and_saved_settings(synthetic, tmp_path: Path, facto
     assert recall_at_k(reranked, exact) > recall and recall_at_k(reranked, exact) >= RERANK_RECALL_FLOOR
     loaded.set_params(rerank=0)
     np.testing.assert_array_equal(IndexRetriever(loaded, store).search(queries, K, groups)[1], pq_ids)
+    assert IndexRetriever(loaded, store).describe() == f"index({factory})"
+    loaded.set_params(rerank=8)
+    retriever = IndexRetriever(loaded, store)
+    assert retriever.describe() == f"index({factory}, rerank=8)"
+    assert not retriever.needs_encoder_states
+    retriever.prepare(["any", "sources"])  # nothing to prepare: the same search after it
+    np.testing.assert_array_equal(retriever.search(queries, K, groups)[1], reranked)
 
 
 def test_index_belongs_to_its_datastore(synthetic, tmp_path: Path) -> None:

@@ -420,7 +420,12 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     queries = datastore.get_keys(rng.choice(datastore.count, 50)) + rng.normal(0, 0.5, (50, datastore.dim))
     queries = queries.astype(np.float32)
     k = 6
-    dist, ids = LiveRetriever(state).search(queries, k, np.zeros(50, dtype=np.int64))
+    retriever = LiveRetriever(state)
+    assert not retriever.needs_encoder_states
+    retriever.prepare(["any source"])  # nothing to prepare
+    side_count = datastore.count - split
+    assert retriever.describe() == f"live(index(Flat), {side_count} appended, {removed.sum()} removed)"
+    dist, ids = retriever.search(queries, k, np.zeros(50, dtype=np.int64))
 
     keys = datastore.get_keys(np.arange(datastore.count))
     exact = ((queries[:, None, :] - keys[None]) ** 2).sum(-1)

@@ -14,10 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import KnnmtError, UsageError
 from ..core.version import __version__
+
+if TYPE_CHECKING:  # for annotations only; the commands import it where they run
+    from ..pipeline.translator import KNNMT
 
 logger = logging.getLogger("knnmt")
 
@@ -648,9 +651,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _retrieval_name(knn: Any) -> str:
-    describe = getattr(knn.retriever, "describe", None)
-    return f"retrieval={describe()}" if describe else f"index={knn.index.factory}"
+def _retrieval_name(knn: KNNMT) -> str:
+    return f"retrieval={knn.retriever.describe()}"
 
 
 def _floats(text: str, what: str) -> list[float]:

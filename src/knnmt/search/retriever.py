@@ -15,12 +15,41 @@ from .index import SearchIndex
 class Retriever(Protocol):
     """Finds the ``k`` nearest datastore entries of each query.
 
-    ``groups[i]`` is the index (within the current batch) of the source sentence that query ``i``
-    belongs to; sentence-dependent retrievers (Subset kNN-MT) use it, others ignore it.
+    A retriever is used in this order: :meth:`prepare` once per batch of source sentences (with their
+    encoder states when :attr:`needs_encoder_states`; :func:`prepare_retrieval` does this), then
+    :meth:`search` at every decoding step. ``groups[i]`` of :meth:`search` is the index (within the
+    prepared batch) of the source sentence that query ``i`` belongs to; sentence-dependent retrievers
+    (Subset kNN-MT) use it, others ignore it and make :meth:`prepare` a no-op.
     """
 
+    @property
+    def needs_encoder_states(self) -> bool:
+        """Whether :meth:`prepare` needs the batch's ``encoder_states`` and ``attention_mask`` (the
+        encoder is then run before ``generate`` and its output reused by it)."""
+        ...
+
+    def prepare(
+        self,
+        sources: Sequence[str],
+        encoder_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Get ready to search for the queries of the next batch (called once per batch).
+
+        Args:
+            sources: ``B`` source sentences (without model prefix), in batch order.
+            encoder_states: ``[B, L, d]`` encoder output, given when :attr:`needs_encoder_states`.
+            attention_mask: ``[B, L]`` of the encoder input, given with ``encoder_states``.
+        """
+        ...
+
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(D [n, k] float32 squared L2, I [n, k] int64 global entry ids, -1 missing)``."""
+        """``queries [n, dim]`` float32, ``groups [n]`` int64 -> ``(D [n, k] float32 squared L2,
+        I [n, k] int64 global entry ids)``, ``-1``/``inf`` where fewer than ``k`` entries are found."""
+        ...
+
+    def describe(self) -> str:
+        """A one-line label of the retrieval method and its settings, for reports (e.g. ``index(Flat)``)."""
         ...
 
 
@@ -31,29 +60,26 @@ def prepare_retrieval(
     inputs: dict[str, torch.Tensor],
     encoder_outputs: Any = None,
 ) -> dict[str, Any]:
-    """Give a sentence-dependent retriever its batch before decoding; returns extra ``generate`` kwargs.
+    """Give the retriever its batch before decoding (:meth:`Retriever.prepare`); returns extra
+    ``generate`` kwargs.
 
-    A retriever may define ``prepare(sources, encoder_states=None, attention_mask=None)`` (called once
-    per ``generate`` batch, sources in batch order) and ``needs_encoder_states``. When it needs them,
-    the encoder is run here once and its output is returned as ``{"encoder_outputs": ...}`` so that
-    ``generate`` reuses it instead of encoding again. Retrievers without ``prepare`` cost nothing.
+    When the retriever :attr:`~Retriever.needs_encoder_states`, the encoder is run here once and its
+    output is returned as ``{"encoder_outputs": ...}`` so that ``generate`` reuses it instead of
+    encoding again. Other retrievers get the sources only (a no-op for :class:`IndexRetriever`).
 
     Args:
         sources: the batch's source sentences (without model prefix).
         inputs: the tokenised batch (``input_ids``, ``attention_mask`` ``[B, L]``).
         encoder_outputs: the encoder's output for ``inputs`` when the caller already has it.
     """
-    prepare = getattr(retriever, "prepare", None)
-    if prepare is None:
-        return {}
-    if not getattr(retriever, "needs_encoder_states", False):
-        prepare(list(sources))
+    if not retriever.needs_encoder_states:
+        retriever.prepare(list(sources))
         return {}
     if encoder_outputs is None:
         encoder_outputs = model.get_encoder()(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], return_dict=True
         )
-    prepare(list(sources), encoder_outputs.last_hidden_state, inputs["attention_mask"])
+    retriever.prepare(list(sources), encoder_outputs.last_hidden_state, inputs["attention_mask"])
     return {"encoder_outputs": encoder_outputs}
 
 
@@ -65,9 +91,24 @@ class IndexRetriever:
     (PQ distances are coarse; this recovers most of the exact neighbours cheaply).
     """
 
+    #: one search over the whole datastore: nothing to prepare per sentence
+    needs_encoder_states = False
+
     def __init__(self, index: SearchIndex, datastore: Datastore) -> None:
         self.index = index
         self.datastore = datastore
+
+    def prepare(
+        self,
+        sources: Sequence[str],
+        encoder_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Nothing to do: every query searches the whole datastore."""
+
+    def describe(self) -> str:
+        rerank = self.index.rerank
+        return f"index({self.index.factory}" + (f", rerank={rerank})" if rerank > 0 else ")")
 
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rerank = self.index.rerank

@@ -528,9 +528,11 @@ class SubsetRetriever:
 
     @property
     def needs_encoder_states(self) -> bool:
+        """True for the dense sentence search (it embeds the sources with the encoder), False for BM25."""
         return self.sentences.needs_encoder_states
 
     def describe(self) -> str:
+        """``subset(n=<subset size>, <sentence search>, <scorer>, rerank=<r>)``."""
         return f"subset(n={self.subset_size}, {self.kind}, {self.scorer}, rerank={self.rerank})"
 
     # ---- per batch ------------------------------------------------------------------------

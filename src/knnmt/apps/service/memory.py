@@ -38,6 +38,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ...core.config import BuildConfig
@@ -103,8 +104,23 @@ class _State:
 class LiveRetriever:
     """A :class:`knnmt.search.retriever.Retriever` over main + side index that skips removed entries."""
 
+    #: one search over the whole memory: nothing to prepare per sentence
+    needs_encoder_states = False
+
     def __init__(self, state: _State) -> None:
         self.state = state
+
+    def prepare(
+        self,
+        sources: Sequence[str],
+        encoder_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Nothing to do: every query searches the whole memory."""
+
+    def describe(self) -> str:
+        s = self.state
+        return f"live(index({s.main.factory}), {int(s.side.ntotal)} appended, {s.removed_count} removed)"
 
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``queries [n, dim]`` float32 -> ``(D [n, k] float32, I [n, k] int64)``, ``-1``/``inf`` padded.
