@@ -153,5 +153,6 @@ def test_retrieval_weights_follow_the_virtual_neighbour_formula() -> None:
         want = lam * s / (s + np.exp(-half / tau))
         assert got[row].item() == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert got[0] > 0.7 and got[1] < 0.06 and got[2] == 0.0  # near: ≈ λ; far: ≈ 0; none: 0
-    # without a half distance the weight is the constant λ
-    assert torch.equal(retrieval_weights(distances, values, lam, tau, None), torch.full((3,), lam))
+    # without a half distance the weight is the constant λ, and 0 where nothing was retrieved (the
+    # model alone, as generation does for such rows)
+    assert torch.equal(retrieval_weights(distances, values, lam, tau, None), torch.tensor([lam, lam, 0.0]))

@@ -29,7 +29,7 @@ from ..hf.teacher_forcing import (
     sequence_limit,
     warn_truncated,
 )
-from ..knn.distribution import knn_log_probs, retrieval_weights
+from ..knn.distribution import interpolate, knn_log_probs, retrieval_weights
 from ..search.index import INDEX_FILE, SearchIndex, exact_index
 from ..search.retriever import IndexRetriever, Retriever, prepare_retrieval
 from ..store.datastore import Datastore
@@ -67,7 +67,8 @@ class TokenExplanation:
     top_mt: list[tuple[str, float]]
     top_knn: list[tuple[str, float]]
     neighbours: list[Neighbour]
-    #: the weight λ of ``p_kNN`` at this step (constant unless ``half_distance`` is set; 0 where gated)
+    #: the weight λ of ``p_kNN`` at this step (constant unless ``half_distance`` is set; 0 where gated or
+    #: where nothing was retrieved)
     weight: float = 0.0
     #: the confidence gate skipped retrieval at this step, or the domain gate at every step of this
     #: sentence: decoding used ``p_MT`` alone and searched nothing (the neighbours shown are what a
@@ -518,6 +519,10 @@ class KNNMT:
         if config.domain_gate is not None and self.source_similarity([source])[0] < config.domain_gate:
             confident = [True] * len(weights)  # the domain gate leaves this sentence to the model
             weights = [0.0] * len(weights)
+        # the mixture of generation at every step, with its λ_q (float64: explain reports probabilities)
+        log_final = interpolate(
+            log_mt.double(), values, log_knn.double(), torch.tensor(weights, dtype=torch.float64)
+        )
         sent_ids, positions = self.datastore.provenance(ids)
         cache: dict[int, dict[str, Any]] = {}
         out: list[TokenExplanation] = []
@@ -555,7 +560,7 @@ class KNNMT:
                     token_id=token_id,
                     p_mt=p_mt,
                     p_knn=p_knn,
-                    p_final=weights[t] * p_knn + (1 - weights[t]) * p_mt,
+                    p_final=float(log_final[t, token_id].exp()),
                     weight=weights[t],
                     gated=confident[t],
                     top_mt=[

@@ -6,7 +6,8 @@
 3. Score the whole (k, τ, λ, half distance, gate) grid on token-level log-likelihood of the references,
    which needs no decoding: for the first ``k`` neighbours ``log p_kNN(y_t)`` is a log-sum-exp over
    those voting for ``y_t``, and ``log P(y_t) = logaddexp(log(1-λ) + log p_MT, log λ + log p_kNN)``
-   (``log p_MT`` alone where the gate skips retrieval).
+   (``log p_MT`` alone where the gate skips retrieval, or nothing was retrieved): the functions of
+   :mod:`knnmt.knn.distribution` that generation uses, over all λ at once.
 4. Confirm the best few settings by decoding the dev set (and the out-of-domain dev set, when given)
    and scoring BLEU; the best one that keeps the out-of-domain loss within bounds wins.
 """
@@ -34,6 +35,7 @@ from ..hf.teacher_forcing import (
     length_batches,
     pad_sequences,
 )
+from ..knn.distribution import knn_log_prob, log_total, mix, mixture_log_weights, neighbour_logits
 from ..search.retriever import prepare_retrieval
 from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
 from .evaluation import score
@@ -200,38 +202,26 @@ def grid_log_likelihood(
     if any(g is not None for g in gates) and log_p_max is None:
         raise UsageError("confidence gates need log_p_max, the model's top log-probability per token")
     out = np.zeros((len(ks), len(temperatures), len(lambdas), len(half_distances), len(gates)))
-    lam = np.asarray(lambdas, dtype=np.float64)
     n = len(log_p_mt)
     # per gate: which tokens are still searched, and the plain model's share of the sum elsewhere
     kept = [np.ones(n, dtype=bool) if g is None else _gate_mask(g, np.asarray(log_p_max)) for g in gates]
     plain_sum = [float(log_p_mt[~keep].sum()) for keep in kept]
+    # the formula of generation (knnmt.knn.distribution), in float64 and over all λ at once
+    lam = torch.tensor(lambdas, dtype=torch.float64)  # [L]
+    log_mt = torch.from_numpy(np.asarray(log_p_mt, dtype=np.float64))[:, None]  # [T, 1]
+    dist = torch.from_numpy(np.asarray(distances, dtype=np.float64))
+    valid = torch.isfinite(dist)  # missing neighbours have inf distances
+    hits = torch.from_numpy(np.asarray(match, dtype=bool))
     for (i, k), (j, tau) in itertools.product(enumerate(ks), enumerate(temperatures)):
-        logits = -distances[:, :k] / tau  # [T, k]; missing neighbours are -inf
-        total = _logsumexp(logits)  # [T] log S
-        hit = _logsumexp(np.where(match[:, :k], logits, -np.inf))
-        log_knn = np.where(np.isfinite(total), hit - total, -np.inf)  # [T]
+        logits = neighbour_logits(dist[:, :k], valid[:, :k], tau)  # [T, k]
+        total = log_total(logits)[:, None]  # [T, 1] log S
+        log_knn = knn_log_prob(logits, hits[:, :k])[:, None]  # [T, 1] log p_kNN(y_t)
         for h, half in enumerate(half_distances):
-            with np.errstate(divide="ignore"):
-                if half is None:
-                    log_w = np.broadcast_to(np.log(lam)[None, :], (n, len(lam)))
-                    log_1mw = np.broadcast_to(np.log1p(-lam)[None, :], log_w.shape)
-                else:  # λ_q = λ·S/(S + w0), w0 = exp(-half/τ); 1 - λ_q = (1 - λ) + λ·w0/(S + w0)
-                    norm = np.logaddexp(total, -half / tau)  # [T]
-                    log_w = np.log(lam)[None, :] + (total - norm)[:, None]  # [T, L]
-                    log_1mw = np.logaddexp(
-                        np.log1p(-lam)[None, :], np.log(lam)[None, :] + (-half / tau - norm)[:, None]
-                    )
-                mixed = np.logaddexp(log_1mw + log_p_mt[:, None], log_w + log_knn[:, None])  # [T, L]
+            log_w, log_1mw = mixture_log_weights(total, lam, tau, half)  # [T, L]
+            mixed = mix(log_mt, log_knn, log_w, log_1mw).numpy()  # [T, L]
             for g, keep in enumerate(kept):
                 out[i, j, :, h, g] = (mixed[keep].sum(axis=0) + plain_sum[g]) / n
     return out
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    peak = np.max(x, axis=1)
-    safe = np.where(np.isfinite(peak), peak, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(x - safe[:, None]).sum(axis=1)) + safe
 
 
 def auto_half_distances(distances: np.ndarray) -> list[float | None]:
