@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 from ..core.config import KNNConfig
 from ..core.errors import KnnmtError, UsageError
 from ..hf.beam_tracking import beam_settings
-from ..hf.capture import ActivationCapture
 from ..hf.logits_processor import knn_generation
-from ..hf.registry import check_model, key_module
+from ..hf.registry import check_model
 from ..hf.teacher_forcing import (
-    decoder_inputs,
+    EncodedPair,
+    encode_source_ids,
     encode_sources,
     encode_targets,
     sequence_limit,
+    teacher_force,
     warn_truncated,
 )
 from ..knn.distribution import knn_log_probs, retrieval_weights
@@ -491,19 +492,21 @@ class KNNMT:
                 label_ids, cut = label_ids[:limit], 1
         if not label_ids:
             return []
-        labels = torch.tensor([label_ids], device=self.device)
-        inputs, cut_source = encode_sources(tok, [self.source_prefix + source], limit)
-        inputs = inputs.to(self.device)
+        (source_ids,), cut_source = encode_source_ids(tok, [self.source_prefix + source], limit)
         warn_truncated(cut + cut_source, limit, "explain")
-        module = self._key_module()
-        extra = prepare_retrieval(self.retriever, self.model, [source], inputs)
-        with ActivationCapture(module) as capture:
-            logits = self.model(
-                **inputs, **extra, decoder_input_ids=decoder_inputs(self.model, labels)
-            ).logits[0]
-            assert capture.last is not None
-            queries = capture.last[0].float().cpu()
-        log_mt = torch.log_softmax(logits.float().cpu(), dim=-1)
+        pair = EncodedPair(0, 1, source, target if isinstance(target, str) else "", source_ids, label_ids)
+        (forced,) = teacher_force(
+            self.model,
+            tok,
+            [pair],
+            key_layer=self.key_layer,
+            batches=[[0]],
+            log_probs=True,
+            prepare=self.prepare_batch,
+        )
+        assert forced.log_probs is not None
+        queries = forced.keys[0].float()
+        log_mt = forced.log_probs[0]
         k = config.k
         distances, ids = self.retriever.search(queries.numpy(), k, np.zeros(len(label_ids), dtype=np.int64))
         values = torch.from_numpy(np.where(ids >= 0, self.datastore.values[np.clip(ids, 0, None)], -1)).long()
@@ -570,8 +573,10 @@ class KNNMT:
             )
         return out
 
-    def _key_module(self) -> torch.nn.Module:
-        return key_module(self.model, self.key_layer)
+    def prepare_batch(self, pairs: list[EncodedPair], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Give the retriever a teacher-forced batch before its queries (a
+        :data:`~knnmt.hf.teacher_forcing.PrepareBatch`): Subset kNN-MT selects each sentence's subset."""
+        return prepare_retrieval(self.retriever, self.model, [p.source for p in pairs], inputs)
 
     def save_config(self, config: KNNConfig | None = None, about: dict[str, Any] | None = None) -> Path:
         """Store ``config`` (default: the current one) as the datastore's default ``knn.json``, holding the
