@@ -334,10 +334,9 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     ``--k/--lambda/--temperature/--half-distance/--confidence-gate/--domain-gate`` on top (``none``
     switches the last three off)."""
     from ..core.config import KNNConfig
-    from ..pipeline.translator import KNN_CONFIG_FILE
+    from ..pipeline.translator import saved_knn_config
 
-    saved = Path(datastore) / KNN_CONFIG_FILE
-    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+    base = saved_knn_config(datastore)
     changes = {
         k: v
         for k, v in {

@@ -38,7 +38,19 @@ from .domain_gate import DomainGate
 
 logger = logging.getLogger(__name__)
 
+#: the datastore's saved kNN settings (written by ``knnmt tune`` / :meth:`KNNMT.save_config`)
 KNN_CONFIG_FILE = "knn.json"
+
+
+def saved_knn_config(datastore: str | Path | Datastore, default: KNNConfig | None = None) -> KNNConfig:
+    """The one rule for a datastore's kNN settings: its saved ``knn.json`` (:data:`KNN_CONFIG_FILE`)
+    when there is one, else ``default`` (:class:`KNNConfig`'s defaults when not given). The library
+    (:meth:`KNNMT.load`), the command line, the service and the demo all start from this."""
+    path = datastore.path if isinstance(datastore, Datastore) else Path(datastore)
+    saved = path / KNN_CONFIG_FILE
+    if saved.is_file():
+        return KNNConfig.load(saved)
+    return default if default is not None else KNNConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +259,7 @@ class KNNMT:
         set_languages(model_obj, tokenizer, src_lang, tgt_lang)
         store = Datastore.open(datastore)
         if config is None:
-            saved = store.path / KNN_CONFIG_FILE
-            config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+            config = saved_knn_config(store)
         if retrieval == "subset":
             from ..search.subset import SubsetRetriever, SubsetSearch
 

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...core.config import KNNConfig, _check
 from ...core.errors import KnnmtError, UsageError
 from ...core.version import __version__
-from ...pipeline.translator import KNN_CONFIG_FILE, KNNMT, Translation, load_model
+from ...pipeline.translator import KNNMT, Translation, load_model, saved_knn_config
 from ...store.datastore import VECTORS_FILE, Datastore
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
 from .memory import AddResult, ConflictError, LiveMemory, load_main_index
@@ -174,8 +174,7 @@ class Service:
             writable=config.writes,
         )
         if knn_config is None:
-            saved = store.path / KNN_CONFIG_FILE
-            knn_config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+            knn_config = saved_knn_config(store)
         try:
             translator = KNNMT(
                 model_obj, tokenizer, store, index=main, config=knn_config, retriever=memory.retriever
