@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import JsonConfig, _check
+from ..core.config import JsonConfig
+from ..core.config import require as _check
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..store.datastore import Datastore, write_json_atomic
 from ..store.writelock import WriteLock
