@@ -442,8 +442,9 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from ..core.config import BuildConfig
+    from ..hf.registry import set_languages
     from ..pipeline.build import build_datastore, check_build_mode
-    from ..pipeline.translator import load_model, set_languages
+    from ..pipeline.translator import load_model
     from ..store.corpus import CorpusSpec
 
     check_build_mode(args.append, args.force)  # before the model loads

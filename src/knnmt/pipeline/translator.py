@@ -20,7 +20,7 @@ from ..core.config import KNNConfig
 from ..core.errors import KnnmtError, UsageError
 from ..hf.beam_tracking import beam_settings
 from ..hf.logits_processor import knn_generation
-from ..hf.registry import check_model
+from ..hf.registry import check_model, set_languages
 from ..hf.teacher_forcing import (
     EncodedPair,
     encode_source_ids,
@@ -157,33 +157,6 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     if device:
         model.to(device)
     return model, tokenizer
-
-
-def set_languages(model: Any, tokenizer: Any, src_lang: str | None, tgt_lang: str | None) -> dict[str, Any]:
-    """Set source/target languages on multilingual tokenizers (NLLB, M2M100, mBART).
-
-    Returns:
-        extra ``generate`` arguments: ``forced_bos_token_id`` of the target language when the model needs one.
-    """
-    if src_lang:
-        if not hasattr(tokenizer, "src_lang"):
-            raise UsageError(f"{type(tokenizer).__name__} has no source language setting; drop --src-lang")
-        tokenizer.src_lang = src_lang
-    if tgt_lang:
-        if not hasattr(tokenizer, "tgt_lang"):
-            raise UsageError(f"{type(tokenizer).__name__} has no target language setting; drop --tgt-lang")
-        tokenizer.tgt_lang = tgt_lang
-    lang = getattr(tokenizer, "tgt_lang", None)
-    if lang and type(model.config).__name__ in ("M2M100Config", "MBartConfig", "NllbMoeConfig"):
-        get_lang_id = getattr(tokenizer, "get_lang_id", None)  # M2M100: "de" -> id of "__de__"
-        try:
-            token_id = get_lang_id(lang) if get_lang_id else tokenizer.convert_tokens_to_ids(lang)
-        except KeyError:
-            token_id = None
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise UsageError(f"unknown target language code {lang!r} for {type(tokenizer).__name__}")
-        return {"forced_bos_token_id": int(token_id)}
-    return {}
 
 
 class KNNMT:
