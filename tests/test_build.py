@@ -78,8 +78,8 @@ def test_sharded_build_equals_one_shot(marian, toy_pairs, make_corpus, tmp_path:
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards_ok: int) -> list[str]:
-    """Make ``_write_shard`` die on call ``shards_ok + 1``, after creating that shard's ``.tmp`` directory."""
-    real = knnmt.pipeline.build._write_shard
+    """Make ``write_shard`` die on call ``shards_ok + 1``, after creating that shard's ``.tmp`` directory."""
+    real = knnmt.pipeline.build.write_shard
     calls: list[str] = []
 
     def flaky(out: Path, name: str, encoded: list[Any], *args: Any, **kwargs: Any) -> int:
@@ -90,7 +90,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards_ok: int) -> list[st
             raise RuntimeError("simulated crash while writing a shard")
         return real(out, name, encoded, *args, **kwargs)
 
-    monkeypatch.setattr(knnmt.pipeline.build, "_write_shard", flaky)
+    monkeypatch.setattr(knnmt.pipeline.build, "write_shard", flaky)
     return calls
 
 
@@ -308,16 +308,19 @@ def test_manifest_describes_the_build(datastore, marian, toy_spec) -> None:
 def test_keys_beyond_fp16_range_are_refused(
     marian, toy_pairs, make_corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knnmt.hf.teacher_forcing import KeyExtractor
+    import dataclasses
+
+    from knnmt.hf.teacher_forcing import ForcedBatch, KeyExtractor
 
     model, tokenizer = marian
-    real = KeyExtractor.extract
+    real = KeyExtractor.run
 
-    def huge_for_line_3(self: KeyExtractor, batch: list[Any]) -> tuple[list[Any], Any]:
-        keys, vectors = real(self, batch)
-        return [k * 1e6 if pair.line == 3 else k for pair, k in zip(batch, keys, strict=True)], vectors
+    def huge_for_line_3(self: KeyExtractor, *args: Any, **kwargs: Any) -> ForcedBatch:
+        forced = real(self, *args, **kwargs)
+        keys = [k * 1e6 if pair.line == 3 else k for pair, k in zip(forced.pairs, forced.keys, strict=True)]
+        return dataclasses.replace(forced, keys=keys)
 
-    monkeypatch.setattr(KeyExtractor, "extract", huge_for_line_3)
+    monkeypatch.setattr(KeyExtractor, "run", huge_for_line_3)
     with pytest.raises(
         DatastoreError, match=r"keys of sentence 2 \(line 3\) reach .* beyond float16's range"
     ):

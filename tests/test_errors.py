@@ -349,7 +349,8 @@ def test_register_architecture_and_key_layers(monkeypatch: pytest.MonkeyPatch) -
     assert key_module(model, "decoder_output") is model.lm_head  # every LM head model has one
     with pytest.raises(UsageError, match="unknown key layer 'middle'"):
         key_module(model, "middle")
-    monkeypatch.setitem(registry._FFN_INPUT, "GPT2Config", lambda m: m.transformer.h[-1].mlp.c_fc)
+    monkeypatch.setattr(registry, "_ARCHITECTURES", dict(registry._ARCHITECTURES))
+    registry.register_architecture("GPT2Config", lambda m: m.transformer.h[-1].mlp.c_fc)
     assert "GPT2Config" in registry.supported_architectures()
     assert key_module(model) is model.transformer.h[-1].mlp.c_fc
     assert registry.key_module_name(model) == "transformer.h.0.mlp.c_fc"

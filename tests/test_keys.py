@@ -120,3 +120,43 @@ def test_pair_queries_are_each_pairs_own_keys_in_input_order(marian, toy_pairs) 
         assert keys.dtype == torch.float32
         assert keys.shape == alone.shape == (len(tokenizer(text_target=target)["input_ids"]), keys.shape[1])
         torch.testing.assert_close(keys, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_build_tuning_and_explain_share_one_teacher_forcing(
+    marian, toy_pairs, make_corpus, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The datastore build, ``tune``'s reference statistics and ``explain`` all run
+    :func:`~knnmt.hf.teacher_forcing.teacher_force`: for the same pair they get the same keys (the
+    build stores them as fp16), and tuning and explain the same ``log p_MT``."""
+    from knnmt.hf.teacher_forcing import KeyExtractor
+    from knnmt.pipeline.build import build_datastore
+    from knnmt.pipeline.translator import KNNMT
+    from knnmt.pipeline.tuning import reference_statistics
+
+    model, tokenizer = marian
+    source, target = toy_pairs[17]
+    seen: list[Any] = []
+    real = KeyExtractor.run
+
+    def record(self: KeyExtractor, *args: Any, **kwargs: Any) -> Any:
+        forced = real(self, *args, **kwargs)
+        seen.append(forced)
+        return forced
+
+    monkeypatch.setattr(KeyExtractor, "run", record)
+    store = build_datastore(
+        model, tokenizer, make_corpus([(source, target)]), tmp_path / "ds", progress=False
+    )
+    knn = KNNMT(model, tokenizer, store)
+    reference_statistics(knn, [source], [target], k_max=4)
+    knn.explain(source, target)
+    assert len(seen) == 3, "each caller runs one teacher-forced batch of this pair"
+    built, tuned, explained = seen
+    assert built.log_probs is None and built.vectors is not None  # the build needs no lm_head
+    for forced in seen:
+        assert [p.target_ids for p in forced.pairs] == [tokenizer(text_target=target)["input_ids"]]
+    torch.testing.assert_close(tuned.keys[0], built.keys[0], rtol=0, atol=0)
+    torch.testing.assert_close(explained.keys[0], built.keys[0], rtol=0, atol=0)
+    torch.testing.assert_close(explained.log_probs[0], tuned.log_probs[0], rtol=0, atol=0)
+    stored = store.get_keys(np.arange(store.count))
+    np.testing.assert_array_equal(stored, built.keys[0].to(torch.float16).float().numpy())

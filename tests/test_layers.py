@@ -15,7 +15,10 @@ functions (lazy imports) and under ``if TYPE_CHECKING:`` alike. A type-only impo
 is still a dependency on its design, so it is not allowed either: pass a ``Protocol`` or a callable
 down instead (e.g. :class:`knnmt.search.sentence_search.SourceEmbedder`).
 
-The check reads the source with :mod:`ast` (nothing is imported), so it also covers code paths the
+No module imports another's private names either (``from X import _name``; issue 17): what two
+modules share is public, documented API of one of them.
+
+The checks read the source with :mod:`ast` (nothing is imported), so they also cover code paths the
 other tests do not run.
 """
 
@@ -75,23 +78,53 @@ def knnmt_imports(source: str, module: str, is_package: bool = False) -> list[tu
     import ...``, which imports the package root). Imports in functions and ``TYPE_CHECKING`` blocks
     count too (``ast.walk`` visits every node).
     """
-    package = module.split(".") if is_package else module.split(".")[:-1]
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
             found += [(node.lineno, name) for name in names if name.split(".")[0] == "knnmt"]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                if node.level - 1 >= len(package):
-                    raise ValueError(f"{module}:{node.lineno}: relative import beyond the top-level package")
-                base = package[: len(package) - (node.level - 1)]
-                target = ".".join(base + (node.module.split(".") if node.module else []))
-            else:
-                target = node.module or ""
+            target = import_source(node, module, is_package)
             if target.split(".")[0] == "knnmt":
                 found.append((node.lineno, target))
     return found
+
+
+def import_source(node: ast.ImportFrom, module: str, is_package: bool = False) -> str:
+    """The absolute module ``node`` (in ``module``) imports from, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    if node.level - 1 >= len(package):
+        raise ValueError(f"{module}:{node.lineno}: relative import beyond the top-level package")
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + (node.module.split(".") if node.module else []))
+
+
+def is_private(name: str) -> bool:
+    """A leading-underscore name that is not a dunder (``__version__`` is public)."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Each ``from X import _name`` in ``source`` with ``X`` a knnmt module, as ``"module:line ..."``
+    (importing ``import knnmt.x._y`` or ``from knnmt.x._y import z`` counts too)."""
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            target = import_source(node, module, is_package)
+            if target.split(".")[0] != "knnmt":
+                continue
+            names = [alias.name for alias in node.names if is_private(alias.name)]
+            if any(is_private(part) for part in target.split(".")):
+                names.append(target)
+            problems += [f"{module}:{node.lineno} imports private {name} from {target}" for name in names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "knnmt" and any(is_private(part) for part in parts):
+                    problems.append(f"{module}:{node.lineno} imports private module {alias.name}")
+    return problems
 
 
 def upward_imports(source: str, module: str, is_package: bool = False) -> list[str]:
@@ -103,9 +136,7 @@ def upward_imports(source: str, module: str, is_package: bool = False) -> list[s
     for line, target in knnmt_imports(source, module, is_package):
         theirs = layer_of(target)
         if theirs is None or theirs > own:
-            problems.append(
-                f"{module}:{line} imports {target} ({layer_name(theirs)}) from {layer_name(own)}"
-            )
+            problems.append(f"{module}:{line} imports {target} ({layer_name(theirs)}) from {layer_name(own)}")
     return problems
 
 
@@ -175,3 +206,38 @@ def test_the_checker_rejects_unknown_places() -> None:
         upward_imports("import os\n", "knnmt.stray")
     assert layer_of("knnmt.stray.module") is None
     assert layer_of("knnmt") == TOP
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    problems = []
+    for path, name, is_package in package_modules():
+        problems += private_imports(path.read_text(encoding="utf-8"), name, is_package)
+    assert not problems, (
+        "private names imported across modules (make them public, documented API):\n" + "\n".join(problems)
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from ..pipeline.build import _write_shard, vector_dim\n",
+        "from ...core.config import KNNConfig, _check\n",
+        "def f():\n    from .translator import _helper as helper\n    return helper\n",
+        "from knnmt.store._private import thing\n",
+        "import knnmt.store._private\n",
+    ],
+)
+def test_the_checker_flags_a_private_import(source: str) -> None:
+    problems = private_imports(source, "knnmt.apps.service.fake")
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("knnmt.apps.service.fake:")
+
+
+def test_the_checker_allows_public_dunder_and_foreign_names() -> None:
+    source = (
+        "from ..core.version import __version__\n"
+        "from ..core.config import require as _check\n"  # a public name under a local alias
+        "from os import _exit\n"  # outside knnmt
+        "import numpy as _np\n"
+    )
+    assert private_imports(source, "knnmt.pipeline.fake") == []

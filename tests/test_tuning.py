@@ -236,3 +236,30 @@ def test_tune_prefers_the_smallest_k_within_the_tolerance(
     )
     best_k = [2, 8][int(np.argmax(strict.log_likelihood.reshape(2, -1).max(axis=1)))]
     assert strict.best.k == best_k
+
+
+def test_saved_settings_else_defaults_is_one_rule(marian, datastore, tmp_path: Path) -> None:
+    """``saved_knn_config`` (the datastore's ``knn.json``, else the defaults) is what the library, the
+    command line and the service start from."""
+    import argparse
+    import shutil
+
+    from knnmt.apps.cli import _knn_config
+    from knnmt.apps.service.app import ServeConfig, Service
+    from knnmt.pipeline.translator import KNN_CONFIG_FILE, saved_knn_config
+
+    copy = tmp_path / "ds"
+    shutil.copytree(datastore.path, copy, ignore=shutil.ignore_patterns("index", KNN_CONFIG_FILE))
+    fallback = KNNConfig(k=3)
+    assert saved_knn_config(copy) == KNNConfig() and saved_knn_config(copy, fallback) == fallback
+    tuned = KNNConfig(k=5, lambda_=0.3, temperature=7.0, half_distance=2.0)
+    tuned.save(copy / KNN_CONFIG_FILE, {"chosen by": "this test"})
+    assert saved_knn_config(copy) == saved_knn_config(copy, fallback) == tuned
+    assert KNNMT.load(marian, copy).config == tuned
+    flags = dict.fromkeys(("k", "lambda_", "temperature", "half_distance", "confidence_gate", "domain_gate"))
+    assert _knn_config(argparse.Namespace(**flags), str(copy)) == tuned
+    service = Service.open(marian, copy, ServeConfig(writes=False), index=None)
+    try:
+        assert service.translator.config == tuned
+    finally:
+        service.close()

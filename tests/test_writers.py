@@ -194,7 +194,7 @@ def test_append_with_force_is_a_usage_error_that_deletes_nothing(
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
     """Make the build raise after ``shards`` more shards are finished (a crash mid-build)."""
-    real = knnmt.pipeline.build._write_shard
+    real = knnmt.pipeline.build.write_shard
     calls = {"n": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> int:
@@ -203,7 +203,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(knnmt.pipeline.build, "_write_shard", flaky)
+    monkeypatch.setattr(knnmt.pipeline.build, "write_shard", flaky)
 
 
 def test_interrupted_append_is_undone_by_rollback_not_force(

@@ -337,10 +337,9 @@ def _knn_config(args: argparse.Namespace, datastore: str) -> Any:
     ``--k/--lambda/--temperature/--half-distance/--confidence-gate/--domain-gate`` on top (``none``
     switches the last three off)."""
     from ..core.config import KNNConfig
-    from ..pipeline.translator import KNN_CONFIG_FILE
+    from ..pipeline.translator import saved_knn_config
 
-    saved = Path(datastore) / KNN_CONFIG_FILE
-    base = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+    base = saved_knn_config(datastore)
     changes = {
         k: v
         for k, v in {
@@ -446,8 +445,9 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from ..core.config import BuildConfig
+    from ..hf.registry import set_languages
     from ..pipeline.build import build_datastore, check_build_mode
-    from ..pipeline.translator import load_model, set_languages
+    from ..pipeline.translator import load_model
     from ..store.corpus import CorpusSpec
 
     check_build_mode(args.append, args.force)  # before the model loads

@@ -30,7 +30,14 @@ from ..hf.registry import open_reusable
 from ..hf.toy import build_toy_model, toy_corpus
 from ..pipeline.build import build_datastore
 from ..pipeline.evaluation import SystemScore, evaluate, format_table
-from ..pipeline.translator import KNN_CONFIG_FILE, KNNMT, TokenExplanation, Translation, load_model
+from ..pipeline.translator import (
+    KNN_CONFIG_FILE,
+    KNNMT,
+    TokenExplanation,
+    Translation,
+    load_model,
+    saved_knn_config,
+)
 from ..search.index import INDEX_FILE, build_index
 from ..store.corpus import CorpusSpec, read_lines
 from ..store.datastore import MANIFEST, Datastore, read_manifest
@@ -250,7 +257,7 @@ def run_demo(
     tuned = store_dir / KNN_CONFIG_FILE
     if not tuned.is_file() and inputs.tuned is not None:
         shutil.copyfile(inputs.tuned, tuned)  # the setting `knnmt tune` chose for the bundled model
-    config = KNNConfig.load(tuned) if tuned.is_file() else inputs.knn
+    config = saved_knn_config(store_dir, inputs.knn)
     if config.domain_gate is not None:
         _dense_sentence_index(store, model, tokenizer, force, progress)
     build_seconds = time.perf_counter() - start

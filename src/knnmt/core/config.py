@@ -16,7 +16,9 @@ KEY_LAYERS: tuple[str, ...] = ("ffn_input", "decoder_output")
 T = TypeVar("T")
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Validate a setting: raise :class:`UsageError` with ``message`` unless ``condition`` holds (the
+    configuration dataclasses and the service's request models check their values with it)."""
     if not condition:
         raise UsageError(message)
 
@@ -95,24 +97,24 @@ class KNNConfig(JsonConfig):
     domain_gate: float | None = None
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             isinstance(self.k, int) and 1 <= self.k <= 4096,
             f"k must be an integer in [1, 4096], got {self.k!r}",
         )
-        _check(0.0 <= self.lambda_ <= 1.0, f"lambda must be in [0, 1], got {self.lambda_!r}")
-        _check(
+        require(0.0 <= self.lambda_ <= 1.0, f"lambda must be in [0, 1], got {self.lambda_!r}")
+        require(
             math.isfinite(self.temperature) and self.temperature > 0,
             f"temperature must be a positive number, got {self.temperature!r}",
         )
-        _check(
+        require(
             self.half_distance is None or (math.isfinite(self.half_distance) and self.half_distance >= 0),
             f"half_distance must be a squared distance >= 0 or None, got {self.half_distance!r}",
         )
-        _check(
+        require(
             self.confidence_gate is None or 0.0 < self.confidence_gate <= 1.0,
             f"confidence_gate must be a probability in (0, 1] or None, got {self.confidence_gate!r}",
         )
-        _check(
+        require(
             self.domain_gate is None or -1.0 <= self.domain_gate <= 1.0,
             f"domain_gate must be a cosine similarity in [-1, 1] or None, got {self.domain_gate!r}",
         )
@@ -141,10 +143,12 @@ class BuildConfig(JsonConfig):
     max_length: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.key_layer in KEY_LAYERS, f"key_layer must be one of {KEY_LAYERS}, got {self.key_layer!r}")
-        _check(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
-        _check(self.shard_sentences >= 1, f"shard_sentences must be >= 1, got {self.shard_sentences}")
-        _check(
+        require(
+            self.key_layer in KEY_LAYERS, f"key_layer must be one of {KEY_LAYERS}, got {self.key_layer!r}"
+        )
+        require(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
+        require(self.shard_sentences >= 1, f"shard_sentences must be >= 1, got {self.shard_sentences}")
+        require(
             self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"
         )
 
@@ -178,14 +182,14 @@ class IndexConfig(JsonConfig):
     coarse_ef_search: int = 32
 
     def __post_init__(self) -> None:
-        _check(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")
-        _check(self.coarse_ef_search >= 0, f"coarse_ef_search must be >= 0, got {self.coarse_ef_search}")
-        _check(self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
-        _check(self.ef_search >= 1, f"ef_search must be >= 1, got {self.ef_search}")
-        _check(self.train_size >= 1000, f"train_size must be >= 1000, got {self.train_size}")
-        _check(self.add_chunk >= 1, f"add_chunk must be >= 1, got {self.add_chunk}")
-        _check(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
-        _check(
+        require(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")
+        require(self.coarse_ef_search >= 0, f"coarse_ef_search must be >= 0, got {self.coarse_ef_search}")
+        require(self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
+        require(self.ef_search >= 1, f"ef_search must be >= 1, got {self.ef_search}")
+        require(self.train_size >= 1000, f"train_size must be >= 1000, got {self.train_size}")
+        require(self.add_chunk >= 1, f"add_chunk must be >= 1, got {self.add_chunk}")
+        require(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+        require(
             self.search_threads >= 0,
             f"search_threads must be >= 0 (0 = faiss default), got {self.search_threads}",
         )

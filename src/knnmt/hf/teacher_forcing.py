@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -188,6 +188,16 @@ def encode_targets(tokenizer: Any, texts: Sequence[str], max_length: int) -> tup
     return _tokenize(tokenizer, list(texts), True, max_length, True, [], "", "")
 
 
+def encode_source_ids(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Source-side token ids of ``texts`` (prefix already added), over-long ones truncated to
+    ``max_length`` as :func:`encode_pairs` truncates them.
+
+    Returns:
+        the ids and how many of ``texts`` were truncated.
+    """
+    return _tokenize(tokenizer, list(texts), False, max_length, True, [], "", "")
+
+
 def encode_sources(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[Any, int]:
     """Tokenise model inputs for generation or encoding, padded, cut to ``max_length`` tokens.
 
@@ -246,10 +256,41 @@ def decoder_inputs(model: Any, labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-class KeyExtractor:
-    """Runs teacher forcing and returns the keys of every target position.
+#: extra keyword arguments for the model's forward pass of a batch (e.g. ``{"encoder_outputs": ...}``),
+#: given the batch's pairs and its tokenised sources (``input_ids``/``attention_mask`` on the model's
+#: device): how a sentence-dependent retriever (Subset kNN-MT) sees each batch before its queries.
+PrepareBatch = Callable[[list[EncodedPair], dict[str, torch.Tensor]], dict[str, Any]]
 
-    With ``key_layer="ffn_input"`` only the encoder and decoder run (no ``lm_head``, no loss).
+
+@dataclasses.dataclass(frozen=True)
+class ForcedBatch:
+    """One teacher-forced batch: per pair (in batch order) its keys and, when asked for, more.
+
+    ``keys[i]`` is ``[len(pairs[i].target_ids), dim]`` (model dtype, on CPU): the key of position ``t``
+    is ``f(x, y<t)``, read where :func:`~knnmt.hf.registry.key_module` says.
+    """
+
+    #: positions of ``pairs`` in the sequence given to :func:`teacher_force`
+    indices: list[int]
+    pairs: list[EncodedPair]
+    keys: list[torch.Tensor]
+    #: ``[len(pairs), d_model]`` float32 unit vectors: the encoder output mean-pooled over the source
+    #: tokens (:func:`mean_pool`, as the domain gate and dense sentence search embed inputs)
+    vectors: np.ndarray | None = None
+    #: per pair ``[len(target_ids), vocab]`` float32 ``log p_MT`` (on CPU) of every target position
+    log_probs: list[torch.Tensor] | None = None
+
+    @property
+    def groups(self) -> np.ndarray:
+        """``[sum of target lengths]`` the batch row of each row of ``torch.cat(keys)``."""
+        return np.repeat(np.arange(len(self.pairs)), [len(p.target_ids) for p in self.pairs])
+
+
+class KeyExtractor:
+    """Runs teacher forcing on one batch (see :func:`teacher_force`, which batches a whole list).
+
+    With ``key_layer="ffn_input"`` and no log-probabilities asked for, only the encoder and decoder run
+    (no ``lm_head``, no loss).
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, key_layer: str = "ffn_input") -> None:
@@ -261,23 +302,41 @@ class KeyExtractor:
 
     def __call__(self, batch: Sequence[EncodedPair]) -> list[torch.Tensor]:
         """Keys per pair: a list of ``[len(target_ids), dim]`` tensors (model dtype, on CPU)."""
-        return self.extract(batch)[0]
+        return self.run(batch).keys
+
+    def extract(self, batch: Sequence[EncodedPair]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Keys per pair and the pairs' source sentence vectors (see :class:`ForcedBatch`)."""
+        forced = self.run(batch, vectors=True)
+        assert forced.vectors is not None
+        return forced.keys, forced.vectors
 
     @torch.inference_mode()
-    def extract(self, batch: Sequence[EncodedPair]) -> tuple[list[torch.Tensor], np.ndarray]:
-        """Keys per pair and the pair's source sentence vector, from one teacher-forced pass.
+    def run(
+        self,
+        batch: Sequence[EncodedPair],
+        indices: Sequence[int] | None = None,
+        *,
+        vectors: bool = False,
+        log_probs: bool = False,
+        prepare: PrepareBatch | None = None,
+    ) -> ForcedBatch:
+        """Teacher-force ``batch`` (padded into one forward pass).
 
-        Returns:
-            the keys (a list of ``[len(target_ids), dim]`` tensors, model dtype, on CPU) and
-            ``[len(batch), d_model]`` float32 unit vectors: the encoder output mean-pooled over the
-            source tokens (:func:`mean_pool`, as the domain gate and dense sentence search embed inputs).
+        Args:
+            indices: recorded as :attr:`ForcedBatch.indices` (default ``0..len(batch)-1``).
+            vectors: also return the mean-pooled encoder output of each source.
+            log_probs: also return the model's ``log p_MT`` of every target position (runs ``lm_head``).
+            prepare: extra forward arguments for this batch (:data:`PrepareBatch`); the whole model runs.
         """
-        src, src_mask = pad_sequences([p.source_ids for p in batch], self.pad_token_id)
-        labels, _ = pad_sequences([p.target_ids for p in batch], self.pad_token_id)
+        pairs = list(batch)
+        src, src_mask = pad_sequences([p.source_ids for p in pairs], self.pad_token_id)
+        labels, _ = pad_sequences([p.target_ids for p in pairs], self.pad_token_id)
         dec_in = decoder_inputs(self.model, labels)
         src, src_mask, dec_in = src.to(self.device), src_mask.to(self.device), dec_in.to(self.device)
+        extra = prepare(pairs, {"input_ids": src, "attention_mask": src_mask}) if prepare else {}
+        logits: torch.Tensor | None = None
         with ActivationCapture(self.module) as capture:
-            if self.key_layer == "ffn_input":
+            if self.key_layer == "ffn_input" and not log_probs and prepare is None:
                 encoded = self.model.get_encoder()(input_ids=src, attention_mask=src_mask)  # type: ignore[operator]
                 self.model.get_decoder()(  # type: ignore[operator]
                     input_ids=dec_in,
@@ -288,13 +347,63 @@ class KeyExtractor:
                 states = encoded[0]
             else:
                 out = self.model(
-                    input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, use_cache=False
+                    input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, use_cache=False, **extra
                 )
-                states = out.encoder_last_hidden_state
+                states, logits = out.encoder_last_hidden_state, out.logits
             keys = capture.last
         assert keys is not None, "the key hook did not fire"
         keys = keys.to("cpu")
-        return [keys[row, : len(p.target_ids)] for row, p in enumerate(batch)], mean_pool(states, src_mask)
+        per_pair = [keys[row, : len(p.target_ids)] for row, p in enumerate(pairs)]
+        lp: list[torch.Tensor] | None = None
+        if log_probs:
+            assert logits is not None
+            full = torch.log_softmax(logits.float().cpu(), dim=-1)
+            lp = [full[row, : len(p.target_ids)] for row, p in enumerate(pairs)]
+        return ForcedBatch(
+            list(range(len(pairs))) if indices is None else list(indices),
+            pairs,
+            per_pair,
+            mean_pool(states, src_mask) if vectors else None,
+            lp,
+        )
+
+
+def teacher_force(
+    model: nn.Module,
+    tokenizer: Any,
+    encoded: Sequence[EncodedPair],
+    *,
+    key_layer: str = "ffn_input",
+    max_tokens: int | None = None,
+    batches: Iterable[Sequence[int]] | None = None,
+    vectors: bool = False,
+    log_probs: bool = False,
+    prepare: PrepareBatch | None = None,
+) -> Iterator[ForcedBatch]:
+    """The one teacher-forced pass: the datastore build (keys, sentence vectors), ``tune``'s reference
+    statistics and ``explain`` (keys as queries, ``log p_MT``) and :func:`pair_queries` all run this.
+
+    ``encoded`` comes from :func:`encode_pairs` / :func:`encode_for_model` (cut to
+    :func:`sequence_limit`). The pairs run in :func:`length_batches` of ``max_tokens`` padded tokens,
+    or in the given ``batches`` (lists of indices into ``encoded``); each yields a :class:`ForcedBatch`.
+    The keys are read by a forward pre-hook (:class:`~knnmt.hf.capture.ActivationCapture`) on
+    :func:`~knnmt.hf.registry.key_module` for ``key_layer``: the input of the final decoder layer's
+    feed-forward block, or of ``lm_head``. ``vectors``, ``log_probs`` and ``prepare``: see
+    :meth:`KeyExtractor.run`.
+
+    Raises:
+        UsageError: neither ``max_tokens`` nor ``batches`` is given.
+    """
+    if batches is None:
+        if max_tokens is None:
+            raise UsageError("teacher_force needs max_tokens (length batches) or explicit batches")
+        batches = length_batches(encoded, max_tokens)
+    extractor = KeyExtractor(model, tokenizer.pad_token_id, key_layer)
+    for rows in batches:
+        rows = list(rows)
+        yield extractor.run(
+            [encoded[i] for i in rows], rows, vectors=vectors, log_probs=log_probs, prepare=prepare
+        )
 
 
 def pair_queries(
@@ -311,13 +420,16 @@ def pair_queries(
     Returns:
         one float32 ``[len(target_ids), dim]`` tensor per pair, in input order (for recall checks
         against exact search on realistic queries). ``path`` names the pairs in messages. Sides
-        longer than the model's maximum are truncated (see :func:`encode_for_model`).
+        longer than the model's maximum are truncated (see :func:`encode_for_model`). Batches are
+        ``batch_size`` consecutive pairs.
     """
     rows = [(i, i + 1, s, t) for i, (s, t) in enumerate(pairs)]
     encoded, _ = encode_for_model(model, tokenizer, rows, paths=path)
-    extractor = KeyExtractor(model, tokenizer.pad_token_id, key_layer)
+    batches = [range(i, min(i + batch_size, len(encoded))) for i in range(0, len(encoded), batch_size)]
     return [
-        k.float() for i in range(0, len(encoded), batch_size) for k in extractor(encoded[i : i + batch_size])
+        k.float()
+        for forced in teacher_force(model, tokenizer, encoded, key_layer=key_layer, batches=batches)
+        for k in forced.keys
     ]
 
 

@@ -30,11 +30,10 @@ from ..core.version import __version__
 from ..hf.registry import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
 from ..hf.teacher_forcing import (
     EncodedPair,
-    KeyExtractor,
     embed_sources,
     encode_pairs,
-    length_batches,
     sequence_limit,
+    teacher_force,
     warn_truncated,
 )
 from ..search.sentence_search import SourceEmbedder
@@ -248,8 +247,8 @@ def _kept_pairs(
         yield pair.line, pair.source, pair.target
 
 
-class _Rate:
-    """Target tokens per second since the build (or resume) started, for the progress bar."""
+class BuildRate:
+    """Target tokens per second since a build (or resume) started, for the progress bar."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -259,31 +258,53 @@ class _Rate:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
-def _write_shard(
+def write_shard(
     out: Path,
     name: str,
     encoded: list[EncodedPair],
-    extractor: KeyExtractor,
+    model: Any,
+    tokenizer: Any,
     dim: int,
     vector_dim: int,
     config: BuildConfig,
     corpus_index: int,
-    bar: Any,
-    rate: _Rate,
+    bar: Any = None,
+    rate: BuildRate | None = None,
 ) -> int:
-    """Teacher-force ``encoded`` (one shard's pairs) and publish the shard (with the sources' sentence
-    vectors when ``vector_dim``); returns its entry count."""
+    """Teacher-force ``encoded`` (one shard's pairs, from :func:`~knnmt.hf.teacher_forcing.encode_pairs`)
+    with :func:`~knnmt.hf.teacher_forcing.teacher_force` and publish the shard ``name`` under ``out``
+    (with the sources' sentence vectors when ``vector_dim``); used by the build and by the service's
+    memory appends.
+
+    Args:
+        dim: the key dimension; ``config``: its ``key_layer`` and ``max_tokens`` (the batch budget).
+        corpus_index: the manifest's corpus the sentences come from (``-1``: memory appends).
+        bar: a ``tqdm`` bar to advance per batch; ``rate``: counts target tokens for it.
+
+    Returns:
+        the shard's entry count.
+
+    Raises:
+        DatastoreError: a key is beyond float16's range (the datastore stores fp16 keys).
+    """
     offsets = [0]
     for pair in encoded:
         offsets.append(offsets[-1] + len(pair.target_ids))
     writer = ShardWriter(out, name, offsets[-1], dim, len(encoded), vector_dim)
     writer.offsets[:] = offsets
-    for batch_idx in length_batches(encoded, config.max_tokens):
-        batch = [encoded[i] for i in batch_idx]
-        batch_keys, vectors = extractor.extract(batch)
+    forced_batches = teacher_force(
+        model,
+        tokenizer,
+        encoded,
+        key_layer=config.key_layer,
+        max_tokens=config.max_tokens,
+        vectors=writer.vectors is not None,
+    )
+    for forced in forced_batches:
+        batch_idx, batch = forced.indices, forced.pairs
         if writer.vectors is not None:
-            writer.vectors[batch_idx] = vectors
-        for i, pair, keys in zip(batch_idx, batch, batch_keys, strict=True):
+            writer.vectors[batch_idx] = forced.vectors
+        for i, pair, keys in zip(batch_idx, batch, forced.keys, strict=True):
             lo, hi = offsets[i], offsets[i + 1]
             peak = float(keys.abs().max())
             if not peak <= FP16_MAX:
@@ -296,9 +317,12 @@ def _write_shard(
             writer.values[lo:hi] = pair.target_ids
             writer.sentence_ids[lo:hi] = pair.sentence_id
             writer.positions[lo:hi] = range(hi - lo)
-        rate.tokens += sum(len(p.target_ids) for p in batch)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{rate.per_second():,.0f}", refresh=False)
+        if rate is not None:
+            rate.tokens += sum(len(p.target_ids) for p in batch)
+        if bar is not None:
+            bar.update(len(batch))
+            if rate is not None:
+                bar.set_postfix(tok_s=f"{rate.per_second():,.0f}", refresh=False)
     writer.finish(
         [
             {"id": p.sentence_id, "src": p.source, "tgt": p.target, "corpus": corpus_index, "line": p.line}
@@ -408,7 +432,6 @@ def _fill(
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     max_length = sequence_limit(model, tokenizer, config.max_length)
     dim = int(manifest["key"]["dim"])
-    extractor = KeyExtractor(model, tokenizer.pad_token_id, config.key_layer)
 
     counter = {"skipped_empty": 0}  # every empty pair seen so far in this corpus
     pairs = _kept_pairs(corpus, config.skip_empty, counter)
@@ -419,7 +442,7 @@ def _fill(
     )
     bar.update(done_sentences + counter["skipped_empty"])
     next_sentence = entry["first_sentence"] + done_sentences
-    rate = _Rate()
+    rate = BuildRate()
     while True:
         before = counter["skipped_empty"]
         chunk = list(itertools.islice(pairs, config.shard_sentences))
@@ -438,8 +461,8 @@ def _fill(
             hint="allow truncation (drop --no-truncate) or shorten it",
         )
         name = f"{len(manifest['shards']):05d}"
-        count = _write_shard(
-            out, name, encoded, extractor, dim, vector_dim(manifest), config, corpus_index, bar, rate
+        count = write_shard(
+            out, name, encoded, model, tokenizer, dim, vector_dim(manifest), config, corpus_index, bar, rate
         )
         truncated += cut
         manifest["shards"].append(

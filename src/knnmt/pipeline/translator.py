@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 from ..core.config import KNNConfig
 from ..core.errors import KnnmtError, UsageError
 from ..hf.beam_tracking import beam_settings
-from ..hf.capture import ActivationCapture
 from ..hf.logits_processor import knn_generation
-from ..hf.registry import check_model, key_module
+from ..hf.registry import check_model, set_languages
 from ..hf.teacher_forcing import (
-    decoder_inputs,
+    EncodedPair,
+    encode_source_ids,
     encode_sources,
     encode_targets,
     sequence_limit,
+    teacher_force,
     warn_truncated,
 )
 from ..knn.distribution import interpolate, knn_log_probs, retrieval_weights
@@ -37,7 +38,19 @@ from .domain_gate import DomainGate
 
 logger = logging.getLogger(__name__)
 
+#: the datastore's saved kNN settings (written by ``knnmt tune`` / :meth:`KNNMT.save_config`)
 KNN_CONFIG_FILE = "knn.json"
+
+
+def saved_knn_config(datastore: str | Path | Datastore, default: KNNConfig | None = None) -> KNNConfig:
+    """The one rule for a datastore's kNN settings: its saved ``knn.json`` (:data:`KNN_CONFIG_FILE`)
+    when there is one, else ``default`` (:class:`KNNConfig`'s defaults when not given). The library
+    (:meth:`KNNMT.load`), the command line, the service and the demo all start from this."""
+    path = datastore.path if isinstance(datastore, Datastore) else Path(datastore)
+    saved = path / KNN_CONFIG_FILE
+    if saved.is_file():
+        return KNNConfig.load(saved)
+    return default if default is not None else KNNConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,33 +160,6 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     return model, tokenizer
 
 
-def set_languages(model: Any, tokenizer: Any, src_lang: str | None, tgt_lang: str | None) -> dict[str, Any]:
-    """Set source/target languages on multilingual tokenizers (NLLB, M2M100, mBART).
-
-    Returns:
-        extra ``generate`` arguments: ``forced_bos_token_id`` of the target language when the model needs one.
-    """
-    if src_lang:
-        if not hasattr(tokenizer, "src_lang"):
-            raise UsageError(f"{type(tokenizer).__name__} has no source language setting; drop --src-lang")
-        tokenizer.src_lang = src_lang
-    if tgt_lang:
-        if not hasattr(tokenizer, "tgt_lang"):
-            raise UsageError(f"{type(tokenizer).__name__} has no target language setting; drop --tgt-lang")
-        tokenizer.tgt_lang = tgt_lang
-    lang = getattr(tokenizer, "tgt_lang", None)
-    if lang and type(model.config).__name__ in ("M2M100Config", "MBartConfig", "NllbMoeConfig"):
-        get_lang_id = getattr(tokenizer, "get_lang_id", None)  # M2M100: "de" -> id of "__de__"
-        try:
-            token_id = get_lang_id(lang) if get_lang_id else tokenizer.convert_tokens_to_ids(lang)
-        except KeyError:
-            token_id = None
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise UsageError(f"unknown target language code {lang!r} for {type(tokenizer).__name__}")
-        return {"forced_bos_token_id": int(token_id)}
-    return {}
-
-
 class KNNMT:
     """kNN-MT translator.
 
@@ -247,8 +233,7 @@ class KNNMT:
         set_languages(model_obj, tokenizer, src_lang, tgt_lang)
         store = Datastore.open(datastore)
         if config is None:
-            saved = store.path / KNN_CONFIG_FILE
-            config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+            config = saved_knn_config(store)
         if retrieval == "subset":
             from ..search.subset import SubsetRetriever, SubsetSearch
 
@@ -492,19 +477,21 @@ class KNNMT:
                 label_ids, cut = label_ids[:limit], 1
         if not label_ids:
             return []
-        labels = torch.tensor([label_ids], device=self.device)
-        inputs, cut_source = encode_sources(tok, [self.source_prefix + source], limit)
-        inputs = inputs.to(self.device)
+        (source_ids,), cut_source = encode_source_ids(tok, [self.source_prefix + source], limit)
         warn_truncated(cut + cut_source, limit, "explain")
-        module = self._key_module()
-        extra = prepare_retrieval(self.retriever, self.model, [source], inputs)
-        with ActivationCapture(module) as capture:
-            logits = self.model(
-                **inputs, **extra, decoder_input_ids=decoder_inputs(self.model, labels)
-            ).logits[0]
-            assert capture.last is not None
-            queries = capture.last[0].float().cpu()
-        log_mt = torch.log_softmax(logits.float().cpu(), dim=-1)
+        pair = EncodedPair(0, 1, source, target if isinstance(target, str) else "", source_ids, label_ids)
+        (forced,) = teacher_force(
+            self.model,
+            tok,
+            [pair],
+            key_layer=self.key_layer,
+            batches=[[0]],
+            log_probs=True,
+            prepare=self.prepare_batch,
+        )
+        assert forced.log_probs is not None
+        queries = forced.keys[0].float()
+        log_mt = forced.log_probs[0]
         k = config.k
         distances, ids = self.retriever.search(queries.numpy(), k, np.zeros(len(label_ids), dtype=np.int64))
         values = torch.from_numpy(np.where(ids >= 0, self.datastore.values[np.clip(ids, 0, None)], -1)).long()
@@ -575,8 +562,10 @@ class KNNMT:
             )
         return out
 
-    def _key_module(self) -> torch.nn.Module:
-        return key_module(self.model, self.key_layer)
+    def prepare_batch(self, pairs: list[EncodedPair], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Give the retriever a teacher-forced batch before its queries (a
+        :data:`~knnmt.hf.teacher_forcing.PrepareBatch`): Subset kNN-MT selects each sentence's subset."""
+        return prepare_retrieval(self.retriever, self.model, [p.source for p in pairs], inputs)
 
     def save_config(self, config: KNNConfig | None = None, about: dict[str, Any] | None = None) -> Path:
         """Store ``config`` (default: the current one) as the datastore's default ``knn.json``, holding the

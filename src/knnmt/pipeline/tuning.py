@@ -27,16 +27,8 @@ import torch
 
 from ..core.config import KNNConfig
 from ..core.errors import UsageError
-from ..hf.capture import ActivationCapture
-from ..hf.teacher_forcing import (
-    EncodedPair,
-    decoder_inputs,
-    encode_for_model,
-    length_batches,
-    pad_sequences,
-)
+from ..hf.teacher_forcing import encode_for_model, teacher_force
 from ..knn.distribution import knn_log_prob, log_total, mix, mixture_log_weights, neighbour_logits
-from ..search.retriever import prepare_retrieval
 from .domain_gate import RECALL, SEPARATE, threshold_for_recall, threshold_separating
 from .evaluation import score
 from .translator import KNNMT
@@ -137,42 +129,36 @@ def _reference_statistics(
     encoded, truncated = encode_for_model(
         knn.model, knn.tokenizer, rows, paths=name, source_prefix=knn.source_prefix
     )
-    module = knn._key_module()
     log_mt: list[np.ndarray] = []
     log_max: list[np.ndarray] = []
     dists: list[np.ndarray] = []
     matches: list[np.ndarray] = []
-    pad = knn.tokenizer.pad_token_id
-    for batch_idx in length_batches(encoded, max_tokens):
-        batch: list[EncodedPair] = [encoded[i] for i in batch_idx]
-        src, mask = pad_sequences([p.source_ids for p in batch], pad)
-        labels, label_mask = pad_sequences([p.target_ids for p in batch], pad)
-        src, mask = src.to(knn.device), mask.to(knn.device)
-        # sentence-dependent retrievers (Subset kNN-MT) select each sentence's subset first
-        extra = prepare_retrieval(
-            knn.retriever, knn.model, [p.source for p in batch], {"input_ids": src, "attention_mask": mask}
-        )
-        with ActivationCapture(module) as capture:
-            logits = knn.model(
-                input_ids=src,
-                attention_mask=mask,
-                decoder_input_ids=decoder_inputs(knn.model, labels).to(knn.device),
-                **extra,
-            ).logits
-            assert capture.last is not None
-            queries = capture.last.float().cpu()
-        log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)
-        logp = log_probs.gather(2, labels.unsqueeze(2)).squeeze(2)
-        keep = label_mask.bool()
-        q = queries[keep].numpy()
-        groups = torch.arange(len(batch)).unsqueeze(1).expand_as(keep)[keep].numpy()  # sentence of each query
-        distances, ids = knn.retriever.search(q, k_max, groups)
+    forced_batches = teacher_force(
+        knn.model,
+        knn.tokenizer,
+        encoded,
+        key_layer=knn.key_layer,
+        max_tokens=max_tokens,
+        log_probs=True,
+        prepare=knn.prepare_batch,  # sentence-dependent retrievers (Subset kNN-MT) select subsets first
+    )
+    for forced in forced_batches:
+        assert forced.log_probs is not None
+        q = torch.cat(forced.keys).float().numpy()
+        distances, ids = knn.retriever.search(q, k_max, forced.groups)  # groups: the sentence of each query
         values = np.where(ids >= 0, knn.datastore.values[np.clip(ids, 0, None)], -1)
-        gold = labels[keep].numpy()
-        log_mt.append(logp[keep].numpy())
-        log_max.append(log_probs.max(dim=-1).values[keep].numpy())
+        gold = [torch.tensor(p.target_ids, dtype=torch.long) for p in forced.pairs]
+        log_mt.append(
+            torch.cat(
+                [
+                    lp.gather(1, g.unsqueeze(1)).squeeze(1)
+                    for lp, g in zip(forced.log_probs, gold, strict=True)
+                ]
+            ).numpy()
+        )
+        log_max.append(torch.cat([lp.max(dim=-1).values for lp in forced.log_probs]).numpy())
         dists.append(np.where(ids >= 0, distances, np.inf).astype(np.float64))
-        matches.append(values == gold[:, None])
+        matches.append(values == torch.cat(gold).numpy()[:, None])
     stats = ReferenceStats(
         np.concatenate(log_mt), np.concatenate(dists), np.concatenate(matches), np.concatenate(log_max)
     )

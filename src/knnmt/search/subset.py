@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import JsonConfig, _check
+from ..core.config import JsonConfig
+from ..core.config import require
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..store.datastore import Datastore, write_json_atomic
 from ..store.writelock import WriteLock
@@ -96,16 +97,16 @@ class SubsetConfig(JsonConfig):
     dense_factory: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.sentence_search in SENTENCE_SEARCHES,
             f"sentence_search must be one of {SENTENCE_SEARCHES}, got {self.sentence_search!r}",
         )
-        _check(self.subset_size >= 1, f"subset_size must be >= 1, got {self.subset_size}")
-        _check(self.pq_m >= 0, f"pq_m must be >= 0 (0 = auto), got {self.pq_m}")
-        _check(1 <= self.pq_bits <= 8, f"pq_bits must be in [1, 8], got {self.pq_bits}")
-        _check(self.train_size >= 256, f"train_size must be >= 256, got {self.train_size}")
-        _check(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
-        _check(self.scorer in SCORERS, f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        require(self.subset_size >= 1, f"subset_size must be >= 1, got {self.subset_size}")
+        require(self.pq_m >= 0, f"pq_m must be >= 0 (0 = auto), got {self.pq_m}")
+        require(1 <= self.pq_bits <= 8, f"pq_bits must be in [1, 8], got {self.pq_bits}")
+        require(self.train_size >= 256, f"train_size must be >= 256, got {self.train_size}")
+        require(0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+        require(self.scorer in SCORERS, f"scorer must be one of {SCORERS}, got {self.scorer!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,19 +123,19 @@ class SubsetSearch:
     path: str | None = None
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.subset_size is None or self.subset_size >= 1,
             f"subset_size must be >= 1, got {self.subset_size}",
         )
-        _check(
+        require(
             self.sentence_search is None or self.sentence_search in SENTENCE_SEARCHES,
             f"sentence_search must be one of {SENTENCE_SEARCHES}, got {self.sentence_search!r}",
         )
-        _check(
+        require(
             self.scorer is None or self.scorer in SCORERS,
             f"scorer must be one of {SCORERS}, got {self.scorer!r}",
         )
-        _check(self.rerank is None or 0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+        require(self.rerank is None or 0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
 
 
 def auto_pq_m(dim: int) -> int:

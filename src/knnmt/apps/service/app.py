@@ -34,10 +34,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...core.config import KNNConfig, _check
+from ...core.config import KNNConfig, require
 from ...core.errors import KnnmtError, UsageError
 from ...core.version import __version__
-from ...pipeline.translator import KNN_CONFIG_FILE, KNNMT, Translation, load_model
+from ...pipeline.translator import KNNMT, Translation, load_model, saved_knn_config
 from ...store.datastore import VECTORS_FILE, Datastore
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
 from .memory import AddResult, ConflictError, LiveMemory, load_main_index
@@ -86,24 +86,24 @@ class ServeConfig:
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             not self.writes or bool(self.token),
             f"writes to the memory are enabled but no token is set: set {TOKEN_ENV} or pass --token-file "
             "(clients then send 'Authorization: Bearer <token>'), or serve with --read-only",
         )
-        _check(
+        require(
             not self.private_reads or bool(self.token),
             f"--private-reads needs a token: set {TOKEN_ENV} or pass --token-file",
         )
-        _check(
+        require(
             all(isinstance(h, str) and h.strip() for h in self.allowed_hosts),
             f"allowed host names must be non-empty, got {list(self.allowed_hosts)}",
         )
-        _check(self.token is None or len(self.token) >= 8, "the token must have at least 8 characters")
+        require(self.token is None or len(self.token) >= 8, "the token must have at least 8 characters")
         for name in ("max_body_bytes", "max_sentences", "max_chars", "max_new_tokens", "max_beam", "max_k"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
-        _check(self.compact_every >= 0, f"compact_every must be >= 0, got {self.compact_every}")
+            require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        require(self.compact_every >= 0, f"compact_every must be >= 0, got {self.compact_every}")
 
 
 def read_token(token_file: str | Path | None, environ: MutableMapping[str, str]) -> str | None:
@@ -174,8 +174,7 @@ class Service:
             writable=config.writes,
         )
         if knn_config is None:
-            saved = store.path / KNN_CONFIG_FILE
-            knn_config = KNNConfig.load(saved) if saved.is_file() else KNNConfig()
+            knn_config = saved_knn_config(store)
         try:
             translator = KNNMT(
                 model_obj, tokenizer, store, index=main, config=knn_config, retriever=memory.retriever

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ...core.config import KNNConfig, _check
+from ...core.config import KNNConfig, require
 from ...core.errors import KnnmtError
 from ...pipeline.translator import KNNMT, Translation
 
@@ -51,10 +51,10 @@ class BatchConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        _check(1 <= self.max_batch <= 1024, f"max_batch must be in [1, 1024], got {self.max_batch}")
-        _check(0 <= self.max_wait_ms <= 1000, f"max_wait_ms must be in [0, 1000], got {self.max_wait_ms}")
-        _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
-        _check(self.threads >= 0, f"threads must be >= 0 (0 = the creating thread's), got {self.threads}")
+        require(1 <= self.max_batch <= 1024, f"max_batch must be in [1, 1024], got {self.max_batch}")
+        require(0 <= self.max_wait_ms <= 1000, f"max_wait_ms must be in [0, 1000], got {self.max_wait_ms}")
+        require(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        require(self.threads >= 0, f"threads must be >= 0 (0 = the creating thread's), got {self.threads}")
 
 
 @dataclasses.dataclass(frozen=True)

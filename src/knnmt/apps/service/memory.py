@@ -39,12 +39,11 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ...core.config import BuildConfig
 from ...core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ...hf.teacher_forcing import KeyExtractor, TooLongError, encode_pairs, sequence_limit
-from ...pipeline.build import _Rate, _write_shard, vector_dim
+from ...hf.teacher_forcing import TooLongError, encode_pairs, sequence_limit
+from ...pipeline.build import vector_dim, write_shard
 from ...search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
 from ...search.retriever import IndexRetriever
 from ...store.datastore import (
@@ -412,18 +411,16 @@ class LiveMemory:
                 raise UsageError(str(exc)) from None
             name = f"{len(manifest['shards']):05d}"
             key_layer = str(manifest["key"]["layer"])
-            extractor = KeyExtractor(self.model, self.tokenizer.pad_token_id, key_layer)
-            count = _write_shard(
+            count = write_shard(
                 self.path,
                 name,
                 encoded,
-                extractor,
+                self.model,
+                self.tokenizer,
                 state.store.dim,
                 vector_dim(manifest),
                 BuildConfig(key_layer=key_layer),
                 -1,
-                tqdm(disable=True),
-                _Rate(),
             )
             manifest["shards"].append(
                 {
