@@ -41,8 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import JsonConfig
-from ..core.config import require
+from ..core.config import JsonConfig, require
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..store.datastore import Datastore, write_json_atomic
 from ..store.writelock import WriteLock
