@@ -134,7 +134,9 @@ class SubsetSearch:
             self.scorer is None or self.scorer in SCORERS,
             f"scorer must be one of {SCORERS}, got {self.scorer!r}",
         )
-        require(self.rerank is None or 0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}")
+        require(
+            self.rerank is None or 0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}"
+        )
 
 
 def auto_pq_m(dim: int) -> int:
