@@ -54,8 +54,8 @@ def _add_adaptive_args(p: argparse.ArgumentParser) -> None:
         type=_float_or_off,
         default=None,
         help="retrieve only for inputs whose cosine similarity to the nearest memory source sentence is "
-        "at least this (needs `knnmt index --subset --sentence-search dense`; 'none' = off; default: "
-        "saved, else off)",
+        "at least this (uses the sentence vectors every build stores; 'none' = off; default: the saved "
+        "setting, which `knnmt tune` sets, else off)",
     )
 
 

@@ -85,8 +85,8 @@ class KNNConfig(JsonConfig):
 
     ``domain_gate`` decides per input *sentence*: only inputs whose mean-pooled encoder states have a
     cosine similarity ``>= domain_gate`` to the nearest memory source sentence are searched; the others
-    are translated by the plain model (:mod:`knnmt.pipeline.domain_gate`; it needs the datastore's dense
-    sentence index, ``knnmt index --subset --sentence-search dense``). ``None`` searches for every input.
+    are translated by the plain model (:mod:`knnmt.pipeline.domain_gate`; it reads the sentence vectors
+    the build stores, indexed by ``knnmt index``). ``None`` searches for every input.
     """
 
     k: int = 8

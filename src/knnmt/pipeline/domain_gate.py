@@ -3,8 +3,7 @@
 A translation memory of one domain helps text of that domain and can hurt other text: its
 terminology overrides the model's on inputs the memory never saw. The domain gate decides per input
 sentence, before decoding, whether to retrieve at all. Its signal is the cosine similarity between
-the input's mean-pooled encoder states and those of the nearest memory *source* sentence (the dense
-sentence index that ``knnmt index --subset --sentence-search dense`` builds for Subset kNN-MT).
+the input's mean-pooled encoder states and those of the nearest memory *source* sentence.
 Sentences below ``KNNConfig.domain_gate`` are translated by the plain model and searched nowhere,
 which also saves all of their search time.
 
