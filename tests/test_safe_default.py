@@ -129,6 +129,14 @@ def test_index_saves_the_sentence_index_and_the_gate_follows_appends(
     sims = gate.similarity_of(model, tokenizer, [s for s, _ in new])
     assert np.allclose(sims, 1.0, atol=2e-3)  # the appended sources count as memory at once
     assert store.count < grown.count
+    from knnmt.pipeline.domain_gate import index_sentences
+
+    saved = (path / SENTENCE_DIR / "sentences.faiss").stat().st_mtime_ns
+    assert index_sentences(grown, force=False) is None  # kept: the gate adds the appended tail itself
+    assert (path / SENTENCE_DIR / "sentences.faiss").stat().st_mtime_ns == saved
+    rebuilt = index_sentences(grown, force=True)  # what `knnmt index` and the demo do after the key index
+    assert rebuilt is not None and rebuilt["sentences"] == 45
+    assert rebuilt["datastore_fingerprint"] == grown.fingerprint
 
 
 # ---- tune guards without being asked ------------------------------------------------------------

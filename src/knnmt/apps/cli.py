@@ -512,17 +512,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _sentence_index(store: Any) -> dict[str, Any] | None:
     """Rebuild the domain gate's sentence index with the key index (seconds, not minutes)."""
-    from ..pipeline.domain_gate import build_sentence_index
+    from ..pipeline.domain_gate import index_sentences
 
-    if not store.vector_dim:
-        logger.info(
-            "%s has no stored sentence vectors (built by an older knnmt): no sentence index; the domain "
-            "gate can use `knnmt index %s --subset --sentence-search dense` instead",
-            store.path,
-            store.path,
-        )
-        return None
-    return build_sentence_index(store, force=True)
+    return index_sentences(store, force=True)
 
 
 def _index_subset(args: argparse.Namespace, store: Any) -> int:

@@ -204,11 +204,17 @@ def _html(
     return "\n".join(parts)
 
 
-def _dense_sentence_index(store: Datastore, model: Any, tokenizer: Any, force: bool, progress: bool) -> None:
-    """Build the dense sentence index the domain gate reads, unless it is there for this datastore."""
+def _gate_index(store: Datastore, model: Any, tokenizer: Any, force: bool, progress: bool) -> None:
+    """Build the sentence index the domain gate reads, unless it is there for this datastore: over the
+    stored sentence vectors (seconds); for a datastore from before they were stored, Subset kNN-MT's
+    dense sentence index (a pass of the encoder over every source)."""
     from ..pipeline.build import build_subset_index
+    from ..pipeline.domain_gate import index_sentences
     from ..search.subset import SUBSET_DIR, SubsetConfig, checked_settings
 
+    if store.vector_dim:
+        index_sentences(store, force=force)
+        return
     if not force:
         try:
             if "dense" in checked_settings(store.path / SUBSET_DIR, store).get("sentence_search", {}):
@@ -254,12 +260,13 @@ def run_demo(
             store = build(force=True)
     if force or not (store_dir / "index" / INDEX_FILE).is_file():
         build_index(store, out=store_dir / "index", progress=progress, force=True)
+        force = True  # the sentence index follows the key index, as `knnmt index` does
     tuned = store_dir / KNN_CONFIG_FILE
     if not tuned.is_file() and inputs.tuned is not None:
         shutil.copyfile(inputs.tuned, tuned)  # the setting `knnmt tune` chose for the bundled model
     config = saved_knn_config(store_dir, inputs.knn)
     if config.domain_gate is not None:
-        _dense_sentence_index(store, model, tokenizer, force, progress)
+        _gate_index(store, model, tokenizer, force, progress)
     build_seconds = time.perf_counter() - start
     knn = KNNMT.load((model, tokenizer), store_dir, config=config)
     scores, outputs = evaluate(

@@ -109,6 +109,28 @@ def build_sentence_index(
     return settings
 
 
+def index_sentences(datastore: Datastore, *, force: bool = True) -> dict[str, Any] | None:
+    """What ``knnmt index`` (and the demo) do for the domain gate after the key index: index the stored
+    sentence vectors (:func:`build_sentence_index`, seconds). An existing index is kept unless ``force``.
+
+    Returns:
+        the sentence index's settings, or ``None`` for a datastore built before sentence vectors were
+        stored (logged; the gate can then use Subset kNN-MT's dense sentence index instead).
+    """
+    if not datastore.vector_dim:
+        logger.info(
+            "%s has no stored sentence vectors (built by an older knnmt): no sentence index; the domain "
+            "gate can use `knnmt index %s --subset --sentence-search dense` instead",
+            datastore.path,
+            datastore.path,
+        )
+        return None
+    existing = datastore.path / SENTENCE_DIR / DenseSentenceSearch.INDEX_FILE
+    if existing.is_file() and not force:
+        return None
+    return build_sentence_index(datastore, force=True)
+
+
 class DomainGate:
     """Similarity of input sentences to the nearest memory source sentence.
 
