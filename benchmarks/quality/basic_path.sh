@@ -2,7 +2,8 @@
 # Issue 16: the README's basic path, exactly as a user runs it, on one target domain of the bundled
 # model: build, index, tune on the domain's dev set (no flags: the model directory ships its
 # out-of-domain dev set, knnmt-ood-dev.tsv, which tune then uses), and evaluate on the domain's test
-# set with the general test set as the out-of-domain set. With NO_OOD=1, tune runs with --no-ood
+# set with the general test set as the out-of-domain set, then once more with the domain gate off
+# (the gain the gate keeps a share of). With NO_OOD=1, tune runs with --no-ood
 # (what a user of a model that ships no such set gets: the 90 % recall rule).
 #
 #   bash benchmarks/quality/basic_path.sh data/target runs/basic/target
@@ -35,4 +36,8 @@ echo "== $(date -u +%FT%TZ) evaluate (beam $BEAM)"
 $K -q evaluate --model $M --datastore "$DS" --source "$OUT/test.en" --reference "$OUT/test.de" \
   --ood-source "$OUT/general-test.en" --ood-reference "$OUT/general-test.de" --beam "$BEAM" \
   --json "$OUT/evaluate-beam$BEAM.json" | tee "$OUT/evaluate-beam$BEAM.txt"
+echo "== $(date -u +%FT%TZ) evaluate (beam $BEAM, domain gate off: the gain the gate keeps a share of)"
+$K -q evaluate --model $M --datastore "$DS" --source "$OUT/test.en" --reference "$OUT/test.de" \
+  --ood-source "$OUT/general-test.en" --ood-reference "$OUT/general-test.de" --beam "$BEAM" --domain-gate none \
+  --json "$OUT/evaluate-beam$BEAM-nogate.json" | tee "$OUT/evaluate-beam$BEAM-nogate.txt"
 echo "== $(date -u +%FT%TZ) done"
