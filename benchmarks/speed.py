@@ -52,6 +52,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 
 from knnmt.core.config import BuildConfig, IndexConfig, KNNConfig  # noqa: E402
+from knnmt.core.durable import write_json_atomic  # noqa: E402
 from knnmt.hf.registry import open_reusable  # noqa: E402
 from knnmt.hf.teacher_forcing import pair_queries  # noqa: E402
 from knnmt.pipeline.build import build_datastore, build_subset_index  # noqa: E402
@@ -67,7 +68,7 @@ from knnmt.search.index import INDEX_FILE, SearchIndex, build_index, exact_index
 from knnmt.search.retriever import IndexRetriever, Retriever  # noqa: E402
 from knnmt.search.subset import SubsetConfig, SubsetRetriever, SubsetSearch  # noqa: E402
 from knnmt.store.corpus import CorpusSpec  # noqa: E402
-from knnmt.store.datastore import MANIFEST, Datastore, read_manifest, write_json_atomic  # noqa: E402
+from knnmt.store.datastore import MANIFEST, Datastore, read_manifest  # noqa: E402
 
 logger = logging.getLogger("bench-speed")
 

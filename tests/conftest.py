@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from knnmt.core.config import BuildConfig
+from knnmt.core.durable import write_json_atomic
 from knnmt.hf.toy import build_toy_model, toy_corpus, train_sentencepiece
 from knnmt.pipeline.build import build_datastore
 from knnmt.pipeline.translator import KNNMT, load_model
 from knnmt.store.corpus import CorpusSpec
-from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
+from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter
 
 #: Sentence pairs in the session's toy corpus (and its datastore).
 TOY_SENTENCES = 400

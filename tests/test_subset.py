@@ -20,6 +20,7 @@ import torch
 from conftest import write_synthetic_datastore
 from knnmt.apps.cli import main
 from knnmt.core.config import KNNConfig
+from knnmt.core.durable import write_json_atomic
 from knnmt.core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from knnmt.hf.teacher_forcing import embed_sources
 from knnmt.pipeline.build import build_subset_index
@@ -35,7 +36,7 @@ from knnmt.search.subset import (
     SubsetSearch,
     sentence_entry_ranges,
 )
-from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter, write_json_atomic
+from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter
 
 DIM, K = 32, 8
 WORDS = [f"w{i}" for i in range(60)]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.durable import write_json_atomic
 from ..core.errors import KnnmtError, UsageError
 from ..core.version import __version__
 
@@ -785,7 +786,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         )
     datastore = Path(args.datastore)
     plot = plot_grid(result, args.plot or datastore / "tuning.png")
-    (datastore / "tuning.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(datastore / "tuning.json", result.to_dict())
     print(f"heatmap: {plot}")
     chosen = next((row for row in result.confirmed if "ood_bleu" in row and _same(row, best)), None)
     about = tuning_note(result, chosen, args.source, ood_from)

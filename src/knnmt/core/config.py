@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from .durable import write_json_atomic
 from .errors import UsageError
 
 KeyLayer = Literal["ffn_input", "decoder_output"]
@@ -41,7 +42,7 @@ class JsonConfig:
         """Write the fields as JSON; ``about`` (how the setting was chosen, for people) goes with them
         under the key :data:`ABOUT`, which :meth:`load` skips."""
         data = {**self.to_dict(), **({ABOUT: about} if about else {})}
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json_atomic(path, data, sort_keys=True)
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.config import BuildConfig
+from ..core.durable import write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, UsageError
 from ..core.version import __version__
 from ..hf.registry import encoder_dim, key_dim, key_module_name, model_fingerprint, tokenizer_fingerprint
@@ -55,7 +56,6 @@ from ..store.datastore import (
     ShardWriter,
     read_manifest,
     unlisted_shards,
-    write_json_atomic,
 )
 from ..store.writelock import LOCK_FILE, WriteLock
 

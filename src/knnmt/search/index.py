@@ -24,8 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.config import IndexConfig
+from ..core.durable import atomic_path, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, UsageError
-from ..store.datastore import Datastore, write_json_atomic
+from ..store.datastore import Datastore
 from ..store.writelock import WriteLock
 
 logger = logging.getLogger(__name__)
@@ -173,8 +174,8 @@ class SearchIndex:
         index = self.index
         if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
             index = faiss.index_gpu_to_cpu(index)
-        faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
-        (out / (INDEX_FILE + ".tmp")).replace(out / INDEX_FILE)
+        with atomic_path(out / INDEX_FILE) as tmp:
+            faiss.write_index(index, str(tmp))
         write_json_atomic(out / SETTINGS_FILE, self.settings)
         self.path = out
 

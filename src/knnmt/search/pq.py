@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import torch
 
+from ..core.durable import atomic_path
 from ..core.errors import DatastoreError, UsageError
 
 
@@ -144,10 +145,8 @@ class PQCodebook:
     # ---- storage --------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Save the centroids as ``.npy`` (``[M, ksub, dsub]`` float32)."""
-        target = Path(path)
-        tmp = target.with_name(target.name + ".tmp.npy")
-        np.save(tmp, self.centroids.cpu().numpy())
-        tmp.replace(target)
+        with atomic_path(path) as tmp:
+            np.save(tmp, self.centroids.cpu().numpy())
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> PQCodebook:

@@ -26,8 +26,9 @@ import faiss
 import numpy as np
 import torch
 
+from ..core.durable import atomic_path, fsync_tree, write_json_atomic
 from ..core.errors import DatastoreError, UsageError
-from ..store.datastore import Datastore, write_json_atomic
+from ..store.datastore import Datastore
 from .index import auto_factory, omp_threads
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class BM25SentenceSearch:
 
     def save(self, directory: Path) -> None:
         self.bm25.save(str(directory), show_progress=False)
+        fsync_tree(directory)  # bm25s writes its files in place: make them durable before settings name them
 
     @classmethod
     def load(cls, directory: Path) -> BM25SentenceSearch:
@@ -215,9 +217,8 @@ class DenseSentenceSearch:
     def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         """Write the index and ``settings.json`` (with ``extra`` fields) into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (self.INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        tmp.replace(directory / self.INDEX_FILE)
+        with atomic_path(directory / self.INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
         write_json_atomic(
             directory / "settings.json", {**(extra or {}), "nprobe": self.nprobe, "ntotal": self.count}
         )

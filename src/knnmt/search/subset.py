@@ -42,8 +42,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import JsonConfig, require
+from ..core.durable import atomic_path, replace_durably, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ..store.datastore import Datastore, write_json_atomic
+from ..store.datastore import Datastore
 from ..store.writelock import WriteLock
 from .index import omp_threads
 from .pq import PQCodebook
@@ -290,7 +291,7 @@ def _build_subset_index(
         bar.close()
         codes.flush()
         del codes
-        tmp.replace(target / CODES_FILE)
+        replace_durably(tmp, target / CODES_FILE)
         book.save(target / CODEBOOK_FILE)
         pq_record = {
             **pq_wanted,
@@ -298,8 +299,8 @@ def _build_subset_index(
             "build_seconds": round(time.perf_counter() - start, 3),
         }
     ranges = sentence_entry_ranges(datastore)
-    np.save(target / "ranges.tmp.npy", ranges)
-    (target / "ranges.tmp.npy").replace(target / RANGES_FILE)
+    with atomic_path(target / RANGES_FILE) as tmp:
+        np.save(tmp, ranges)
 
     sources = list(datastore_sources(datastore))
     if len(sources) != len(ranges) - 1:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.durable import fsync_dir, fsync_tree
 from ..core.errors import DatastoreError, IncompatibleError
 
 logger = logging.getLogger(__name__)
@@ -44,27 +45,6 @@ KEY_DTYPE = np.float16
 VALUE_DTYPE = np.int32
 VECTOR_DTYPE = np.float16
 VECTORS_FILE = "sentence_vectors.npy"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (new names, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` so that readers see the old or the new file, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 #: What a manifest must hold, checked by :func:`read_manifest`: dotted field -> (kind, description).
@@ -468,10 +448,7 @@ class ShardWriter:
                 handle.write(line)
                 byte_offsets[i + 1] = byte_offsets[i] + len(line)
         np.save(self.tmp / "sentences.idx.npy", byte_offsets)
-        for file in self.tmp.iterdir():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(self.tmp)
+        fsync_tree(self.tmp)
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ...core.config import BuildConfig
+from ...core.durable import fsync_dir, write_json_atomic
 from ...core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ...hf.teacher_forcing import TooLongError, encode_pairs, sequence_limit
 from ...pipeline.build import vector_dim, write_shard
@@ -49,11 +50,9 @@ from ...search.retriever import IndexRetriever
 from ...store.datastore import (
     MANIFEST,
     Datastore,
-    fsync_dir,
     manifest_fingerprint,
     read_manifest,
     unlisted_shards,
-    write_json_atomic,
 )
 from ...store.writelock import WriteLock
 
