@@ -287,7 +287,7 @@ def test_memory_survives_restart_and_compaction(open_service, marian, new_pairs,
         assert service.memory.compact(wait=True)
         assert service.memory.side_entries == 0 and service.memory.compactions == 1
         assert _texts(c, [new_pairs[0][0]], **EXACT) == [new_pairs[0][1]]
-        assert "knnmt_memory_compactions 1" in c.get("/metrics").text
+        assert _samples(c.get("/metrics").text)[("knnmt_memory_compactions", ())] == 1
         extra = c.post(
             "/memory",
             headers=AUTH,
@@ -373,10 +373,36 @@ def test_batching_off_and_concurrent_http_clients(open_service, toy_pairs) -> No
             t.join()
         assert [results[i] for i in range(len(sources))] == expected
         metrics = c.get("/metrics").text
-    assert 'knnmt_batch_sentences_bucket{le="1.0"} 6' in metrics  # six single-sentence generate calls
-    assert 'knnmt_requests_total{method="POST",route="/translate",code="200"} 8' in metrics
-    assert f"knnmt_datastore_entries {service.memory.store.count}" in metrics
-    assert "knnmt_tokens_per_second" in metrics and "knnmt_request_duration_seconds_bucket" in metrics
+    samples = _samples(metrics)
+    assert samples[("knnmt_batch_sentences_bucket", (("le", "1.0"),))] == 6  # six single-sentence calls
+    posted = ("knnmt_requests_total", (("code", "200"), ("method", "POST"), ("route", "/translate")))
+    assert samples[posted] == 8
+    assert samples[("knnmt_datastore_entries", ())] == service.memory.store.count
+    assert ("knnmt_tokens_per_second", ()) in samples
+    assert any(name == "knnmt_request_duration_seconds_bucket" for name, _ in samples)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` parsed by prometheus_client: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_print_large_integers_exactly() -> None:
+    """A gauge of 2,123,457 entries reads back as exactly that (a %g format printed 2.12346e+06)."""
+    from knnmt.apps.service.metrics import Metrics
+
+    metrics = Metrics({"knnmt_datastore_entries": ("Entries.", lambda: 2_123_457)})
+    metrics.observe_request("POST", "/translate", 200, 0.01)
+    samples = _samples(metrics.render())
+    assert samples[("knnmt_datastore_entries", ())] == 2_123_457
+    posted = ("knnmt_requests_total", (("code", "200"), ("method", "POST"), ("route", "/translate")))
+    assert samples[posted] == 1
 
 
 def test_health_info_openapi_and_page(client, datastore) -> None:
@@ -395,7 +421,7 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
     assert {"/translate", "/memory", "/memory/{sentence_id}", "/health", "/metrics"} <= set(schema["paths"])
     page = client.get("/")
     assert page.status_code == 200 and "<html" in page.text.lower() and "/translate" in page.text
-    assert np.isfinite(float(client.get("/metrics").text.split("\nknnmt_uptime_seconds ")[1].split()[0]))
+    assert np.isfinite(_samples(client.get("/metrics").text)[("knnmt_uptime_seconds", ())])
 
 
 @pytest.mark.parametrize("removed_sentences", [0, 120, 360])  # 360 of 400: most rows need a re-fetch

@@ -1,12 +1,14 @@
-"""Service metrics in the Prometheus text exposition format (version 0.0.4), without dependencies."""
+"""Service metrics in the Prometheus text exposition format, by ``prometheus_client`` (one registry per
+service: no global state; values printed exactly, e.g. 2,123,457 entries as ``2.123457e+06``)."""
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 #: Request latency histogram buckets, seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -14,34 +16,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class _Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # last: +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        out = []
-        running = 0
-        sep = "," if labels else ""
-        for bound, count in zip([*self.buckets, float("inf")], self.counts, strict=True):
-            running += count
-            le = "+Inf" if bound == float("inf") else repr(float(bound))
-            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {running}')
-        brace = f"{{{labels}}}" if labels else ""
-        out.append(f"{name}_sum{brace} {self.sum:.6f}")
-        out.append(f"{name}_count{brace} {self.count}")
-        return out
-
-
 class Metrics:
-    """Thread-safe counters of the service; :meth:`render` gives the ``/metrics`` text.
+    """Thread-safe metrics of the service; :meth:`render` gives the ``/metrics`` text.
 
     Args:
         gauges: name -> (help, callable) read at render time (datastore size, queue length...).
@@ -52,30 +28,44 @@ class Metrics:
         self, gauges: dict[str, tuple[str, Callable[[], float]]] | None = None, window_s: float = 60.0
     ) -> None:
         self._lock = threading.Lock()
-        self.gauges = gauges or {}
         self.window_s = window_s
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, _Histogram] = {}
-        self.batch_sizes = _Histogram(BATCH_BUCKETS)
-        self.sentences = 0
-        self.tokens = 0
-        self.generate_seconds = 0.0
         self._recent: deque[tuple[float, int, float]] = deque()  # (time, tokens, seconds)
         self.started = time.time()
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "knnmt_requests", "HTTP requests by method, route and status code.",
+            ["method", "route", "code"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "knnmt_request_duration_seconds", "HTTP request latency by route.", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_sizes = Histogram(
+            "knnmt_batch_sentences", "Sentences per generate call (dynamic batching).",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.sentences = Counter("knnmt_translated_sentences", "Sentences translated.", registry=r)
+        self.tokens = Counter("knnmt_generated_tokens", "Target tokens generated.", registry=r)
+        self.generate_seconds = Counter("knnmt_generate_seconds", "Seconds spent in generate.", registry=r)
+        throughput = f"Generated tokens per generate-second, last {window_s:g}s."
+        Gauge("knnmt_tokens_per_second", throughput, registry=r).set_function(self.tokens_per_second)
+        Gauge("knnmt_uptime_seconds", "Seconds since the service started.", registry=r).set_function(
+            lambda: time.time() - self.started
+        )
+        for name, (text, read) in sorted((gauges or {}).items()):
+            Gauge(name, text, registry=r).set_function(read)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (method, route, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.setdefault(route, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def observe_batch(self, sentences: int, tokens: int, seconds: float) -> None:
         now = time.time()
+        self.batch_sizes.observe(sentences)
+        self.sentences.inc(sentences)
+        self.tokens.inc(tokens)
+        self.generate_seconds.inc(seconds)
         with self._lock:
-            self.batch_sizes.observe(sentences)
-            self.sentences += sentences
-            self.tokens += tokens
-            self.generate_seconds += seconds
             self._recent.append((now, tokens, seconds))
             while self._recent and self._recent[0][0] < now - self.window_s:
                 self._recent.popleft()
@@ -88,37 +78,5 @@ class Metrics:
         return tokens / seconds if seconds > 0 else 0.0
 
     def render(self) -> str:
-        """All metrics as Prometheus text."""
-        lines: list[str] = []
-
-        def head(name: str, kind: str, text: str) -> None:
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        with self._lock:
-            head("knnmt_requests_total", "counter", "HTTP requests by method, route and status code.")
-            for (method, route, status), n in sorted(self.requests.items()):
-                lines.append(f'knnmt_requests_total{{method="{method}",route="{route}",code="{status}"}} {n}')
-            head("knnmt_request_duration_seconds", "histogram", "HTTP request latency by route.")
-            for route, hist in sorted(self.latency.items()):
-                lines += hist.lines("knnmt_request_duration_seconds", f'route="{route}"')
-            head("knnmt_batch_sentences", "histogram", "Sentences per generate call (dynamic batching).")
-            lines += self.batch_sizes.lines("knnmt_batch_sentences")
-            head("knnmt_translated_sentences_total", "counter", "Sentences translated.")
-            lines.append(f"knnmt_translated_sentences_total {self.sentences}")
-            head("knnmt_generated_tokens_total", "counter", "Target tokens generated.")
-            lines.append(f"knnmt_generated_tokens_total {self.tokens}")
-            head("knnmt_generate_seconds_total", "counter", "Seconds spent in generate.")
-            lines.append(f"knnmt_generate_seconds_total {self.generate_seconds:.6f}")
-        head(
-            "knnmt_tokens_per_second",
-            "gauge",
-            f"Generated tokens per generate-second, last {self.window_s:g}s.",
-        )
-        lines.append(f"knnmt_tokens_per_second {self.tokens_per_second():.3f}")
-        head("knnmt_uptime_seconds", "gauge", "Seconds since the service started.")
-        lines.append(f"knnmt_uptime_seconds {time.time() - self.started:.3f}")
-        for name, (text, read) in sorted(self.gauges.items()):
-            head(name, "gauge", text)
-            lines.append(f"{name} {float(read()):g}")
-        return "\n".join(lines) + "\n"
+        """All metrics as Prometheus text (exposition format 0.0.4)."""
+        return generate_latest(self.registry).decode("utf-8")
