@@ -278,6 +278,13 @@ def _route(path: str) -> str:
     return path if path in known else "other"
 
 
+def _public_name(name: str) -> str:
+    """What ``/info`` shows of a model or datastore: a Hub id as it is, a local path by its last part
+    only (the server's directory layout is not the clients' business)."""
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
+
+
 class _Guard:
     """ASGI middleware: refuse bodies over the limit (413) and record every request in the metrics."""
 
@@ -615,8 +622,8 @@ def create_app(service: Service, close_on_shutdown: bool = True) -> FastAPI:
         private = config.private_reads and not bearer_ok(authorization)
         return {
             "version": __version__,
-            "model": store.manifest["model"]["name"],
-            "datastore": None if private else str(store.path),
+            "model": _public_name(store.manifest["model"]["name"]),
+            "datastore": None if private else _public_name(str(store.path)),
             "entries": store.count,
             "sentences": int(store.manifest["sentences"]),
             "index": service.memory.retriever.state.main.factory,
