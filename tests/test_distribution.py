@@ -9,7 +9,6 @@ Each path is run through its own public entry point, so a change of formula in o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from knnmt.core.config import KNNConfig
 from knnmt.hf.logits_processor import KNNLogitsProcessor
 from knnmt.pipeline.translator import KNNMT
 from knnmt.pipeline.tuning import grid_log_likelihood
-from knnmt.search.retriever import Retriever
+from knnmt.search.retriever import Retriever, WholeMemoryRetriever
 from knnmt.store.datastore import Datastore
 
 SETTINGS = [
@@ -44,22 +43,12 @@ class _Capture:
         self.last = queries  # [R, 1, dim]
 
 
-class _FixedNeighbours:
+class _FixedNeighbours(WholeMemoryRetriever):
     """A :class:`Retriever` whose answers are given: row ``r`` of ``distances``/``ids`` for the query whose
     first coordinate is ``r`` (``by_first_coordinate``), else for the ``r``-th query."""
 
-    needs_encoder_states = False
-
     def __init__(self, distances: np.ndarray, ids: np.ndarray, by_first_coordinate: bool) -> None:
         self.distances, self.ids, self.by_first = distances, ids, by_first_coordinate
-
-    def prepare(
-        self,
-        sources: Sequence[str],
-        encoder_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> None:
-        pass
 
     def describe(self) -> str:
         return "fixed"

@@ -83,20 +83,11 @@ def prepare_retrieval(
     return {"encoder_outputs": encoder_outputs}
 
 
-class IndexRetriever:
-    """Vanilla kNN-MT: one faiss search over the whole datastore.
+class WholeMemoryRetriever:
+    """Base of retrievers that search the whole memory for every query (not sentence-dependent):
+    :meth:`Retriever.prepare` has nothing to do and needs no encoder states."""
 
-    For an approximate index with ``index.rerank = r > 0`` the index returns ``r·k`` candidates,
-    whose exact squared-L2 distances to the stored fp16 keys pick and sort the final ``k``
-    (PQ distances are coarse; this recovers most of the exact neighbours cheaply).
-    """
-
-    #: one search over the whole datastore: nothing to prepare per sentence
     needs_encoder_states = False
-
-    def __init__(self, index: SearchIndex, datastore: Datastore) -> None:
-        self.index = index
-        self.datastore = datastore
 
     def prepare(
         self,
@@ -104,7 +95,20 @@ class IndexRetriever:
         encoder_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> None:
-        """Nothing to do: every query searches the whole datastore."""
+        """Nothing to do: every query searches the whole memory."""
+
+
+class IndexRetriever(WholeMemoryRetriever):
+    """Vanilla kNN-MT: one faiss search over the whole datastore.
+
+    For an approximate index with ``index.rerank = r > 0`` the index returns ``r·k`` candidates,
+    whose exact squared-L2 distances to the stored fp16 keys pick and sort the final ``k``
+    (PQ distances are coarse; this recovers most of the exact neighbours cheaply).
+    """
+
+    def __init__(self, index: SearchIndex, datastore: Datastore) -> None:
+        self.index = index
+        self.datastore = datastore
 
     def describe(self) -> str:
         rerank = self.index.rerank

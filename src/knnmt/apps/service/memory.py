@@ -38,7 +38,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from ...core.config import BuildConfig
 from ...core.durable import fsync_dir, write_json_atomic
@@ -46,7 +45,7 @@ from ...core.errors import CorpusError, DatastoreError, IncompatibleError, Knnmt
 from ...hf.teacher_forcing import TooLongError, encode_pairs, sequence_limit
 from ...pipeline.build import vector_dim, write_shard
 from ...search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
-from ...search.retriever import IndexRetriever
+from ...search.retriever import IndexRetriever, WholeMemoryRetriever
 from ...store.datastore import (
     MANIFEST,
     Datastore,
@@ -99,22 +98,11 @@ class _State:
     removed_count: int
 
 
-class LiveRetriever:
+class LiveRetriever(WholeMemoryRetriever):
     """A :class:`knnmt.search.retriever.Retriever` over main + side index that skips removed entries."""
-
-    #: one search over the whole memory: nothing to prepare per sentence
-    needs_encoder_states = False
 
     def __init__(self, state: _State) -> None:
         self.state = state
-
-    def prepare(
-        self,
-        sources: Sequence[str],
-        encoder_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> None:
-        """Nothing to do: every query searches the whole memory."""
 
     def describe(self) -> str:
         s = self.state
