@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.config import JsonConfig, require
-from ..core.durable import atomic_path, replace_durably, write_json_atomic
+from ..core.durable import atomic_path, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..store.datastore import Datastore
 from ..store.writelock import WriteLock
@@ -280,18 +280,17 @@ def _build_subset_index(
         logger.info("training PQ%dx%d on %d keys", m, config.pq_bits, len(sample))
         book = PQCodebook.train(sample, m, config.pq_bits, seed=config.seed)
         del sample
-        tmp = target / "codes.tmp.npy"
-        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(datastore.count, m))
-        bar = tqdm(
-            total=datastore.count, unit="key", desc="PQ codes", disable=not progress, dynamic_ncols=True
-        )
-        for lo, keys in datastore.iter_keys():
-            codes[lo : lo + len(keys)] = book.encode(keys)
-            bar.update(len(keys))
-        bar.close()
-        codes.flush()
-        del codes
-        replace_durably(tmp, target / CODES_FILE)
+        with atomic_path(target / CODES_FILE) as tmp:
+            codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(datastore.count, m))
+            bar = tqdm(
+                total=datastore.count, unit="key", desc="PQ codes", disable=not progress, dynamic_ncols=True
+            )
+            for lo, keys in datastore.iter_keys():
+                codes[lo : lo + len(keys)] = book.encode(keys)
+                bar.update(len(keys))
+            bar.close()
+            codes.flush()
+            del codes
         book.save(target / CODEBOOK_FILE)
         pq_record = {
             **pq_wanted,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.durable import fsync_dir, fsync_tree
+from ..core.durable import replace_durably
 from ..core.errors import DatastoreError, IncompatibleError
 
 logger = logging.getLogger(__name__)
@@ -448,8 +447,6 @@ class ShardWriter:
                 handle.write(line)
                 byte_offsets[i + 1] = byte_offsets[i] + len(line)
         np.save(self.tmp / "sentences.idx.npy", byte_offsets)
-        fsync_tree(self.tmp)
         if self.final.exists():
             shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.final.parent)  # the rename is durable before the manifest lists the shard
+        replace_durably(self.tmp, self.final)  # durable before the manifest lists the shard

@@ -533,10 +533,7 @@ class LiveMemory:
         new = self.index_dir.with_name(self.index_dir.name + ".new")
         old = self.index_dir.with_name(self.index_dir.name + ".old")
         shutil.rmtree(new, ignore_errors=True)
-        index.save(new)
-        with (new / INDEX_FILE).open("rb") as handle:
-            os.fsync(handle.fileno())
-        fsync_dir(new)
+        index.save(new)  # durable: SearchIndex.save fsyncs its files and ``new`` (knnmt.core.durable)
         os.replace(self.index_dir, old)
         os.replace(new, self.index_dir)
         fsync_dir(self.index_dir.parent)
