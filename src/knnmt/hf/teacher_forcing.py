@@ -304,12 +304,6 @@ class KeyExtractor:
         """Keys per pair: a list of ``[len(target_ids), dim]`` tensors (model dtype, on CPU)."""
         return self.run(batch).keys
 
-    def extract(self, batch: Sequence[EncodedPair]) -> tuple[list[torch.Tensor], np.ndarray]:
-        """Keys per pair and the pairs' source sentence vectors (see :class:`ForcedBatch`)."""
-        forced = self.run(batch, vectors=True)
-        assert forced.vectors is not None
-        return forced.keys, forced.vectors
-
     @torch.inference_mode()
     def run(
         self,

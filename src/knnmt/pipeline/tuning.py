@@ -254,9 +254,9 @@ def tune(
     (half-distance, gate) pairs, so that the decoding sees really different settings.
 
     ``domain_recall`` (e.g. 0.9) adds a sentence-level domain gate (:mod:`knnmt.pipeline.domain_gate`;
-    needs the datastore's dense sentence index): its threshold keeps retrieval on for that share of the dev
-    sources, and every confirmed setting is decoded with it. ``separate_domains`` sets the gate instead
-    to the similarity that best separates the in-domain from the out-of-domain dev sources
+    it reads the datastore's stored sentence vectors): its threshold keeps retrieval on for that share of
+    the dev sources, and every confirmed setting is decoded with it. ``separate_domains`` sets the gate
+    instead to the similarity that best separates the in-domain from the out-of-domain dev sources
     (:func:`~knnmt.pipeline.domain_gate.threshold_separating`; needs ``ood_sources``).
     """
     if not sources or len(sources) != len(references):
