@@ -51,12 +51,14 @@ from ..store.corpus import (
 from ..store.datastore import (
     FORMAT,
     MANIFEST,
-    VERSION,
     Datastore,
     ShardWriter,
+    manifest_version,
+    pack_values,
     read_manifest,
     unlisted_shards,
 )
+from ..store.keycodec import KeyCodec
 from ..store.writelock import LOCK_FILE, WriteLock
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def _identity(
             "layer": config.key_layer,
             "module": key_module_name(model, config.key_layer),
             "dim": key_dim(model, config.key_layer),
-            "dtype": "float16",
+            **KeyCodec(config.key_storage, key_dim(model, config.key_layer)).manifest_fields(),
         },
         "values_dtype": "int32",
         "sentence_vectors": {
@@ -106,6 +108,10 @@ def vector_dim(manifest: dict[str, Any]) -> int:
     return int(info["dim"]) if info else 0
 
 
+def _key_storage(identity: dict[str, Any]) -> str:
+    return KeyCodec.from_manifest(identity["key"]).name
+
+
 def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
     """An existing datastore can only grow with the same model, tokenizer, layer and tokenization."""
     checks = [
@@ -113,6 +119,7 @@ def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[st
         ("tokenizer", manifest["tokenizer"]["fingerprint"], identity["tokenizer"]["fingerprint"]),
         ("key layer", manifest["key"]["layer"], identity["key"]["layer"]),
         ("key dimension", manifest["key"]["dim"], identity["key"]["dim"]),
+        ("key storage", KeyCodec.from_manifest(manifest["key"]).name, _key_storage(identity)),
         ("tokenization", manifest.get("tokenization"), identity["tokenization"]),
     ]
     for what, have, want in checks:
@@ -168,7 +175,7 @@ def _prepare(
         last = manifest["corpora"][-1] if manifest["corpora"] else None
         if building and last is not None and last["sha256"] == info.sha256 and not force:
             _check_same_identity(out, manifest, identity)
-            if manifest["build"] != config.to_dict():
+            if BuildConfig.from_dict(manifest["build"]).to_dict() != config.to_dict():
                 raise IncompatibleError(
                     f"datastore {out} has an interrupted build with settings {manifest['build']}; "
                     f"resume it with the same settings (this run: {config.to_dict()}) "
@@ -219,7 +226,7 @@ def _prepare(
         logger.info("--append: %s does not exist yet, creating it", out)
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": manifest_version(config.key_storage),
         "knnmt_version": __version__,
         "state": "building",
         "created": _now(),
@@ -270,6 +277,7 @@ def write_shard(
     corpus_index: int,
     bar: Any = None,
     rate: BuildRate | None = None,
+    codec: KeyCodec | None = None,
 ) -> int:
     """Teacher-force ``encoded`` (one shard's pairs, from :func:`~knnmt.hf.teacher_forcing.encode_pairs`)
     with :func:`~knnmt.hf.teacher_forcing.teacher_force` and publish the shard ``name`` under ``out``
@@ -280,6 +288,8 @@ def write_shard(
         dim: the key dimension; ``config``: its ``key_layer`` and ``max_tokens`` (the batch budget).
         corpus_index: the manifest's corpus the sentences come from (``-1``: memory appends).
         bar: a ``tqdm`` bar to advance per batch; ``rate``: counts target tokens for it.
+        codec: how keys are stored (default fp16); an untrained one learns from this shard, and the
+            caller records ``codec.manifest_fields()`` in the manifest.
 
     Returns:
         the shard's entry count.
@@ -290,7 +300,7 @@ def write_shard(
     offsets = [0]
     for pair in encoded:
         offsets.append(offsets[-1] + len(pair.target_ids))
-    writer = ShardWriter(out, name, offsets[-1], dim, len(encoded), vector_dim)
+    writer = ShardWriter(out, name, offsets[-1], dim, len(encoded), vector_dim, codec)
     writer.offsets[:] = offsets
     forced_batches = teacher_force(
         model,
@@ -432,6 +442,7 @@ def _fill(
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     max_length = sequence_limit(model, tokenizer, config.max_length)
     dim = int(manifest["key"]["dim"])
+    codec = KeyCodec.from_manifest(manifest["key"])
 
     counter = {"skipped_empty": 0}  # every empty pair seen so far in this corpus
     pairs = _kept_pairs(corpus, config.skip_empty, counter)
@@ -462,8 +473,20 @@ def _fill(
         )
         name = f"{len(manifest['shards']):05d}"
         count = write_shard(
-            out, name, encoded, model, tokenizer, dim, vector_dim(manifest), config, corpus_index, bar, rate
+            out,
+            name,
+            encoded,
+            model,
+            tokenizer,
+            dim,
+            vector_dim(manifest),
+            config,
+            corpus_index,
+            bar,
+            rate,
+            codec,
         )
+        manifest["key"].update(codec.manifest_fields())  # an sq8 codec learns its ranges from shard 0
         truncated += cut
         manifest["shards"].append(
             {
@@ -489,6 +512,7 @@ def _fill(
         finished=_now(),
     )
     manifest["state"] = "complete"
+    manifest["packed_values"] = pack_values(Datastore(out, manifest))
     write_json_atomic(out / MANIFEST, manifest)
     if counter["skipped_empty"]:
         logger.warning("skipped %d pair(s) with an empty side", counter["skipped_empty"])
