@@ -868,8 +868,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if settings.is_file():
         s = _read_json_object(settings)
         info["index"] = {
-            k: s.get(k) for k in ("factory", "storage", "ntotal", "nprobe", "ef_search", "build_seconds")
-        }
+            k: s.get(k) for k in ("factory", "ntotal", "nprobe", "ef_search", "build_seconds")
+        } | {"storage": s.get("storage", "ram")}  # indexes from before on-disk lists are in RAM
     subset_settings = path / "subset" / "subset.json"
     if subset_settings.is_file():
         s = _read_json_object(subset_settings)

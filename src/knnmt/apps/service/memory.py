@@ -494,6 +494,13 @@ class LiveMemory:
         with self._lock:
             if self.side_entries == 0 or (self._compacting is not None and self._compacting.is_alive()):
                 return False
+            if self.retriever.state.main.storage == "disk":
+                logger.warning(
+                    "memory: the main index keeps its lists on disk, which compaction cannot merge into yet; "
+                    "the %d added entries stay in the side index (rebuild with `knnmt index --force`)",
+                    self.side_entries,
+                )
+                return False
             thread = threading.Thread(target=self._compact, name="knnmt-compaction", daemon=True)
             self._compacting = thread
             thread.start()
