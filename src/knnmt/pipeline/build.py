@@ -12,14 +12,16 @@ and resumes from them when the same command runs again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -332,6 +334,82 @@ def write_shard(
     return offsets[-1]
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of a build as the process that holds the write lock plans it: the next
+    ``config.shard_sentences`` kept pairs of the corpus, tokenised, with everything :func:`write_shard`
+    needs except the model. Shards are always planned here, in corpus order, so their boundaries and
+    names do not depend on who writes them (this process, or a worker of a :class:`ShardRunner`)."""
+
+    out: Path
+    name: str
+    encoded: list[EncodedPair]
+    dim: int
+    vector_dim: int
+    config: BuildConfig
+    corpus_index: int
+    first_sentence: int
+    #: empty pairs skipped while this shard's pairs were read (the manifest's per-shard count)
+    skipped_empty: int
+    #: pairs of this shard cut to the length limit
+    truncated: int
+
+    def write(self, model: Any, tokenizer: Any, bar: Any = None, rate: BuildRate | None = None) -> int:
+        """Teacher-force and publish this shard with :func:`write_shard`; returns its entry count."""
+        return write_shard(
+            self.out,
+            self.name,
+            self.encoded,
+            model,
+            tokenizer,
+            self.dim,
+            self.vector_dim,
+            self.config,
+            self.corpus_index,
+            bar,
+            rate,
+        )
+
+    def manifest_entry(self, count: int) -> dict[str, Any]:
+        """The shard's entry in the manifest's ``shards`` list, once it is written with ``count`` entries."""
+        return {
+            "name": self.name,
+            "count": count,
+            "sentences": len(self.encoded),
+            "first_sentence": self.first_sentence,
+            "corpus": self.corpus_index,
+            "skipped_empty": self.skipped_empty,
+            "truncated": self.truncated,
+        }
+
+
+class ShardRunner(Protocol):
+    """Writes a build's shards elsewhere than in the building process (e.g. on Ray workers:
+    :class:`knnmt.pipeline.distributed.RayShardRunner`); :func:`build_datastore` still plans the shards,
+    holds the write lock and alone writes the manifest."""
+
+    def __call__(
+        self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate
+    ) -> Generator[tuple[ShardJob, int], None, None]:
+        """Write every shard of ``jobs`` (in any order, in parallel) and yield ``(job, entry count)`` in the
+        order of ``jobs``: a shard is yielded, and listed in the manifest, only once all shards before it
+        are written. ``bar`` counts sentences, ``rate`` target tokens. Closing the generator (the build
+        failed or was interrupted) stops the work still running."""
+        ...
+
+
+def _write_in_process(model: Any, tokenizer: Any) -> ShardRunner:
+    """The default :class:`ShardRunner`: each shard written here, in order, by ``model``."""
+
+    def run(
+        jobs: Iterator[ShardJob], bar: Any, rate: BuildRate
+    ) -> Generator[tuple[ShardJob, int], None, None]:
+        for job in jobs:
+            yield job, job.write(model, tokenizer, bar, rate)
+
+    return run
+
+
 def check_build_mode(append: bool, force: bool) -> None:
     """``append`` and ``force`` exclude each other: appending to a datastore that is first deleted would
     lose it (raises :class:`UsageError`)."""
@@ -354,6 +432,7 @@ def build_datastore(
     model_name: str | None = None,
     source_prefix: str = "",
     progress: bool = True,
+    shard_runner: ShardRunner | None = None,
 ) -> Datastore:
     """Build (or resume, or append to) the datastore at ``out`` from ``corpus``.
 
@@ -368,6 +447,9 @@ def build_datastore(
         model_name: recorded in the manifest (defaults to ``model.name_or_path``).
         source_prefix: text prepended to every source sentence (e.g. T5 task prefixes).
         progress: show a progress bar (on stderr).
+        shard_runner: who teacher-forces and writes the shards (default: ``model``, here, one after
+            the other); e.g. :class:`knnmt.pipeline.distributed.RayShardRunner` for Ray workers
+            (:func:`knnmt.pipeline.distributed.build_datastore_ray`). The datastore is the same.
 
     Returns:
         the finished datastore.
@@ -389,8 +471,19 @@ def build_datastore(
         try:
             manifest = _prepare(out, info, identity, config, append=append, force=force)
             corpus_index = len(manifest["corpora"]) - 1
+            runner = shard_runner or _write_in_process(model, tokenizer)
             return _fill(
-                model, tokenizer, corpus, info, out, manifest, corpus_index, config, source_prefix, progress
+                model,
+                tokenizer,
+                corpus,
+                info,
+                out,
+                manifest,
+                corpus_index,
+                config,
+                source_prefix,
+                progress,
+                runner,
             )
         except BaseException:
             if manifest:
@@ -425,8 +518,10 @@ def _fill(
     config: BuildConfig,
     source_prefix: str,
     progress: bool,
+    runner: ShardRunner,
 ) -> Datastore:
-    """The streaming part of :func:`build_datastore`: shard after shard, manifest after each."""
+    """The streaming part of :func:`build_datastore`: shards planned in corpus order, written by
+    ``runner``, and listed in the manifest (committed after each) in that order."""
     entry = manifest["corpora"][corpus_index]
     done_sentences = sum(s["sentences"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
@@ -443,43 +538,41 @@ def _fill(
     bar.update(done_sentences + counter["skipped_empty"])
     next_sentence = entry["first_sentence"] + done_sentences
     rate = BuildRate()
-    while True:
-        before = counter["skipped_empty"]
-        chunk = list(itertools.islice(pairs, config.shard_sentences))
-        skipped_now = counter["skipped_empty"] - before
-        bar.update(skipped_now)
-        if not chunk:
-            break
-        rows = [(next_sentence + i, line, src, tgt) for i, (line, src, tgt) in enumerate(chunk)]
-        encoded, cut = encode_pairs(
-            tokenizer,
-            rows,
-            max_length=max_length,
-            truncate=config.truncate,
-            paths=(corpus.paths[0], target_path(corpus)),
-            source_prefix=source_prefix,
-            hint="allow truncation (drop --no-truncate) or shorten it",
-        )
-        name = f"{len(manifest['shards']):05d}"
-        count = write_shard(
-            out, name, encoded, model, tokenizer, dim, vector_dim(manifest), config, corpus_index, bar, rate
-        )
-        truncated += cut
-        manifest["shards"].append(
-            {
-                "name": name,
-                "count": count,
-                "sentences": len(encoded),
-                "first_sentence": next_sentence,
-                "corpus": corpus_index,
-                "skipped_empty": skipped_now,
-                "truncated": cut,
-            }
-        )
-        manifest["count"] += count
-        manifest["sentences"] += len(encoded)
-        next_sentence += len(encoded)
-        write_json_atomic(out / MANIFEST, manifest)
+    vectors = vector_dim(manifest)
+
+    def plan(first: int, number: int) -> Iterator[ShardJob]:
+        """Shard ``number`` onwards, its first sentence ``first``, each read only when asked for."""
+        while True:
+            before = counter["skipped_empty"]
+            chunk = list(itertools.islice(pairs, config.shard_sentences))
+            skipped_now = counter["skipped_empty"] - before
+            bar.update(skipped_now)
+            if not chunk:
+                return
+            rows = [(first + i, line, src, tgt) for i, (line, src, tgt) in enumerate(chunk)]
+            encoded, cut = encode_pairs(
+                tokenizer,
+                rows,
+                max_length=max_length,
+                truncate=config.truncate,
+                paths=(corpus.paths[0], target_path(corpus)),
+                source_prefix=source_prefix,
+                hint="allow truncation (drop --no-truncate) or shorten it",
+            )
+            name = f"{number:05d}"
+            yield ShardJob(out, name, encoded, dim, vectors, config, corpus_index, first, skipped_now, cut)
+            first += len(encoded)
+            number += 1
+
+    written = runner(plan(next_sentence, len(manifest["shards"])), bar, rate)
+    with contextlib.closing(written):  # a failure here stops the runner's work in flight
+        for job, count in written:
+            truncated += job.truncated
+            manifest["shards"].append(job.manifest_entry(count))
+            manifest["count"] += count
+            manifest["sentences"] += len(job.encoded)
+            next_sentence += len(job.encoded)
+            write_json_atomic(out / MANIFEST, manifest)
     bar.close()
     entry.update(
         sentences=next_sentence - entry["first_sentence"],
