@@ -23,8 +23,10 @@ Ray is imported only here and only when a build asks for it (``pip install 'knnm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
 import shutil
 import socket
 from collections.abc import Generator, Iterator
@@ -118,7 +120,7 @@ def connect_ray(address: str = AUTO) -> bool:
     """
     ray = import_ray()
     if ray.is_initialized():
-        logger.info("using this process's Ray connection (--ray %s is not reconnected)", address)
+        logger.info("this process is already connected to Ray: building on that cluster (not %r)", address)
         return False
     if address != AUTO:
         _probe(address)
@@ -296,7 +298,11 @@ class RayShardRunner:
                     listed += 1
         finally:
             for actor in actors:  # stops the shards still being written (a failure or an interrupt)
-                ray.kill(actor, no_restart=True)
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            if running:  # let the killed writes end before their files are removed
+                with contextlib.suppress(Exception):
+                    ray.wait(list(running), num_returns=len(running), timeout=10)
             unlisted = [job for _, job, _ in running.values()] + [job for job, _ in finished.values()]
             for job in unlisted:  # the manifest lists a prefix: a rerun writes these again
                 for directory in (job.out / "shards" / job.name, job.out / "shards" / f"{job.name}.tmp"):
@@ -315,17 +321,21 @@ class RayShardRunner:
             ) from None
         except ray.exceptions.RayActorError as exc:
             raise KnnmtError(
-                f"the Ray worker writing shard {job.name} died and was restarted {self.max_retries} time(s) "
-                f"without finishing it: {_first_line(exc)}. The finished shards are kept: rerun the same "
+                f"the Ray worker writing shard {job.name} died (Ray restarts a dead worker up to "
+                f"{self.max_retries} time(s)): {_summary(exc)}. The finished shards are kept: rerun the same "
                 "command to resume"
             ) from None
         except ray.exceptions.RayError as exc:
-            raise KnnmtError(f"Ray failed while writing shard {job.name}: {_first_line(exc)}") from None
+            raise KnnmtError(f"Ray failed while writing shard {job.name}: {_summary(exc)}") from None
 
 
-def _first_line(exc: BaseException, limit: int = 500) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
+def _summary(exc: BaseException, limit: int = 300) -> str:
+    """A Ray error's first line and, when it ends with a traceback, the error that line ends with."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    first, last = lines[0][:limit], lines[-1][:limit]
+    return first if len(lines) == 1 else f"{first} ... {last}"
 
 
 def build_datastore_ray(
