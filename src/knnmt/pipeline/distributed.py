@@ -281,7 +281,7 @@ class RayShardRunner:
                     portable = dataclasses.replace(job, out=job.out.resolve())  # workers have other cwds
                     running[actor.write.remote(portable)] = (submitted, job, actor)
                     submitted += 1
-                if not running:
+                if not running:  # then nothing is left unyielded: the first shard not listed is running
                     return
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
