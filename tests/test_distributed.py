@@ -26,8 +26,9 @@ from knnmt.store.corpus import CorpusSpec
 from knnmt.store.datastore import MANIFEST, read_manifest, unlisted_shards
 from knnmt.store.writelock import LOCK_FILE
 
-#: 6 shards (5 x 7 + 5 kept pairs), batches of a few sentences
-CONFIG = BuildConfig(shard_sentences=7, max_tokens=64)
+#: 6 shards (5 x 7 + 5 kept pairs), batches of a few sentences; sq8 keys, whose codec learns its ranges
+#: from shard 00000 alone: every later shard, on whichever worker, must be encoded with them
+CONFIG = BuildConfig(shard_sentences=7, max_tokens=64, key_storage="sq8")
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +99,19 @@ def assert_same_datastore(built: Path, reference: Path) -> None:
 
 class DiesThenFailsWorker(ShardWorker):
     """Its process exits the first time it writes shard 00001 (a marker file remembers it); shard 00003
-    fails, once shard 00001 is written again and with the other worker busy on the shards after it."""
+    fails, once the shards before it are listed, with the other worker busy on the shards after it."""
 
-    def write(self, job: ShardJob) -> int:
+    def write(self, job: ShardJob, key: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         marker = job.out.parent / "worker-died"
         if job.name == "00001" and not marker.exists():
             marker.write_text(str(os.getpid()))
             os._exit(1)
-        if job.name == "00003":
-            deadline = time.monotonic() + 60
-            while not (job.out / "shards" / "00001").is_dir() and time.monotonic() < deadline:
+        if job.name == "00003":  # fail once the driver lists 00000..00002 (00001 redone after the death)
+            deadline = time.monotonic() + 120
+            while len(read_manifest(job.out)["shards"]) < 3 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            time.sleep(1)  # the driver lists 00000..00002 meanwhile
             raise DatastoreError("simulated failure of shard 00003")
-        return super().write(job)
+        return super().write(job, key)
 
 
 def _build_args(toy_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -185,7 +185,9 @@ def test_ray_build_redoes_a_dead_workers_shard_and_resumes_like_a_local_build(
     }
 
     # the same command resumes it, here from the command line, on fresh workers
-    args = _build_args(toy_dir, out, "--shard-sentences", "7", "--max-tokens", "64", "--ray", "auto")
+    args = _build_args(
+        toy_dir, out, "--shard-sentences", "7", "--max-tokens", "64", "--key-storage", "sq8", "--ray", "auto"
+    )
     args[args.index("--source") : args.index("--out")] = [
         "--source",
         corpus.paths[0],

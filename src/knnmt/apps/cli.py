@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--key-layer", choices=["ffn_input", "decoder_output"], default="ffn_input")
     b.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per teacher-forcing batch")
     b.add_argument("--shard-sentences", type=int, default=20000, help="sentence pairs per shard")
+    b.add_argument(
+        "--key-storage",
+        choices=["fp16", "sq8"],
+        default="fp16",
+        help="how keys are stored: fp16 (2 bytes per dimension) or sq8 (8-bit scalar-quantised, 1 byte per "
+        "dimension, for large memories); an --append keeps the datastore's own",
+    )
     b.add_argument("--max-length", type=int, default=None, help="max tokens per side (default: model max)")
     b.add_argument(
         "--no-truncate", action="store_true", help="fail on over-long sentences instead of truncating"
@@ -179,6 +186,18 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--train-size", type=int, default=200_000, help="keys sampled to train the index")
     i.add_argument("--rerank", type=int, default=8, help="re-score RERANK x k candidates exactly (0 = off)")
     i.add_argument("--gpu", action="store_true", help="build on GPU when faiss has one")
+    where = i.add_mutually_exclusive_group()
+    where.add_argument(
+        "--on-disk",
+        dest="storage",
+        action="store_const",
+        const="disk",
+        help="keep the inverted lists on disk, memory-mapped: bounded memory to build and to search "
+        "(default from 10M entries on; 8-bit PQ codes)",
+    )
+    where.add_argument(
+        "--in-ram", dest="storage", action="store_const", const="ram", help="read the whole index into memory"
+    )
     i.add_argument("--force", action="store_true", help="replace an existing index")
     i.add_argument(
         "--no-sentence-index",
@@ -484,6 +503,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         truncate=not args.no_truncate,
         skip_empty=not args.no_skip_empty,
         max_length=args.max_length,
+        key_storage=args.key_storage,
     )
     if args.ray is not None:
         return _build_on_ray(args, spec, config)
@@ -547,6 +567,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         rerank=args.rerank,
         train_size=args.train_size,
         use_gpu=args.gpu,
+        storage=args.storage or "auto",
     )
     store = Datastore.open(args.datastore)
     if args.subset:
@@ -894,7 +915,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     settings = path / "index" / SETTINGS_FILE
     if settings.is_file():
         s = _read_json_object(settings)
-        info["index"] = {k: s.get(k) for k in ("factory", "ntotal", "nprobe", "ef_search", "build_seconds")}
+        info["index"] = {
+            k: s.get(k) for k in ("factory", "storage", "ntotal", "nprobe", "ef_search", "build_seconds")
+        }
     subset_settings = path / "subset" / "subset.json"
     if subset_settings.is_file():
         s = _read_json_object(subset_settings)

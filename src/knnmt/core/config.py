@@ -13,6 +13,10 @@ from .errors import UsageError
 
 KeyLayer = Literal["ffn_input", "decoder_output"]
 KEY_LAYERS: tuple[str, ...] = ("ffn_input", "decoder_output")
+#: Where an index's inverted lists live (IndexConfig.storage).
+INDEX_STORAGES: tuple[str, ...] = ("auto", "ram", "disk")
+#: How a datastore stores its keys (:mod:`knnmt.store.keycodec`): fp16, or 8-bit scalar-quantised.
+KEY_STORAGES: tuple[str, ...] = ("fp16", "sq8")
 
 T = TypeVar("T")
 
@@ -142,10 +146,17 @@ class BuildConfig(JsonConfig):
     #: Maximum tokens per side; ``None`` uses the model's own maximum (its positions and tokenizer's
     #: limit), which it may not exceed.
     max_length: int | None = None
+    #: How keys are stored: ``fp16`` (2 bytes per dimension, exact re-rank) or ``sq8`` (1 byte per
+    #: dimension, faiss's 8-bit scalar quantizer; half the disk, for large memories).
+    key_storage: str = "fp16"
 
     def __post_init__(self) -> None:
         require(
             self.key_layer in KEY_LAYERS, f"key_layer must be one of {KEY_LAYERS}, got {self.key_layer!r}"
+        )
+        require(
+            self.key_storage in KEY_STORAGES,
+            f"key_storage must be one of {KEY_STORAGES}, got {self.key_storage!r}",
         )
         require(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
         require(self.shard_sentences >= 1, f"shard_sentences must be >= 1, got {self.shard_sentences}")
@@ -181,9 +192,17 @@ class IndexConfig(JsonConfig):
     #: the query with every centroid; 0 = exact coarse search. Measured 1.5x faster IVF-PQ search at
     #: the same recall on 2M keys (docs/BENCHMARKS.md).
     coarse_ef_search: int = 32
+    #: Where the IVF lists live when searching: ``ram`` (read into memory), ``disk`` (faiss
+    #: ``OnDiskInvertedLists``: filled shard by shard in bounded memory and memory-mapped at search
+    #: time, so private memory does not grow with the datastore; 8-bit PQ or SQ codes, not fast-scan),
+    #: or ``auto`` (disk from ``knnmt.search.index.ON_DISK_FROM`` entries on).
+    storage: str = "auto"
 
     def __post_init__(self) -> None:
         require(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")
+        require(
+            self.storage in INDEX_STORAGES, f"storage must be one of {INDEX_STORAGES}, got {self.storage!r}"
+        )
         require(self.coarse_ef_search >= 0, f"coarse_ef_search must be >= 0, got {self.coarse_ef_search}")
         require(self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
         require(self.ef_search >= 1, f"ef_search must be >= 1, got {self.ef_search}")

@@ -53,12 +53,14 @@ from ..store.corpus import (
 from ..store.datastore import (
     FORMAT,
     MANIFEST,
-    VERSION,
     Datastore,
     ShardWriter,
+    manifest_version,
+    pack_values,
     read_manifest,
     unlisted_shards,
 )
+from ..store.keycodec import KeyCodec
 from ..store.writelock import LOCK_FILE, WriteLock
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def _identity(
             "layer": config.key_layer,
             "module": key_module_name(model, config.key_layer),
             "dim": key_dim(model, config.key_layer),
-            "dtype": "float16",
+            **KeyCodec(config.key_storage, key_dim(model, config.key_layer)).manifest_fields(),
         },
         "values_dtype": "int32",
         "sentence_vectors": {
@@ -108,6 +110,10 @@ def vector_dim(manifest: dict[str, Any]) -> int:
     return int(info["dim"]) if info else 0
 
 
+def _key_storage(identity: dict[str, Any]) -> str:
+    return KeyCodec.from_manifest(identity["key"]).name
+
+
 def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
     """An existing datastore can only grow with the same model, tokenizer, layer and tokenization."""
     checks = [
@@ -115,6 +121,7 @@ def _check_same_identity(path: Path, manifest: dict[str, Any], identity: dict[st
         ("tokenizer", manifest["tokenizer"]["fingerprint"], identity["tokenizer"]["fingerprint"]),
         ("key layer", manifest["key"]["layer"], identity["key"]["layer"]),
         ("key dimension", manifest["key"]["dim"], identity["key"]["dim"]),
+        ("key storage", KeyCodec.from_manifest(manifest["key"]).name, _key_storage(identity)),
         ("tokenization", manifest.get("tokenization"), identity["tokenization"]),
     ]
     for what, have, want in checks:
@@ -170,7 +177,7 @@ def _prepare(
         last = manifest["corpora"][-1] if manifest["corpora"] else None
         if building and last is not None and last["sha256"] == info.sha256 and not force:
             _check_same_identity(out, manifest, identity)
-            if manifest["build"] != config.to_dict():
+            if BuildConfig.from_dict(manifest["build"]).to_dict() != config.to_dict():
                 raise IncompatibleError(
                     f"datastore {out} has an interrupted build with settings {manifest['build']}; "
                     f"resume it with the same settings (this run: {config.to_dict()}) "
@@ -221,7 +228,7 @@ def _prepare(
         logger.info("--append: %s does not exist yet, creating it", out)
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": manifest_version(config.key_storage),
         "knnmt_version": __version__,
         "state": "building",
         "created": _now(),
@@ -272,6 +279,7 @@ def write_shard(
     corpus_index: int,
     bar: Any = None,
     rate: BuildRate | None = None,
+    codec: KeyCodec | None = None,
 ) -> int:
     """Teacher-force ``encoded`` (one shard's pairs, from :func:`~knnmt.hf.teacher_forcing.encode_pairs`)
     with :func:`~knnmt.hf.teacher_forcing.teacher_force` and publish the shard ``name`` under ``out``
@@ -282,6 +290,8 @@ def write_shard(
         dim: the key dimension; ``config``: its ``key_layer`` and ``max_tokens`` (the batch budget).
         corpus_index: the manifest's corpus the sentences come from (``-1``: memory appends).
         bar: a ``tqdm`` bar to advance per batch; ``rate``: counts target tokens for it.
+        codec: how keys are stored (default fp16); an untrained one learns from this shard, and the
+            caller records ``codec.manifest_fields()`` in the manifest.
 
     Returns:
         the shard's entry count.
@@ -292,7 +302,7 @@ def write_shard(
     offsets = [0]
     for pair in encoded:
         offsets.append(offsets[-1] + len(pair.target_ids))
-    writer = ShardWriter(out, name, offsets[-1], dim, len(encoded), vector_dim)
+    writer = ShardWriter(out, name, offsets[-1], dim, len(encoded), vector_dim, codec)
     writer.offsets[:] = offsets
     forced_batches = teacher_force(
         model,
@@ -354,8 +364,16 @@ class ShardJob:
     #: pairs of this shard cut to the length limit
     truncated: int
 
-    def write(self, model: Any, tokenizer: Any, bar: Any = None, rate: BuildRate | None = None) -> int:
-        """Teacher-force and publish this shard with :func:`write_shard`; returns its entry count."""
+    def write(
+        self,
+        model: Any,
+        tokenizer: Any,
+        codec: KeyCodec | None = None,
+        bar: Any = None,
+        rate: BuildRate | None = None,
+    ) -> int:
+        """Teacher-force and publish this shard with :func:`write_shard` (keys stored with ``codec``,
+        which learns from this shard if untrained); returns its entry count."""
         return write_shard(
             self.out,
             self.name,
@@ -368,6 +386,7 @@ class ShardJob:
             self.corpus_index,
             bar,
             rate,
+            codec,
         )
 
     def manifest_entry(self, count: int) -> dict[str, Any]:
@@ -389,12 +408,18 @@ class ShardRunner(Protocol):
     holds the write lock and alone writes the manifest."""
 
     def __call__(
-        self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate
-    ) -> Generator[tuple[ShardJob, int], None, None]:
-        """Write every shard of ``jobs`` (in any order, in parallel) and yield ``(job, entry count)`` in the
-        order of ``jobs``: a shard is yielded, and listed in the manifest, only once all shards before it
-        are written. ``bar`` counts sentences, ``rate`` target tokens. Closing the generator (the build
-        failed or was interrupted) stops the work still running."""
+        self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate, key: dict[str, Any]
+    ) -> Generator[tuple[ShardJob, int, dict[str, Any]], None, None]:
+        """Write every shard of ``jobs`` (in any order, in parallel) and yield ``(job, entry count, key
+        fields)`` in the order of ``jobs``: a shard is yielded, and listed in the manifest, only once all
+        shards before it are written. ``bar`` counts sentences, ``rate`` target tokens. Closing the
+        generator (the build failed or was interrupted) stops the work still running.
+
+        ``key`` is the manifest's ``key`` object: the keys are stored with its codec
+        (:meth:`KeyCodec.from_manifest <knnmt.store.keycodec.KeyCodec.from_manifest>`); an untrained one
+        (sq8 before the datastore's first shard) learns from the first shard, and every later shard must
+        be written with what it learnt. The yielded key fields (``codec.manifest_fields()`` after the
+        shard) go into the manifest."""
         ...
 
 
@@ -402,10 +427,12 @@ def _write_in_process(model: Any, tokenizer: Any) -> ShardRunner:
     """The default :class:`ShardRunner`: each shard written here, in order, by ``model``."""
 
     def run(
-        jobs: Iterator[ShardJob], bar: Any, rate: BuildRate
-    ) -> Generator[tuple[ShardJob, int], None, None]:
+        jobs: Iterator[ShardJob], bar: Any, rate: BuildRate, key: dict[str, Any]
+    ) -> Generator[tuple[ShardJob, int, dict[str, Any]], None, None]:
+        codec = KeyCodec.from_manifest(key)  # one codec: an untrained one learns from the first shard
         for job in jobs:
-            yield job, job.write(model, tokenizer, bar, rate)
+            count = job.write(model, tokenizer, codec, bar, rate)
+            yield job, count, codec.manifest_fields()
 
     return run
 
@@ -564,9 +591,10 @@ def _fill(
             first += len(encoded)
             number += 1
 
-    written = runner(plan(next_sentence, len(manifest["shards"])), bar, rate)
+    written = runner(plan(next_sentence, len(manifest["shards"])), bar, rate, dict(manifest["key"]))
     with contextlib.closing(written):  # a failure here stops the runner's work in flight
-        for job, count in written:
+        for job, count, key in written:
+            manifest["key"].update(key)  # an sq8 codec learns its ranges from shard 0
             truncated += job.truncated
             manifest["shards"].append(job.manifest_entry(count))
             manifest["count"] += count
@@ -582,6 +610,7 @@ def _fill(
         finished=_now(),
     )
     manifest["state"] = "complete"
+    manifest["packed_values"] = pack_values(Datastore(out, manifest))
     write_json_atomic(out / MANIFEST, manifest)
     if counter["skipped_empty"]:
         logger.warning("skipped %d pair(s) with an empty side", counter["skipped_empty"])

@@ -39,6 +39,7 @@ from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageEr
 from ..hf.registry import model_fingerprint, set_languages, tokenizer_fingerprint
 from ..store.corpus import CorpusSpec
 from ..store.datastore import Datastore
+from ..store.keycodec import KeyCodec
 from .build import BuildRate, ShardJob, build_datastore
 from .translator import load_model
 
@@ -168,8 +169,10 @@ class ShardWorker:
                     f"{loaded}, but the driver's model has {expect}: every machine needs the same model files"
                 )
 
-    def write(self, job: ShardJob) -> int:
-        """Teacher-force and publish ``job``'s shard (:meth:`ShardJob.write`); returns its entry count."""
+    def write(self, job: ShardJob, key: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Teacher-force and publish ``job``'s shard (:meth:`ShardJob.write`) with the key codec of the
+        manifest ``key`` object; returns its entry count and the codec's manifest fields (an untrained
+        codec has learnt from this shard)."""
         if self.error is not None:
             raise self.error
         if not job.out.is_dir():
@@ -178,7 +181,9 @@ class ShardWorker:
                 "the shards themselves, so the datastore must be on a filesystem the driver and every worker "
                 "share, at the same path"
             )
-        return job.write(self.model, self.tokenizer)
+        codec = KeyCodec.from_manifest(key)
+        count = job.write(self.model, self.tokenizer, codec)
+        return count, codec.manifest_fields()
 
 
 class RayShardRunner:
@@ -247,16 +252,20 @@ class RayShardRunner:
         )(self.worker_class)
 
     def __call__(
-        self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate
-    ) -> Generator[tuple[ShardJob, int], None, None]:
-        """Write ``jobs`` on the pool; yield each with its entry count in the order of ``jobs``."""
+        self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate, key: dict[str, Any]
+    ) -> Generator[tuple[ShardJob, int, dict[str, Any]], None, None]:
+        """Write ``jobs`` on the pool; yield each with its entry count and key fields in the order of
+        ``jobs``. While the key codec is untrained (sq8, first shard of the datastore) the first shard is
+        written alone, and the ranges it learns go with every later shard."""
         ray = import_ray()
         size = self.pool_size(ray)
         actor_class = self._actor_class(ray)
         actors: list[Any] = []
         idle: list[Any] = []
         running: dict[Any, tuple[int, ShardJob, Any]] = {}  # ObjectRef -> (job number, job, actor)
-        finished: dict[int, tuple[ShardJob, int]] = {}  # written, not yet yielded
+        finished: dict[int, tuple[ShardJob, int, dict[str, Any]]] = {}  # written, not yet yielded
+        key = dict(key)
+        trained = KeyCodec.from_manifest(key).trained
         planned = iter(jobs)
         submitted = listed = 0
         exhausted = False
@@ -268,7 +277,12 @@ class RayShardRunner:
         )
         try:
             while True:
-                while not exhausted and (idle or len(actors) < size) and submitted < listed + 2 * size:
+                while (
+                    not exhausted
+                    and (idle or len(actors) < size)
+                    and submitted < listed + 2 * size
+                    and (trained or not running)  # an untrained codec learns from one shard, alone
+                ):
                     job = next(planned, None)
                     if job is None:
                         exhausted = True
@@ -279,16 +293,19 @@ class RayShardRunner:
                         actor = actor_class.remote(self.source, self.expect, self.cpus_per_worker)
                         actors.append(actor)
                     portable = dataclasses.replace(job, out=job.out.resolve())  # workers have other cwds
-                    running[actor.write.remote(portable)] = (submitted, job, actor)
+                    running[actor.write.remote(portable, key)] = (submitted, job, actor)
                     submitted += 1
                 if not running:  # then nothing is left unyielded: the first shard not listed is running
                     return
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
                     number, job, actor = running.pop(ref)
-                    count = self._result(ray, ref, job)
+                    count, fields = self._result(ray, ref, job)
                     idle.append(actor)
-                    finished[number] = (job, count)
+                    finished[number] = (job, count, fields)
+                    if not trained:
+                        key.update(fields)
+                        trained = KeyCodec.from_manifest(key).trained
                     logger.debug("shard %s written by a Ray worker (%d entries)", job.name, count)
                     rate.tokens += count
                     bar.update(len(job.encoded))
@@ -303,15 +320,17 @@ class RayShardRunner:
             if running:  # let the killed writes end before their files are removed
                 with contextlib.suppress(Exception):
                     ray.wait(list(running), num_returns=len(running), timeout=10)
-            unlisted = [job for _, job, _ in running.values()] + [job for job, _ in finished.values()]
+            unlisted = [job for _, job, _ in running.values()] + [job for job, _, _ in finished.values()]
             for job in unlisted:  # the manifest lists a prefix: a rerun writes these again
                 for directory in (job.out / "shards" / job.name, job.out / "shards" / f"{job.name}.tmp"):
                     shutil.rmtree(directory, ignore_errors=True)
 
-    def _result(self, ray: ModuleType, ref: Any, job: ShardJob) -> int:
-        """The entry count the worker returned for ``job``, or its failure as a :class:`KnnmtError`."""
+    def _result(self, ray: ModuleType, ref: Any, job: ShardJob) -> tuple[int, dict[str, Any]]:
+        """What the worker returned for ``job`` (entry count, key fields), or its failure as a
+        :class:`KnnmtError`."""
         try:
-            return int(ray.get(ref))
+            count, fields = ray.get(ref)
+            return int(count), dict(fields)
         except ray.exceptions.RayTaskError as exc:  # the shard's code raised: report that error
             cause = exc.cause
             if isinstance(cause, KnnmtError):

@@ -5,15 +5,33 @@ Conventions follow faiss: an index is named by a factory string (``"Flat"``,
 returns ``(D, I)`` float32/int64 arrays of shape ``[n_queries, k]`` with ``I == -1`` where fewer
 than ``k`` neighbours were found. The index is saved with its settings (``index.json``) and the
 fingerprint of the datastore it was built for.
+
+Two layouts of an IVF index's inverted lists (``IndexConfig.storage``):
+
+* ``ram``: faiss's default; the whole index is read into memory at load (fast-scan PQ codes, the
+  fastest to search at up to a few million keys).
+* ``disk``: ``OnDiskInvertedLists`` in ``lists-<token>.ivfdata`` beside ``index.faiss``. Built in
+  bounded memory (train once on a sample, fill one sub-index per group of shards, write it, merge the
+  sub-indexes into the lists file), and memory-mapped when loaded: searching pages in the lists it
+  probes, and the process's private memory holds only the coarse quantizer. 8-bit PQ or SQ codes
+  (faiss cannot map fast-scan's block layout).
+
+``index.json`` records the layout (``storage``) and its format ``version``; this code refuses versions
+it does not know.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
+import os
 import re
+import secrets
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.config import IndexConfig
-from ..core.durable import atomic_path, write_json_atomic
+from ..core.durable import atomic_path, fsync_file, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, UsageError
 from ..store.datastore import Datastore
 from ..store.writelock import WriteLock
@@ -33,11 +51,28 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 SETTINGS_FILE = "index.json"
+#: ``index.json`` versions: 1 = lists in RAM (no ``version`` field before on-disk lists existed), 2 =
+#: on-disk lists (``storage: disk`` and an ``ivfdata`` file).
+INDEX_VERSIONS = (1, 2)
 #: Below this many entries the automatic choice is exact search.
 EXACT_UP_TO = 100_000
+#: From this many entries ``storage="auto"`` keeps the inverted lists on disk (memory-mapped).
+ON_DISK_FROM = 10_000_000
+#: Entries per sub-index when filling on-disk lists (its codes and ids are in RAM until written).
+BLOCK_ENTRIES = 4_000_000
+#: From this many IVF lists, keys are assigned to lists through an HNSW graph over the centroids
+#: instead of an exact scan of all of them (the exact scan costs ``nlist·dim`` flops per key).
+GRAPH_ASSIGN_FROM = 16_384
+#: efSearch of that graph when assigning keys (only the nearest list is wanted).
+ASSIGN_EF_SEARCH = 64
 
 
-def auto_factory(count: int, dim: int) -> str:
+def is_on_disk(config: IndexConfig, count: int) -> bool:
+    """Whether an index of ``count`` entries built with ``config`` keeps its lists on disk."""
+    return config.storage == "disk" or (config.storage == "auto" and count >= ON_DISK_FROM)
+
+
+def auto_factory(count: int, dim: int, on_disk: bool = False) -> str:
     """The default index for ``count`` keys of dimension ``dim``.
 
     Exact ``Flat`` search up to :data:`EXACT_UP_TO` entries; beyond, IVF with about
@@ -45,13 +80,14 @@ def auto_factory(count: int, dim: int) -> str:
     codes of 4 bits per sub-vector of 4 dimensions (``dim/8`` bytes, at most 64): faiss scores those
     codes with SIMD look-up tables held in registers, which at 2.1M keys and 32 queries per step
     searched 2.4x faster than 8-bit PQ of the same size, at the same recall after re-ranking
-    (docs/BENCHMARKS.md, "Speed").
+    (docs/BENCHMARKS.md, "Speed"). ``on_disk``: 8-bit PQ of the same size (``dim/8`` bytes), the
+    codes faiss can memory-map, and never ``Flat``.
     """
-    if count <= EXACT_UP_TO:
+    if count <= EXACT_UP_TO and not on_disk:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(count)))
-    nlist = int(max(64, min(nlist, 65536, 2 ** math.floor(math.log2(count / 39)))))
-    if dim % 2:  # fast-scan packs codes in pairs: an odd dimension gets 8-bit PQ of dim/8 bytes
+    nlist = int(max(64, min(nlist, 65536, 2 ** math.floor(math.log2(max(count, 1) / 39)))))
+    if dim % 2 or on_disk:  # fast-scan packs codes in pairs: an odd dimension gets 8-bit PQ of dim/8 bytes
         m = min(64, max(1, dim // 8))
         while dim % m:
             m -= 1
@@ -76,6 +112,25 @@ def omp_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def _faiss_chatter_muted() -> Iterator[None]:
+    """Discard what faiss's C++ prints to standard output inside the block (``OnDiskInvertedLists``
+    reports each file resize and ``IO_FLAG_ONDISK_SAME_DIR`` each path it rewrites): our standard output
+    carries translations and JSON reports."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)  # C stdio buffers what it printed; flush it into /dev/null, not the real stdout
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
     params = faiss.ParameterSpace()
     for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
@@ -87,13 +142,25 @@ def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
 COARSE_HNSW_M = 32
 
 
+def _centroid_graph(quantizer: Any, ef_search: int) -> Any:
+    """An HNSW graph over the centroids of a flat coarse ``quantizer`` (same centroids, same list
+    numbers), searched with ``ef_search``."""
+    graph = faiss.IndexHNSWFlat(quantizer.d, COARSE_HNSW_M)
+    graph.hnsw.efConstruction = 2 * COARSE_HNSW_M
+    with omp_threads(0):
+        graph.add(quantizer.reconstruct_n(0, quantizer.ntotal))
+    graph.hnsw.efSearch = ef_search
+    return graph
+
+
 def _coarse_graph(index: Any, ef_search: int) -> tuple[Any, ...]:
     """Search the coarse centroids of an IVF ``index`` with an HNSW graph (``ef_search`` > 0) instead of
-    an exact scan; returns the faiss objects that must outlive ``index``.
+    an exact scan; returns ``(graph, flat_quantizer)``, the faiss objects that must outlive ``index``.
 
     The lists stay as they are (the graph holds the same centroids, so a query still probes the lists
     of its nearest centroids, found approximately); only flat (exact) quantizers of CPU indexes are
-    replaced, an HNSW one just gets the new ``efSearch``.
+    replaced, an HNSW one just gets the new ``efSearch``. The graph is never saved:
+    :meth:`SearchIndex.save` writes the flat quantizer back.
     """
     ivf = faiss.try_extract_index_ivf(index) if "Gpu" not in type(index).__name__ else None
     if ivf is None or ef_search <= 0:
@@ -104,11 +171,7 @@ def _coarse_graph(index: Any, ef_search: int) -> tuple[Any, ...]:
         return ()
     if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal == 0:
         return ()
-    graph = faiss.IndexHNSWFlat(ivf.d, COARSE_HNSW_M)
-    graph.hnsw.efConstruction = 2 * COARSE_HNSW_M
-    with omp_threads(0):
-        graph.add(quantizer.reconstruct_n(0, quantizer.ntotal))
-    graph.hnsw.efSearch = ef_search
+    graph = _centroid_graph(quantizer, ef_search)
     if ivf.own_fields:  # the flat quantizer was the index's; now Python owns it, and nobody the graph
         quantizer.this.own(True)  # type: ignore[attr-defined]
         ivf.own_fields = False
@@ -168,14 +231,32 @@ class SearchIndex:
             distances, ids = self.index.search(q, k)
         return distances, ids
 
+    @property
+    def storage(self) -> str:
+        """``"disk"`` when the inverted lists are a memory-mapped ``.ivfdata`` file, else ``"ram"``."""
+        return str(self.settings.get("storage", "ram"))
+
     def save(self, directory: str | Path) -> None:
+        """Write ``index.faiss`` (with its flat coarse quantizer, never the HNSW graph built over it at
+        load) and ``index.json`` into ``directory``, atomically and durably. An on-disk index's lists
+        file must already be in ``directory`` (the build writes it there)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         index = self.index
         if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
             index = faiss.index_gpu_to_cpu(index)
-        with atomic_path(out / INDEX_FILE) as tmp:
-            faiss.write_index(index, str(tmp))
+        if self.storage == "disk" and not (out / str(self.settings["ivfdata"])).is_file():
+            raise DatastoreError(f"cannot save an on-disk index to {out}: its lists file is elsewhere")
+        ivf: Any = faiss.try_extract_index_ivf(index) if self._keep_alive else None
+        graph = ivf.quantizer if ivf is not None else None
+        try:
+            if ivf is not None:
+                ivf.quantizer = self._keep_alive[1]  # the flat quantizer the graph was built from
+            with atomic_path(out / INDEX_FILE) as tmp:
+                faiss.write_index(index, str(tmp))
+        finally:
+            if ivf is not None:
+                ivf.quantizer = graph
         write_json_atomic(out / SETTINGS_FILE, self.settings)
         self.path = out
 
@@ -209,6 +290,17 @@ class SearchIndex:
             raise DatastoreError(
                 f"{settings_file}: not the settings of a knnmt index (no 'factory'); {rebuild}"
             )
+        if settings.get("version", 1) not in INDEX_VERSIONS:
+            raise DatastoreError(
+                f"{settings_file}: index format version {settings.get('version')} is not supported by this "
+                f"knnmt (it reads versions {', '.join(map(str, INDEX_VERSIONS))}); upgrade knnmt, or "
+                + rebuild
+            )
+        on_disk = settings.get("storage") == "disk"
+        if on_disk and not (path / str(settings.get("ivfdata"))).is_file():
+            raise DatastoreError(
+                f"{path}: the on-disk index's lists file {settings.get('ivfdata')!r} is missing; {rebuild}"
+            )
         if datastore is not None:
             if settings.get("datastore_fingerprint") != datastore.fingerprint:
                 raise IncompatibleError(
@@ -223,7 +315,9 @@ class SearchIndex:
                     f"index {path} has dimension {settings.get('dim')}, datastore {datastore.dim}"
                 )
         try:
-            index = faiss.read_index(str(index_file))
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # (IO_FLAG_MMAP breaks "ilod")
+            with _faiss_chatter_muted():
+                index = faiss.read_index(str(index_file), flags if on_disk else 0)
         except RuntimeError as exc:  # faiss says where in its C++ source, then what
             reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).strip()) or "unreadable"
             raise DatastoreError(
@@ -280,15 +374,20 @@ def _build_index(
         raise DatastoreError(f"an index already exists at {target}; pass --force to rebuild it")
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
-    factory = auto_factory(datastore.count, datastore.dim) if config.factory == "auto" else config.factory
+    on_disk = is_on_disk(config, datastore.count)
+    factory = (
+        auto_factory(datastore.count, datastore.dim, on_disk) if config.factory == "auto" else config.factory
+    )
     try:
         index = faiss.index_factory(datastore.dim, factory, faiss.METRIC_L2)
     except RuntimeError as exc:
         raise UsageError(
             f"faiss cannot build index {factory!r} for dimension {datastore.dim}: {exc}"
         ) from None
+    if on_disk:
+        _check_mappable(index, factory)
     start = time.perf_counter()
-    if config.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if config.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and not on_disk:
         if "fs" in factory.split(",")[-1]:
             logger.info("faiss has no GPU version of fast-scan PQ (%s): building on the CPU", factory)
         else:
@@ -298,32 +397,44 @@ def _build_index(
         logger.info("training %s on %d keys", factory, len(sample))
         index.train(sample)
         del sample
+    target.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {
+        "version": 2 if on_disk else 1,
+        "factory": factory,
+        "storage": "disk" if on_disk else "ram",
+        "metric": "L2",
+        "dim": datastore.dim,
+    }
     bar = tqdm(
         total=datastore.count, unit="key", desc=f"index {factory}", disable=not progress, dynamic_ncols=True
     )
-    for _, keys in datastore.iter_keys(config.add_chunk):
-        index.add(keys)
-        bar.update(len(keys))
+    with _assigning_by_graph(index):
+        if on_disk:
+            index, settings["ivfdata"] = _fill_on_disk(index, datastore, config, target, bar)
+        else:
+            for first, keys in datastore.iter_keys(config.add_chunk):
+                _add(index, keys, first)
+                bar.update(len(keys))
     bar.close()
-    settings = {
-        "factory": factory,
-        "metric": "L2",
-        "dim": datastore.dim,
-        "ntotal": int(index.ntotal),
-        "nprobe": config.nprobe,
-        "ef_search": config.ef_search,
-        "rerank": config.rerank,
-        "search_threads": config.search_threads,
-        "coarse_ef_search": config.coarse_ef_search,
-        "config": config.to_dict(),
-        "datastore_fingerprint": datastore.fingerprint,
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "faiss_version": getattr(faiss, "__version__", "unknown"),
-    }
+    settings.update(
+        ntotal=int(index.ntotal),
+        nprobe=config.nprobe,
+        ef_search=config.ef_search,
+        rerank=config.rerank,
+        search_threads=config.search_threads,
+        coarse_ef_search=config.coarse_ef_search,
+        config=config.to_dict(),
+        datastore_fingerprint=datastore.fingerprint,
+        build_seconds=round(time.perf_counter() - start, 3),
+        faiss_version=getattr(faiss, "__version__", "unknown"),
+    )
     result = SearchIndex(index, settings)
+    result.save(target)  # before set_params: the file keeps the flat coarse quantizer
+    _remove_stale_lists(target, settings.get("ivfdata"))
     result.set_params()
     check = round(self_recall(result, datastore, seed=config.seed), 3)
     settings["self_recall@8"] = check
+    write_json_atomic(target / SETTINGS_FILE, settings)
     if check < SELF_RECALL_WARNING:
         logger.warning(
             "index %s finds only %.0f%% of stored keys among their own 8 nearest neighbours: its search is "
@@ -331,15 +442,130 @@ def _build_index(
             factory,
             100 * check,
         )
-    result.save(target)
     logger.info(
-        "index %s: %d keys in %.1fs, self-recall@8 %.3f",
+        "index %s (%s): %d keys in %.1fs, self-recall@8 %.3f",
         factory,
+        settings["storage"],
         index.ntotal,
         settings["build_seconds"],
         check,
     )
     return result
+
+
+def _check_mappable(index: Any, factory: str) -> None:
+    """On-disk lists need an IVF index with plain (not fast-scan) codes: raise :class:`UsageError`."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise UsageError(f"{factory!r} has no inverted lists to keep on disk: use an IVF index (or --in-ram)")
+    if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+        raise UsageError(
+            f"faiss cannot memory-map the fast-scan codes of {factory!r}: use 8-bit PQ (e.g. "
+            f"'{re.sub(r'x4fs(r?)$', '', factory)}') or SQ8 codes on disk, or keep this index in RAM"
+        )
+
+
+def _add(index: Any, keys: np.ndarray, first: int) -> None:
+    """Add ``keys [n, dim]`` as entries ``first..first+n-1`` (IVF indexes keep the ids; others number
+    them in order, which is the same when filled in order)."""
+    if faiss.try_extract_index_ivf(index) is not None and "Gpu" not in type(index).__name__:
+        index.add_with_ids(keys, np.arange(first, first + len(keys), dtype=np.int64))
+    else:
+        index.add(keys)
+
+
+@contextlib.contextmanager
+def _assigning_by_graph(index: Any) -> Iterator[None]:
+    """While filling an IVF index of at least :data:`GRAPH_ASSIGN_FROM` lists, assign keys to lists
+    through an HNSW graph over the centroids (near-exact at ``efSearch`` 64: a few thousand distance
+    computations per key instead of ``nlist``); the flat quantizer is put back afterwards."""
+    ivf = faiss.try_extract_index_ivf(index) if "Gpu" not in type(index).__name__ else None
+    flat = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    if ivf is None or ivf.nlist < GRAPH_ASSIGN_FROM or not isinstance(flat, faiss.IndexFlat):
+        yield
+        return
+    graph = _centroid_graph(flat, ASSIGN_EF_SEARCH)
+    ivf.quantizer = graph
+    try:
+        yield
+    finally:
+        ivf.quantizer = flat
+
+
+def _fill_on_disk(
+    trained: Any, datastore: Datastore, config: IndexConfig, target: Path, bar: Any
+) -> tuple[Any, str]:
+    """Fill ``trained`` (an empty trained IVF index) with every key into on-disk lists in ``target``.
+
+    One sub-index per group of whole shards (at most about :data:`BLOCK_ENTRIES` entries, so memory
+    is bounded by one group's codes and ids) is filled and written to a temporary file; faiss then
+    merges the memory-mapped sub-indexes list by list into ``lists-<token>.ivfdata``. Returns the index
+    with those lists and the lists file's name.
+    """
+    ivf: Any = faiss.try_extract_index_ivf(trained)
+    blocks_dir = target / f".blocks-{secrets.token_hex(4)}"
+    blocks_dir.mkdir()
+    name = f"lists-{secrets.token_hex(6)}.ivfdata"
+    lists_tmp = target / (name + ".tmp")
+    try:
+        files: list[Path] = []
+        for group in _shard_groups(datastore, BLOCK_ENTRIES):
+            block = faiss.clone_index(trained)
+            block_ivf: Any = faiss.try_extract_index_ivf(block)
+            flat = block_ivf.quantizer
+            block_ivf.quantizer = ivf.quantizer  # the trained index's (maybe the assignment graph)
+            for shard in group:
+                keys = shard.load("keys.npy")
+                for lo in range(0, shard.count, config.add_chunk):
+                    chunk = datastore.codec.decode(keys[lo : lo + config.add_chunk])
+                    _add(block, chunk, shard.start + lo)
+                    bar.update(len(chunk))
+            block_ivf.quantizer = flat
+            files.append(blocks_dir / f"{len(files):05d}.faiss")
+            faiss.write_index(block, str(files[-1]))
+            del block, block_ivf
+        parts = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) for f in files]
+        with _faiss_chatter_muted():
+            lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_tmp))
+        inputs = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]
+        for part in parts:
+            inputs.push_back(faiss.extract_index_ivf(part).invlists)
+        with omp_threads(0), _faiss_chatter_muted():
+            total = lists.merge_from_multiple(inputs.data(), inputs.size(), False, False)
+        del inputs, parts
+        lists.filename = name  # where the saved index looks for it (beside itself, IO_FLAG_ONDISK_SAME_DIR)
+        fsync_file(lists_tmp)
+        os.replace(lists_tmp, target / name)  # index.faiss, written next, is the commit point
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # type: ignore[attr-defined]  # the index owns the lists now
+        ivf.ntotal = trained.ntotal = total
+        return trained, name
+    finally:
+        shutil.rmtree(blocks_dir, ignore_errors=True)
+        lists_tmp.unlink(missing_ok=True)
+
+
+def _shard_groups(datastore: Datastore, max_entries: int) -> Iterator[list[Any]]:
+    """The datastore's shards in order, grouped so that each group holds at most ``max_entries``
+    entries (or one shard, when a shard alone is larger)."""
+    group: list[Any] = []
+    size = 0
+    for shard in datastore.shards:
+        if group and size + shard.count > max_entries:
+            yield group
+            group, size = [], 0
+        group.append(shard)
+        size += shard.count
+    if group:
+        yield group
+
+
+def _remove_stale_lists(directory: Path, keep: str | None) -> None:
+    """Delete lists files of earlier on-disk builds in ``directory`` (the new ``index.faiss`` no longer
+    refers to them; a process that still maps one keeps reading it until it closes)."""
+    for stale in directory.glob("lists-*.ivfdata"):
+        if stale.name != keep:
+            stale.unlink(missing_ok=True)
 
 
 #: Below this self-recall a freshly built index is reported as suspicious.

@@ -130,7 +130,8 @@ class BM25SentenceSearch:
         import bm25s
 
         try:
-            return cls(bm25s.BM25.load(str(directory), show_progress=False))
+            # memory-mapped score matrix: private memory does not grow with the number of sentences
+            return cls(bm25s.BM25.load(str(directory), show_progress=False, mmap=True))
         except (OSError, ValueError, KeyError) as exc:
             raise DatastoreError(f"cannot read the BM25 sentence index {directory}: {exc}") from None
 

@@ -381,7 +381,7 @@ class SubsetIndex:
         self.path = path
         self.settings = settings
         self.codebook = codebook
-        self.codes = codes  # [N, M] uint8, in memory
+        self.codes = codes  # [N, M] uint8, memory-mapped
         self.ranges = ranges  # [sentences + 1] int64
         self._searches: dict[str, SentenceSearch] = {}
 
@@ -450,8 +450,10 @@ class SubsetIndex:
         settings = checked_settings(path, datastore)
         codebook = PQCodebook.load(path / CODEBOOK_FILE, device)
         try:
-            codes = np.load(path / CODES_FILE)
-            ranges = np.load(path / RANGES_FILE)
+            # memory-mapped: a step reads the codes of its subset's entries only (page cache, not
+            # private memory, which must not grow with the datastore)
+            codes = np.load(path / CODES_FILE, mmap_mode="r")
+            ranges = np.load(path / RANGES_FILE, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise DatastoreError(f"subset index {path} is incomplete or corrupt: {exc}") from None
         if codes.shape != (datastore.count, codebook.m) or codes.dtype != np.uint8:

@@ -4,7 +4,9 @@ Layout::
 
     datastore/
       manifest.json            # what, from which model/tokenizer/layer, dim, dtype, count, shards, corpora
-      shards/00000/keys.npy    # [n, dim] float16 (numpy .npy, written with open_memmap)
+      values.npy               # [count] int32: every shard's values in id order, one memory-mapped
+                               # file for the search path (when the manifest lists "packed_values")
+      shards/00000/keys.npy    # [n, dim] float16, or uint8 with the sq8 key codec (store.keycodec)
                   values.npy   # [n] int32 target token ids y_t
                   sentence_ids.npy  # [n] int64 global sentence id of each entry
                   positions.npy     # [n] int32 target position t (0-based) of each entry
@@ -17,6 +19,9 @@ Layout::
 
 Shards are written under a temporary name and renamed when complete; the manifest is replaced
 atomically after each shard, so an interrupted build keeps every finished shard.
+
+Manifest versions: 1 = fp16 keys; 2 = a key codec other than fp16 (``key.codec``), which version-1
+readers must refuse. Readers accept both.
 """
 
 from __future__ import annotations
@@ -30,17 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..core.durable import replace_durably
+from ..core.durable import atomic_path, replace_durably
 from ..core.errors import DatastoreError, IncompatibleError
+from .keycodec import SQ8_TRAIN_ROWS, KeyCodec, check_codec_fields
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "knnmt-datastore"
 VERSION = 1
+#: Manifest versions this code reads (2: keys stored with a codec, see :mod:`knnmt.store.keycodec`).
+VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-KEY_DTYPE = np.float16
+PACKED_VALUES = "values.npy"
 VALUE_DTYPE = np.int32
 VECTOR_DTYPE = np.float16
 VECTORS_FILE = "sentence_vectors.npy"
@@ -61,7 +68,6 @@ _MANIFEST_SCHEMA: dict[str, tuple[str, str]] = {
     "key.layer": ("str", "a string"),
     "key.module": ("str", "a string"),
     "key.dim": ("positive", "an integer >= 1"),
-    "key.dtype": ("dtype", "a numpy dtype name such as 'float16'"),
     "shards": ("list", "a list"),
     "shards[].name": ("str", "a string"),
     "shards[].count": ("count", "an integer >= 0"),
@@ -81,11 +87,6 @@ def _valid(kind: str, value: Any) -> bool:
         return is_int and value >= 1
     if kind == "state":
         return value in ("building", "complete")
-    if kind == "dtype":
-        try:
-            return isinstance(value, str) and np.dtype(value).kind == "f"
-        except TypeError:
-            return False
     return isinstance(value, {"str": str, "object": dict, "list": list}[kind])
 
 
@@ -111,9 +112,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise DatastoreError(f"{file}: corrupt manifest (JSON {type(manifest).__name__}, expected an object)")
     if manifest.get("format") != FORMAT:
         raise DatastoreError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in VERSIONS:
         raise DatastoreError(
-            f"{file}: version {manifest.get('version')} is not supported (expected {VERSION})"
+            f"{file}: version {manifest.get('version')} is not supported by this knnmt (it reads versions "
+            f"{', '.join(map(str, VERSIONS))}); upgrade knnmt"
         )
     damaged = "the manifest is damaged: restore it, or rebuild the datastore (`knnmt build --force`)"
     for dotted, (kind, expected) in _MANIFEST_SCHEMA.items():
@@ -138,6 +140,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 raise DatastoreError(
                     f"{file}: field '{where}' must be {expected}, found {json.dumps(value)[:60]}; {damaged}"
                 )
+    problem = check_codec_fields(manifest["key"])
+    if problem:
+        raise DatastoreError(f"{file}: {problem}; {damaged}")
+    if manifest["key"].get("codec") is not None and manifest["version"] < 2:
+        raise DatastoreError(f"{file}: a key codec needs manifest version 2, found {manifest['version']}")
     vectors = manifest.get("sentence_vectors")  # optional: datastores built before it have none
     if vectors is not None and not (isinstance(vectors, dict) and _valid("positive", vectors.get("dim"))):
         raise DatastoreError(
@@ -145,6 +152,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{json.dumps(vectors)[:60]}; {damaged}"
         )
     return manifest
+
+
+def manifest_version(key_codec: str) -> int:
+    """The manifest version a datastore with keys stored as ``key_codec`` is written with."""
+    return VERSION if key_codec == "fp16" else 2
 
 
 def manifest_fingerprint(manifest: dict[str, Any]) -> str:
@@ -214,6 +226,8 @@ class Datastore:
                 f"{self.path / MANIFEST}: shard counts add up to {start}, manifest says {self.count}"
             )
         self._starts = np.array([s.start for s in self.shards] + [self.count], dtype=np.int64)
+        #: how keys are stored (fp16 or sq8); :meth:`get_keys` decodes through it
+        self.codec = KeyCodec.from_manifest(manifest["key"])
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Datastore:
@@ -240,7 +254,7 @@ class Datastore:
     def verify(self) -> None:
         """Check each shard file exists with the shape and dtype the manifest promises."""
         expected = {
-            "keys.npy": lambda s: ((s.count, self.dim), np.dtype(KEY_DTYPE)),
+            "keys.npy": lambda s: ((s.count, self.dim), self.codec.dtype),
             "values.npy": lambda s: ((s.count,), np.dtype(VALUE_DTYPE)),
             "sentence_ids.npy": lambda s: ((s.count,), np.dtype(np.int64)),
             "positions.npy": lambda s: ((s.count,), np.dtype(np.int32)),
@@ -318,9 +332,20 @@ class Datastore:
     # ---- arrays ---------------------------------------------------------------------------
     @cached_property
     def values(self) -> np.ndarray:
-        """All values, ``[count]`` int32, in memory (4 bytes per entry)."""
+        """All values, ``[count]`` int32: the packed ``values.npy`` memory-mapped (page cache, not
+        private memory) when it is current, else the shards' values concatenated in memory (4 bytes per
+        entry; datastores from before the packed file, or appended to since it was written)."""
         if not self.shards:
             return np.zeros(0, dtype=VALUE_DTYPE)
+        packed = self.manifest.get("packed_values")
+        if isinstance(packed, dict) and packed.get("fingerprint") == self.fingerprint:
+            values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
+            if values.shape == (self.count,) and values.dtype == VALUE_DTYPE:
+                return values
+            logger.warning(
+                "%s does not match the manifest: reading the shards' values instead",
+                self.path / PACKED_VALUES,
+            )
         return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
 
     def _gather(self, name: str, ids: np.ndarray, width: int | None, dtype: Any) -> np.ndarray:
@@ -331,18 +356,17 @@ class Datastore:
         order = valid[np.argsort(flat[valid], kind="stable")]  # sorted reads are kinder to the page cache
         wanted = flat[order]
         bounds = np.searchsorted(wanted, self._starts)  # [shards + 1]: each shard's slice of ``wanted``
-        for s, shard in enumerate(self.shards):
+        for s in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():  # only the shards that hold an id
+            shard = self.shards[s]
             lo, hi = int(bounds[s]), int(bounds[s + 1])
-            if lo < hi:
-                out[order[lo:hi]] = shard.load(name)[wanted[lo:hi] - shard.start]
+            out[order[lo:hi]] = shard.load(name)[wanted[lo:hi] - shard.start]
         return out.reshape(shape)
 
     def get_keys(self, ids: np.ndarray) -> np.ndarray:
-        """Keys of entry ids (any shape, ``-1`` gives zeros) as float32 ``[*ids.shape, dim]``."""
-        stored = self._gather("keys.npy", ids, self.dim, np.dtype(self.manifest["key"]["dtype"]))
-        # gathered in the stored dtype, widened by torch: numpy's fp16 -> fp32 conversion has no SIMD
-        # path and took 0.7 ms of the 0.9 ms of one decoding step's re-rank gather (32 x 64 keys)
-        return torch.from_numpy(stored).float().numpy()
+        """Keys of entry ids (any shape, ``-1`` gives zeros) as float32 ``[*ids.shape, dim]``, decoded by
+        the datastore's key codec (exact for fp16; within 1/510 of each dimension's range for sq8)."""
+        stored = self._gather("keys.npy", ids, self.dim, self.codec.dtype)
+        return self.codec.decode(stored)
 
     def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(sentence_ids, positions)`` of entry ids (``-1`` ids give ``-1``)."""
@@ -359,7 +383,7 @@ class Datastore:
         for shard in self.shards:
             keys = shard.load("keys.npy")
             for lo in range(0, shard.count, chunk):
-                yield shard.start + lo, np.asarray(keys[lo : lo + chunk], dtype=np.float32)
+                yield shard.start + lo, self.codec.decode(keys[lo : lo + chunk])
 
     def sample_keys(self, n: int, seed: int = 0) -> np.ndarray:
         """``min(n, count)`` keys drawn uniformly without replacement, float32 ``[m, dim]``."""
@@ -390,6 +414,7 @@ class Datastore:
             "sentences": m["sentences"],
             "dim": self.dim,
             "key_dtype": m["key"]["dtype"],
+            "key_storage": self.codec.name,
             "key_layer": self.key_layer,
             "key_module": m["key"]["module"],
             "model": m["model"]["name"],
@@ -407,10 +432,22 @@ class Datastore:
 
 
 class ShardWriter:
-    """Writes one shard into a temporary directory, then publishes it with a rename."""
+    """Writes one shard into a temporary directory, then publishes it with a rename.
+
+    Keys are written as fp16 (``keys``, a memory map); with another ``codec`` they are encoded when the
+    shard is finished (an untrained codec first learns from this shard: the caller then records
+    ``codec.manifest_fields()`` in the manifest).
+    """
 
     def __init__(
-        self, root: Path, name: str, count: int, dim: int, sentences: int, vector_dim: int = 0
+        self,
+        root: Path,
+        name: str,
+        count: int,
+        dim: int,
+        sentences: int,
+        vector_dim: int = 0,
+        codec: KeyCodec | None = None,
     ) -> None:
         self.final = root / "shards" / name
         self.tmp = root / "shards" / (name + ".tmp")
@@ -418,9 +455,9 @@ class ShardWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.count = count
-        self.keys = np.lib.format.open_memmap(
-            self.tmp / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(count, dim)
-        )
+        self.codec = codec or KeyCodec("fp16", dim)
+        raw = "keys.npy" if self.codec.name == "fp16" else "keys.fp16.npy"
+        self.keys = np.lib.format.open_memmap(self.tmp / raw, mode="w+", dtype=np.float16, shape=(count, dim))
         self.values = np.zeros(count, dtype=VALUE_DTYPE)
         self.sentence_ids = np.zeros(count, dtype=np.int64)
         self.positions = np.zeros(count, dtype=np.int32)
@@ -428,10 +465,28 @@ class ShardWriter:
         #: ``[sentences, vector_dim]`` source sentence vectors (not written when ``vector_dim`` is 0)
         self.vectors = np.zeros((sentences, vector_dim), dtype=VECTOR_DTYPE) if vector_dim else None
 
+    def _encode_keys(self, chunk: int = 100_000) -> None:
+        """Re-write the fp16 keys with the codec (training it on this shard first if needed)."""
+        raw = self.tmp / "keys.fp16.npy"
+        keys = np.load(raw, mmap_mode="r")
+        if not self.codec.trained:
+            rows = np.linspace(0, len(keys) - 1, num=min(len(keys), SQ8_TRAIN_ROWS)).astype(np.int64)
+            self.codec.train(np.asarray(keys[np.unique(rows)], dtype=np.float32))
+        out = np.lib.format.open_memmap(
+            self.tmp / "keys.npy", mode="w+", dtype=self.codec.dtype, shape=keys.shape
+        )
+        for lo in range(0, len(keys), chunk):
+            out[lo : lo + chunk] = self.codec.encode(keys[lo : lo + chunk])
+        out.flush()
+        del out, keys
+        raw.unlink()
+
     def finish(self, sentence_records: list[dict[str, Any]]) -> None:
         """Save the arrays and sentences, flush to disk, and rename into place."""
         self.keys.flush()
         del self.keys
+        if self.codec.name != "fp16":
+            self._encode_keys()
         for name, arr in (
             ("values", self.values),
             ("sentence_ids", self.sentence_ids),
@@ -450,3 +505,21 @@ class ShardWriter:
         if self.final.exists():
             shutil.rmtree(self.final)
         replace_durably(self.tmp, self.final)  # durable before the manifest lists the shard
+
+
+def pack_values(store: Datastore, chunk: int = 1 << 22) -> dict[str, Any]:
+    """Write every shard's values, in id order, to ``<datastore>/values.npy`` (one memory-mapped file
+    for the search path, 4 bytes per entry, durably) and return the manifest's ``packed_values`` entry.
+
+    The caller holds the datastore's write lock and commits the returned entry into the manifest: the
+    file is used only while that entry's ``fingerprint`` matches the datastore's.
+    """
+    with atomic_path(store.path / PACKED_VALUES) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=VALUE_DTYPE, shape=(store.count,))
+        for shard in store.shards:
+            values = shard.load("values.npy")
+            for lo in range(0, shard.count, chunk):
+                out[shard.start + lo : shard.start + min(lo + chunk, shard.count)] = values[lo : lo + chunk]
+        out.flush()
+        del out
+    return {"file": PACKED_VALUES, "count": store.count, "fingerprint": store.fingerprint}

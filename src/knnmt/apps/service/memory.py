@@ -408,6 +408,7 @@ class LiveMemory:
                 vector_dim(manifest),
                 BuildConfig(key_layer=key_layer),
                 -1,
+                codec=state.store.codec,
             )
             manifest["shards"].append(
                 {

@@ -1,0 +1,388 @@
+"""Scale benchmark (issue 18): memory, disk and speed of build, index and translate as the memory grows.
+
+One command (results in ``runs/scale/results.json``, a Markdown table on stdout)::
+
+    .venv/bin/python benchmarks/scale.py --sizes 1000000 10000000 100000000
+
+How the large memories are made (what is real, what is synthetic):
+
+* **real**: the bundled model teacher-forces ``data/target/train.tsv`` (LibreOffice help, 760,876
+  entries), plus ``data/general/train.tsv`` when it has been made (``scripts/make_corpora.py``);
+  fp16 keys, built once into ``runs/scale/real``.
+* **synthetic** datastores of N entries (``runs/scale/ds-N``): replica 0 is the real memory unchanged;
+  replicas 1, 2, ... repeat every real entry with the same value, sentence and position, and its key
+  plus Gaussian noise of ``--noise`` (0.25) times each dimension's standard deviation over the real
+  keys, until N entries. So the real neighbours of a test query are still there, and every search has
+  N entries to get through: the lists grow as they would with more data. Keys are stored as sq8 (one
+  byte per dimension) at every size: 100M fp16 keys at d=256 would take 51 GB of this machine's 80.
+  Replica sentences are given new sentence ids (replica·S + s) with the real text.
+
+Per size, each phase runs in a child process so that its peak memory is its own; peak **private**
+memory is the highest ``RssAnon`` of ``/proc/self/status`` (anonymous pages: what the process cannot
+give back to the page cache), sampled every 10 ms; peak RSS (which counts mapped file pages) is given
+beside it. Phases: ``synth`` (write the datastore), ``index-ram`` (auto factory in RAM: fast-scan PQ),
+``index-disk`` (auto factory with on-disk lists: 8-bit PQ, memory-mapped), ``translate`` (plain model
+and vanilla kNN-MT with each index, greedy, batch 32, on ``--sentences`` target test sentences: target
+tokens/s, ratio to plain, BLEU). ``--keep`` keeps the datastores (default: each size's datastore is
+deleted after it was measured, so 100M fits within ~40 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+WORK = ROOT / "runs" / "scale"
+MODEL = ROOT / "models" / "opus-knnmt-en-de-small"
+TARGET = ROOT / "data" / "target"
+GENERAL = ROOT / "data" / "general"
+
+
+class PeakMemory:
+    """Samples this process's private (``RssAnon``) and total (``VmRSS``) resident memory every 10 ms in a
+    background thread; :meth:`stop` returns the peaks in MiB."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.peak = {"RssAnon": 0, "VmRSS": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name in self.peak:
+                    self.peak[name] = max(self.peak[name], int(rest.split()[0]))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return {
+            "peak_private_mib": round(self.peak["RssAnon"] / 1024, 1),
+            "peak_rss_mib": round(self.peak["VmRSS"] / 1024, 1),
+        }
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ---- phases (each in its own process) -----------------------------------------------------------
+
+
+def phase_real(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the real memory (fp16) from the bundled corpora, once."""
+    from knnmt.core.config import BuildConfig
+    from knnmt.pipeline.build import build_datastore
+    from knnmt.pipeline.translator import load_model
+    from knnmt.store.corpus import CorpusSpec
+    from knnmt.store.datastore import Datastore
+
+    out = WORK / "real"
+    if (out / "manifest.json").is_file():
+        store = Datastore.open(out)
+        return {"entries": store.count, "cached": True}
+    model, tokenizer = load_model(str(MODEL))
+    memory = PeakMemory()
+    start = time.perf_counter()
+    store = build_datastore(
+        model,
+        tokenizer,
+        CorpusSpec.from_args(corpus=str(TARGET / "train.tsv")),
+        out,
+        BuildConfig(),
+        progress=False,
+    )
+    if (GENERAL / "train.tsv").is_file():
+        store = build_datastore(
+            model,
+            tokenizer,
+            CorpusSpec.from_args(corpus=str(GENERAL / "train.tsv")),
+            out,
+            BuildConfig(),
+            append=True,
+            progress=False,
+        )
+    return {"entries": store.count, "seconds": round(time.perf_counter() - start, 1), **memory.stop()}
+
+
+def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the synthetic datastore of ``args.size`` entries (sq8 keys) from the real one."""
+    from knnmt.core.durable import write_json_atomic
+    from knnmt.store.datastore import MANIFEST, Datastore, ShardWriter, manifest_version, pack_values
+    from knnmt.store.keycodec import KeyCodec
+
+    real = Datastore.open(WORK / "real")
+    out = WORK / f"ds-{args.size}"
+    if (out / MANIFEST).is_file():
+        return {"entries": Datastore.open(out, verify=False).count, "cached": True}
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    memory = PeakMemory()
+    start = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    sample = real.sample_keys(100_000, seed=args.seed)
+    scale = args.noise * sample.std(axis=0)  # [dim] noise per dimension
+    codec = KeyCodec("sq8", real.dim)
+    codec.train(sample + scale * rng.standard_normal(sample.shape, dtype=np.float32))
+    sentences = int(real.manifest["sentences"])
+    records = [real.sentence(i) for i in range(sentences)]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(real.provenance(np.arange(real.count))[0]))])
+    shards: list[dict[str, Any]] = []
+    written, replica = 0, 0
+    while written < args.size:
+        # a prefix of whole sentences of the real memory (all of it but in the last replica)
+        n_sent = int(np.searchsorted(offsets, min(real.count, args.size - written), side="right")) - 1
+        count = int(offsets[n_sent])
+        if count == 0:
+            break
+        name = f"{replica:05d}"
+        writer = ShardWriter(out, name, count, real.dim, n_sent, codec=codec)
+        for first, keys in real.iter_keys(200_000):
+            hi = min(first + len(keys), count)
+            if first >= hi:
+                break
+            block = keys[: hi - first]
+            if replica:
+                block = block + scale * rng.standard_normal(block.shape, dtype=np.float32)
+            writer.keys[first:hi] = block
+        ids = np.arange(count)
+        sent, pos = real.provenance(ids)
+        writer.values[:] = real.values[:count]
+        writer.sentence_ids[:] = sent + replica * sentences
+        writer.positions[:] = pos
+        writer.offsets[:] = offsets[: n_sent + 1]
+        writer.finish([{**r, "id": r["id"] + replica * sentences} for r in records[:n_sent]])
+        shards.append(
+            {
+                "name": name,
+                "count": count,
+                "sentences": n_sent,
+                "first_sentence": replica * sentences,
+                "corpus": 0,
+                "skipped_empty": 0,
+                "truncated": 0,
+            }
+        )
+        written += count
+        replica += 1
+    manifest = {
+        **{k: v for k, v in real.manifest.items() if k not in ("sentence_vectors", "packed_values")},
+        "version": manifest_version("sq8"),
+        "key": {**real.manifest["key"], **codec.manifest_fields()},
+        "count": written,
+        "sentences": sum(s["sentences"] for s in shards),
+        "shards": shards,
+        "corpora": [
+            {
+                "paths": ["synthetic"],
+                "sha256": f"synthetic-{args.size}-{args.noise}-{args.seed}",
+                "sentences": sum(s["sentences"] for s in shards),
+                "skipped_empty": 0,
+                "truncated": 0,
+                "state": "complete",
+                "first_sentence": 0,
+            }
+        ],
+        "synthetic": {"from": str(WORK / "real"), "noise": args.noise, "seed": args.seed},
+    }
+    manifest["packed_values"] = pack_values(Datastore(out, manifest))
+    write_json_atomic(out / MANIFEST, manifest)
+    return {
+        "entries": written,
+        "shards": len(shards),
+        "seconds": round(time.perf_counter() - start, 1),
+        "disk_gb": round(_du(out) / 1e9, 2),
+        **memory.stop(),
+    }
+
+
+def phase_index(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the auto index with the lists in RAM or on disk (``args.storage``)."""
+    from knnmt.core.config import IndexConfig
+    from knnmt.search.index import build_index
+    from knnmt.store.datastore import Datastore
+
+    store = Datastore.open(WORK / f"ds-{args.size}", verify=False)
+    out = store.path / f"index-{args.storage}"
+    memory = PeakMemory()
+    start = time.perf_counter()
+    index = build_index(store, IndexConfig(storage=args.storage), out, progress=False, force=True)
+    return {
+        "factory": index.factory,
+        "seconds": round(time.perf_counter() - start, 1),
+        "disk_gb": round(_du(out) / 1e9, 2),
+        "self_recall@8": index.settings.get("self_recall@8"),
+        **memory.stop(),
+    }
+
+
+def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain or vanilla kNN-MT with one index: tokens/s (greedy, batch 32), BLEU, peak memory."""
+    import torch
+
+    from knnmt.pipeline.evaluation import score
+    from knnmt.pipeline.translator import (
+        KNNMT,
+        load_model,
+        saved_knn_config,
+        timed_translate,
+        tokens_per_second,
+    )
+    from knnmt.store.datastore import Datastore
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    rows = [line.split("\t") for line in (TARGET / "test.tsv").read_text(encoding="utf-8").splitlines()]
+    sources, references = [r[0] for r in rows[: args.sentences]], [r[1] for r in rows[: args.sentences]]
+    memory = PeakMemory()
+    model, tokenizer = load_model(str(MODEL))
+    store = Datastore.open(WORK / f"ds-{args.size}", verify=False)
+    config = dataclasses.replace(saved_knn_config(Datastore.open(WORK / "real")), domain_gate=None)
+    index = None if args.mode == "plain" else store.path / f"index-{args.mode.split('-')[1]}"
+    start = time.perf_counter()
+    knn = KNNMT.load((model, tokenizer), store.path, index=index, config=config)
+    load_seconds = time.perf_counter() - start
+    gen = {"num_beams": 1, "batch_size": 32}
+    use_knn = args.mode != "plain"
+    timed_translate(knn, sources[:32], knn=use_knn, **gen)  # warm-up: page cache, allocator
+    rates: list[float] = []
+    result: list[Any] = []
+    for _ in range(args.repeats):
+        result, seconds = timed_translate(knn, sources, knn=use_knn, **gen)
+        rates.append(tokens_per_second(result, seconds, tokenizer))
+    scores = score([r.text for r in result], references)
+    return {
+        "tok_s": round(max(rates), 1),
+        "tok_s_runs": [round(r, 1) for r in rates],
+        "bleu": round(scores.bleu, 2),
+        "load_seconds": round(load_seconds, 1),
+        **memory.stop(),
+    }
+
+
+PHASES = {"real": phase_real, "synth": phase_synth, "index": phase_index, "translate": phase_translate}
+
+
+def run_phase(args: argparse.Namespace, phase: str, **extra: Any) -> dict[str, Any]:
+    """Run one phase in a child process; returns its JSON result."""
+    command = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--noise",
+        str(args.noise),
+        "--seed",
+        str(args.seed),
+        "--sentences",
+        str(args.sentences),
+        "--repeats",
+        str(args.repeats),
+    ]
+    for key, value in extra.items():
+        command += [f"--{key}", str(value)]
+    print(f"[{time.strftime('%H:%M:%S')}] {phase} {extra}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"phase {phase} {extra} failed (exit {done.returncode})")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"    {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def cpu_name() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+        if line.startswith("Model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        "| entries | phase | seconds | peak private MiB | peak RSS MiB | disk GB | tok/s | ratio | BLEU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size, phases in report["sizes"].items():
+        plain = phases.get("translate-plain", {}).get("tok_s")
+        for name, r in phases.items():
+            ratio = f"{r['tok_s'] / plain:.2f}" if plain and "tok_s" in r else ""
+            label = f"{name} {r.get('factory', '')}".strip()
+            lines.append(
+                f"| {int(size):,} | {label} | {r.get('seconds', '')} "
+                f"| {r.get('peak_private_mib', '')} | {r.get('peak_rss_mib', '')} | {r.get('disk_gb', '')} "
+                f"| {r.get('tok_s', '')} | {ratio} | {r.get('bleu', '')} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument(
+        "--ram-up-to", type=int, default=10_000_000, help="build in-RAM indexes up to this size"
+    )
+    parser.add_argument("--noise", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sentences", type=int, default=300, help="target test sentences translated")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic datastores")
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--storage", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return
+    WORK.mkdir(parents=True, exist_ok=True)
+    results_file = WORK / "results.json"
+    report: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    report.update(
+        command="benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        cpu=cpu_name(),
+        cores=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d"),
+        noise=args.noise,
+    )
+    report.setdefault("sizes", {})
+    report["real"] = run_phase(args, "real")
+    for size in args.sizes:
+        phases: dict[str, Any] = report["sizes"].setdefault(str(size), {})
+        phases["synth"] = run_phase(args, "synth", size=size)
+        storages = ["disk"] + (["ram"] if size <= args.ram_up_to else [])
+        for storage in storages:
+            phases[f"index-{storage}"] = run_phase(args, "index", size=size, storage=storage)
+        for mode in ["plain"] + [f"vanilla-{s}" for s in storages]:
+            phases[f"translate-{mode}"] = run_phase(args, "translate", size=size, mode=mode)
+        results_file.write_text(json.dumps(report, indent=2))
+        if not args.keep:
+            shutil.rmtree(WORK / f"ds-{size}", ignore_errors=True)
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
