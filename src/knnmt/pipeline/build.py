@@ -7,7 +7,8 @@ Datastore build: stream a parallel corpus through the model and write shards.
 Memory stays bounded by one shard of sentences (``BuildConfig.shard_sentences``): a shard is
 read, tokenised, sorted into length batches under a token budget, teacher-forced, and written
 in corpus order; then the manifest is updated. A build that stops keeps its finished shards
-and resumes from them when the same command runs again.
+and resumes from them when the same command runs again. The teacher forcing and shard writing may
+run on Ray workers instead (a :class:`ShardRunner`, :mod:`knnmt.pipeline.distributed`).
 """
 
 from __future__ import annotations
@@ -403,9 +404,9 @@ class ShardJob:
 
 
 class ShardRunner(Protocol):
-    """Writes a build's shards elsewhere than in the building process (e.g. on Ray workers:
-    :class:`knnmt.pipeline.distributed.RayShardRunner`); :func:`build_datastore` still plans the shards,
-    holds the write lock and alone writes the manifest."""
+    """Teacher-forces and writes the shards a build plans: in the building process, one after the other
+    (the default), or elsewhere (on Ray workers: :class:`knnmt.pipeline.distributed.RayShardRunner`);
+    :func:`build_datastore` still plans the shards, holds the write lock and alone writes the manifest."""
 
     def __call__(
         self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate, key: dict[str, Any]
