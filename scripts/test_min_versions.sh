@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The oldest supported versions (.ci/min-versions.txt) in their own virtualenv, then the generation
-# oracle tests (lambda = 0 equals generate, batch 1 equals batch N, beams, beam tracking) on them.
+# oracle tests (lambda = 0 equals generate, batch 1 equals batch N, beams, beam tracking) and the Ray
+# build test on them.
 # Used by .ci/run; about 3 minutes on 2 cores with a warm pip cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,5 @@ if wrong:
 print("oldest supported:", ", ".join(f"{n} {version(n)}" for n, _ in pins))
 PYEOF
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$PY" -m pytest -q -p no:cacheprovider tests/test_generation.py tests/test_beam_tracking.py tests/test_index.py "$@"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_generation.py tests/test_beam_tracking.py tests/test_index.py \
+  tests/test_distributed.py "$@"

@@ -148,6 +148,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--source-prefix", default="", help="text prepended to each source (e.g. a T5 task prefix)"
     )
+    b.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="teacher-force the shards on Ray workers: 'auto' (the local Ray, started if none runs) or a "
+        "cluster's address (head:6379, ray://head:10001; the datastore must be on a shared filesystem). "
+        "Needs pip install 'knnmt[ray]'",
+    )
+    b.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        help="Ray workers (default: the cluster's CPUs / cpus per worker)",
+    )
+    b.add_argument(
+        "--ray-cpus-per-worker",
+        type=int,
+        default=None,
+        help="CPUs (torch threads) per Ray worker (default 1)",
+    )
 
     r = sub.add_parser(
         "rollback",
@@ -444,6 +464,8 @@ _RANGES: dict[str, tuple[str, int, int | None]] = {
     "pq_bits": ("--pq-bits", 1, 16),
     "confirm": ("--confirm", 1, None),
     "limit": ("--limit", 0, None),
+    "ray_workers": ("--ray-workers", 1, None),
+    "ray_cpus_per_worker": ("--ray-cpus-per-worker", 1, None),
 }
 
 
@@ -471,6 +493,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from ..store.corpus import CorpusSpec
 
     check_build_mode(args.append, args.force)  # before the model loads
+    if args.ray is None and (args.ray_workers is not None or args.ray_cpus_per_worker is not None):
+        raise UsageError("--ray-workers and --ray-cpus-per-worker need --ray (auto or a cluster's address)")
     spec = CorpusSpec.from_args(args.source, args.target, args.corpus, args.format)
     config = BuildConfig(
         key_layer=args.key_layer,
@@ -481,6 +505,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         key_storage=args.key_storage,
     )
+    if args.ray is not None:
+        return _build_on_ray(args, spec, config)
     model, tokenizer = load_model(args.model, args.device)
     set_languages(model, tokenizer, args.src_lang, args.tgt_lang)
     store = build_datastore(
@@ -492,6 +518,28 @@ def _cmd_build(args: argparse.Namespace) -> int:
         append=args.append,
         force=args.force,
         model_name=args.model,
+        source_prefix=args.source_prefix,
+        progress=not args.quiet,
+    )
+    print(json.dumps(store.describe(), indent=2))
+    return EXIT_OK
+
+
+def _build_on_ray(args: argparse.Namespace, spec: Any, config: Any) -> int:
+    """``build --ray``: the same build with the shards written by Ray workers (Ray imported only here)."""
+    from ..pipeline.distributed import ModelSource, build_datastore_ray, import_ray
+
+    import_ray()  # a missing Ray is a usage error, reported before the model loads
+    store = build_datastore_ray(
+        ModelSource(args.model, args.device, src_lang=args.src_lang, tgt_lang=args.tgt_lang),
+        spec,
+        args.out,
+        config,
+        address=args.ray,
+        workers=args.ray_workers,
+        cpus_per_worker=args.ray_cpus_per_worker or 1,
+        append=args.append,
+        force=args.force,
         source_prefix=args.source_prefix,
         progress=not args.quiet,
     )

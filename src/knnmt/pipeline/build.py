@@ -7,19 +7,22 @@ Datastore build: stream a parallel corpus through the model and write shards.
 Memory stays bounded by one shard of sentences (``BuildConfig.shard_sentences``): a shard is
 read, tokenised, sorted into length batches under a token budget, teacher-forced, and written
 in corpus order; then the manifest is updated. A build that stops keeps its finished shards
-and resumes from them when the same command runs again.
+and resumes from them when the same command runs again. The teacher forcing and shard writing may
+run on Ray workers instead (a :class:`ShardRunner`, :mod:`knnmt.pipeline.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -342,6 +345,99 @@ def write_shard(
     return offsets[-1]
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of a build as the process that holds the write lock plans it: the next
+    ``config.shard_sentences`` kept pairs of the corpus, tokenised, with everything :func:`write_shard`
+    needs except the model. Shards are always planned here, in corpus order, so their boundaries and
+    names do not depend on who writes them (this process, or a worker of a :class:`ShardRunner`)."""
+
+    out: Path
+    name: str
+    encoded: list[EncodedPair]
+    dim: int
+    vector_dim: int
+    config: BuildConfig
+    corpus_index: int
+    first_sentence: int
+    #: empty pairs skipped while this shard's pairs were read (the manifest's per-shard count)
+    skipped_empty: int
+    #: pairs of this shard cut to the length limit
+    truncated: int
+
+    def write(
+        self,
+        model: Any,
+        tokenizer: Any,
+        codec: KeyCodec | None = None,
+        bar: Any = None,
+        rate: BuildRate | None = None,
+    ) -> int:
+        """Teacher-force and publish this shard with :func:`write_shard` (keys stored with ``codec``,
+        which learns from this shard if untrained); returns its entry count."""
+        return write_shard(
+            self.out,
+            self.name,
+            self.encoded,
+            model,
+            tokenizer,
+            self.dim,
+            self.vector_dim,
+            self.config,
+            self.corpus_index,
+            bar,
+            rate,
+            codec,
+        )
+
+    def manifest_entry(self, count: int) -> dict[str, Any]:
+        """The shard's entry in the manifest's ``shards`` list, once it is written with ``count`` entries."""
+        return {
+            "name": self.name,
+            "count": count,
+            "sentences": len(self.encoded),
+            "first_sentence": self.first_sentence,
+            "corpus": self.corpus_index,
+            "skipped_empty": self.skipped_empty,
+            "truncated": self.truncated,
+        }
+
+
+class ShardRunner(Protocol):
+    """Teacher-forces and writes the shards a build plans: in the building process, one after the other
+    (the default), or elsewhere (on Ray workers: :class:`knnmt.pipeline.distributed.RayShardRunner`);
+    :func:`build_datastore` still plans the shards, holds the write lock and alone writes the manifest."""
+
+    def __call__(
+        self, jobs: Iterator[ShardJob], bar: Any, rate: BuildRate, key: dict[str, Any]
+    ) -> Generator[tuple[ShardJob, int, dict[str, Any]], None, None]:
+        """Write every shard of ``jobs`` (in any order, in parallel) and yield ``(job, entry count, key
+        fields)`` in the order of ``jobs``: a shard is yielded, and listed in the manifest, only once all
+        shards before it are written. ``bar`` counts sentences, ``rate`` target tokens. Closing the
+        generator (the build failed or was interrupted) stops the work still running.
+
+        ``key`` is the manifest's ``key`` object: the keys are stored with its codec
+        (:meth:`KeyCodec.from_manifest <knnmt.store.keycodec.KeyCodec.from_manifest>`); an untrained one
+        (sq8 before the datastore's first shard) learns from the first shard, and every later shard must
+        be written with what it learnt. The yielded key fields (``codec.manifest_fields()`` after the
+        shard) go into the manifest."""
+        ...
+
+
+def _write_in_process(model: Any, tokenizer: Any) -> ShardRunner:
+    """The default :class:`ShardRunner`: each shard written here, in order, by ``model``."""
+
+    def run(
+        jobs: Iterator[ShardJob], bar: Any, rate: BuildRate, key: dict[str, Any]
+    ) -> Generator[tuple[ShardJob, int, dict[str, Any]], None, None]:
+        codec = KeyCodec.from_manifest(key)  # one codec: an untrained one learns from the first shard
+        for job in jobs:
+            count = job.write(model, tokenizer, codec, bar, rate)
+            yield job, count, codec.manifest_fields()
+
+    return run
+
+
 def check_build_mode(append: bool, force: bool) -> None:
     """``append`` and ``force`` exclude each other: appending to a datastore that is first deleted would
     lose it (raises :class:`UsageError`)."""
@@ -364,6 +460,7 @@ def build_datastore(
     model_name: str | None = None,
     source_prefix: str = "",
     progress: bool = True,
+    shard_runner: ShardRunner | None = None,
 ) -> Datastore:
     """Build (or resume, or append to) the datastore at ``out`` from ``corpus``.
 
@@ -378,6 +475,9 @@ def build_datastore(
         model_name: recorded in the manifest (defaults to ``model.name_or_path``).
         source_prefix: text prepended to every source sentence (e.g. T5 task prefixes).
         progress: show a progress bar (on stderr).
+        shard_runner: who teacher-forces and writes the shards (default: ``model``, here, one after
+            the other); e.g. :class:`knnmt.pipeline.distributed.RayShardRunner` for Ray workers
+            (:func:`knnmt.pipeline.distributed.build_datastore_ray`). The datastore is the same.
 
     Returns:
         the finished datastore.
@@ -399,8 +499,19 @@ def build_datastore(
         try:
             manifest = _prepare(out, info, identity, config, append=append, force=force)
             corpus_index = len(manifest["corpora"]) - 1
+            runner = shard_runner or _write_in_process(model, tokenizer)
             return _fill(
-                model, tokenizer, corpus, info, out, manifest, corpus_index, config, source_prefix, progress
+                model,
+                tokenizer,
+                corpus,
+                info,
+                out,
+                manifest,
+                corpus_index,
+                config,
+                source_prefix,
+                progress,
+                runner,
             )
         except BaseException:
             if manifest:
@@ -435,14 +546,15 @@ def _fill(
     config: BuildConfig,
     source_prefix: str,
     progress: bool,
+    runner: ShardRunner,
 ) -> Datastore:
-    """The streaming part of :func:`build_datastore`: shard after shard, manifest after each."""
+    """The streaming part of :func:`build_datastore`: shards planned in corpus order, written by
+    ``runner``, and listed in the manifest (committed after each) in that order."""
     entry = manifest["corpora"][corpus_index]
     done_sentences = sum(s["sentences"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     truncated = sum(s["truncated"] for s in manifest["shards"] if s["corpus"] == corpus_index)
     max_length = sequence_limit(model, tokenizer, config.max_length)
     dim = int(manifest["key"]["dim"])
-    codec = KeyCodec.from_manifest(manifest["key"])
 
     counter = {"skipped_empty": 0}  # every empty pair seen so far in this corpus
     pairs = _kept_pairs(corpus, config.skip_empty, counter)
@@ -454,55 +566,42 @@ def _fill(
     bar.update(done_sentences + counter["skipped_empty"])
     next_sentence = entry["first_sentence"] + done_sentences
     rate = BuildRate()
-    while True:
-        before = counter["skipped_empty"]
-        chunk = list(itertools.islice(pairs, config.shard_sentences))
-        skipped_now = counter["skipped_empty"] - before
-        bar.update(skipped_now)
-        if not chunk:
-            break
-        rows = [(next_sentence + i, line, src, tgt) for i, (line, src, tgt) in enumerate(chunk)]
-        encoded, cut = encode_pairs(
-            tokenizer,
-            rows,
-            max_length=max_length,
-            truncate=config.truncate,
-            paths=(corpus.paths[0], target_path(corpus)),
-            source_prefix=source_prefix,
-            hint="allow truncation (drop --no-truncate) or shorten it",
-        )
-        name = f"{len(manifest['shards']):05d}"
-        count = write_shard(
-            out,
-            name,
-            encoded,
-            model,
-            tokenizer,
-            dim,
-            vector_dim(manifest),
-            config,
-            corpus_index,
-            bar,
-            rate,
-            codec,
-        )
-        manifest["key"].update(codec.manifest_fields())  # an sq8 codec learns its ranges from shard 0
-        truncated += cut
-        manifest["shards"].append(
-            {
-                "name": name,
-                "count": count,
-                "sentences": len(encoded),
-                "first_sentence": next_sentence,
-                "corpus": corpus_index,
-                "skipped_empty": skipped_now,
-                "truncated": cut,
-            }
-        )
-        manifest["count"] += count
-        manifest["sentences"] += len(encoded)
-        next_sentence += len(encoded)
-        write_json_atomic(out / MANIFEST, manifest)
+    vectors = vector_dim(manifest)
+
+    def plan(first: int, number: int) -> Iterator[ShardJob]:
+        """Shard ``number`` onwards, its first sentence ``first``, each read only when asked for."""
+        while True:
+            before = counter["skipped_empty"]
+            chunk = list(itertools.islice(pairs, config.shard_sentences))
+            skipped_now = counter["skipped_empty"] - before
+            bar.update(skipped_now)
+            if not chunk:
+                return
+            rows = [(first + i, line, src, tgt) for i, (line, src, tgt) in enumerate(chunk)]
+            encoded, cut = encode_pairs(
+                tokenizer,
+                rows,
+                max_length=max_length,
+                truncate=config.truncate,
+                paths=(corpus.paths[0], target_path(corpus)),
+                source_prefix=source_prefix,
+                hint="allow truncation (drop --no-truncate) or shorten it",
+            )
+            name = f"{number:05d}"
+            yield ShardJob(out, name, encoded, dim, vectors, config, corpus_index, first, skipped_now, cut)
+            first += len(encoded)
+            number += 1
+
+    written = runner(plan(next_sentence, len(manifest["shards"])), bar, rate, dict(manifest["key"]))
+    with contextlib.closing(written):  # a failure here stops the runner's work in flight
+        for job, count, key in written:
+            manifest["key"].update(key)  # an sq8 codec learns its ranges from shard 0
+            truncated += job.truncated
+            manifest["shards"].append(job.manifest_entry(count))
+            manifest["count"] += count
+            manifest["sentences"] += len(job.encoded)
+            next_sentence += len(job.encoded)
+            write_json_atomic(out / MANIFEST, manifest)
     bar.close()
     entry.update(
         sentences=next_sentence - entry["first_sentence"],
