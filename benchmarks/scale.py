@@ -189,6 +189,8 @@ def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
         )
         written += count
         replica += 1
+        if count < real.count:  # the last, partial replica (whole sentences: a few entries short of N)
+            break
     manifest = {
         **{k: v for k, v in real.manifest.items() if k not in ("sentence_vectors", "packed_values")},
         "version": manifest_version("sq8"),

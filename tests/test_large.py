@@ -116,6 +116,18 @@ def test_on_disk_rebuild_replaces_the_lists_file_and_a_moved_index_still_loads(
     np.testing.assert_array_equal(moved.search(queries, K)[1], second.search(queries, K)[1])
 
 
+def test_on_disk_pq_keeps_no_precomputed_table(synthetic, tmp_path: Path) -> None:
+    """faiss's IVF-PQ table of nlist x M x 256 floats would be private memory growing with the lists."""
+    store, queries = synthetic
+    config = IndexConfig(factory="IVF16,PQ4", storage="disk", train_size=N)
+    built = build_index(store, config, tmp_path / "i", False)
+    loaded = SearchIndex.load(tmp_path / "i", store)
+    for index in (built, loaded):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index.index))
+        assert ivf.use_precomputed_table == -1 and ivf.precomputed_table.size() == 0
+    np.testing.assert_array_equal(built.search(queries, K)[1], loaded.search(queries, K)[1])
+
+
 def test_on_disk_refuses_what_faiss_cannot_map(synthetic, tmp_path: Path) -> None:
     store, _ = synthetic
     for factory, message in (

@@ -188,7 +188,7 @@ class KNNMT:
             check_model(datastore, model, tokenizer)
         self._index = index  # None: an exact index is built on first use (not needed by a given retriever)
         self.config = config or KNNConfig()
-        self.retriever = retriever or IndexRetriever(self.index, datastore)
+        self._retriever = retriever  # None: vanilla search of ``index``, made on first use
         tokenization = datastore.manifest.get("tokenization", {})
         self.source_prefix: str = tokenization.get("source_prefix", "") or ""
         self.generate_defaults = set_languages(
@@ -198,6 +198,14 @@ class KNNMT:
         self._domain_gate = domain_gate  # None: loaded from the datastore when a config needs it
         #: beam search: skip the searches of sentences whose beam search is decided (knnmt.hf.beam_tracking)
         self.track_beams = True
+
+    @property
+    def retriever(self) -> Retriever:
+        """How queries find neighbours (vanilla search of :attr:`index` unless another was given); made
+        on first use, so that the plain model never builds an exact index it does not need."""
+        if self._retriever is None:
+            self._retriever = IndexRetriever(self.index, self.datastore)
+        return self._retriever
 
     @property
     def index(self) -> SearchIndex:

@@ -316,8 +316,11 @@ class SearchIndex:
                 )
         try:
             flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # (IO_FLAG_MMAP breaks "ilod")
+            flags |= faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE  # see _no_precomputed_table
             with _faiss_chatter_muted():
                 index = faiss.read_index(str(index_file), flags if on_disk else 0)
+            if on_disk:
+                _no_precomputed_table(index)
         except RuntimeError as exc:  # faiss says where in its C++ source, then what
             reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).strip()) or "unreadable"
             raise DatastoreError(
@@ -386,6 +389,7 @@ def _build_index(
         ) from None
     if on_disk:
         _check_mappable(index, factory)
+        _no_precomputed_table(index)
     start = time.perf_counter()
     if config.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and not on_disk:
         if "fs" in factory.split(",")[-1]:
@@ -451,6 +455,18 @@ def _build_index(
         check,
     )
     return result
+
+
+def _no_precomputed_table(index: Any) -> None:
+    """Make an IVF-PQ index compute its distance tables per query instead of keeping faiss's precomputed
+    table: ``nlist·M·256`` floats (32 times the coarse quantizer; 1 GiB at 32,768 lists and 32 bytes
+    per code) that an on-disk index would hold privately in RAM. At 1M entries (4,096 lists) searching
+    was no slower without it (docs/BENCHMARKS.md, "Scale")."""
+    found = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(found) if found is not None else None
+    if ivf is not None and hasattr(ivf, "use_precomputed_table"):
+        ivf.use_precomputed_table = -1
+        ivf.precomputed_table.clear()
 
 
 def _check_mappable(index: Any, factory: str) -> None:
