@@ -463,7 +463,7 @@ def _no_precomputed_table(index: Any) -> None:
     per code) that an on-disk index would hold privately in RAM. At 1M entries (4,096 lists) searching
     was no slower without it (docs/BENCHMARKS.md, "Scale")."""
     found = faiss.try_extract_index_ivf(index)
-    ivf = faiss.downcast_index(found) if found is not None else None
+    ivf: Any = faiss.downcast_index(found) if found is not None else None
     if ivf is not None and hasattr(ivf, "use_precomputed_table"):
         ivf.use_precomputed_table = -1
         ivf.precomputed_table.clear()
