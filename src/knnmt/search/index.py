@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import math
@@ -33,9 +34,9 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -142,12 +143,13 @@ def _set_search_params(index: Any, nprobe: int, ef_search: int) -> None:
 COARSE_HNSW_M = 32
 
 
-def _centroid_graph(quantizer: Any, ef_search: int) -> Any:
+def _centroid_graph(quantizer: Any, ef_search: int, threads: int = 0) -> Any:
     """An HNSW graph over the centroids of a flat coarse ``quantizer`` (same centroids, same list
-    numbers), searched with ``ef_search``."""
+    numbers), searched with ``ef_search``, built with ``threads`` OpenMP threads (1: the same graph in
+    every run; 0: faiss's default, faster)."""
     graph = faiss.IndexHNSWFlat(quantizer.d, COARSE_HNSW_M)
     graph.hnsw.efConstruction = 2 * COARSE_HNSW_M
-    with omp_threads(0):
+    with omp_threads(threads):
         graph.add(quantizer.reconstruct_n(0, quantizer.ntotal))
     graph.hnsw.efSearch = ef_search
     return graph
@@ -359,18 +361,26 @@ def build_index(
     out: str | Path | None = None,
     progress: bool = True,
     force: bool = False,
+    block_runner: BlockRunner | None = None,
 ) -> SearchIndex:
     """Train ``config.factory`` on a sample of keys and fill it from the shards chunk by chunk.
 
-    Memory: the training sample (``train_size × dim`` float32) plus one chunk plus the index itself.
-    Saved to ``out`` (default ``<datastore>/index``) when given or defaulted.
+    Memory: the training sample (``train_size × dim`` float32) plus one chunk plus the index itself
+    (in RAM), or plus one sub-index of at most :data:`BLOCK_ENTRIES` entries (lists on disk).
+    Saved to ``out`` (default ``<datastore>/index``) when given or defaulted. ``block_runner`` fills the
+    sub-indexes of on-disk lists elsewhere (e.g. on Ray workers); the index is the same.
     """
     with WriteLock(datastore.path, "index"):  # one writer at a time, wherever the index goes
-        return _build_index(datastore, config or IndexConfig(), out, progress, force)
+        return _build_index(datastore, config or IndexConfig(), out, progress, force, block_runner)
 
 
 def _build_index(
-    datastore: Datastore, config: IndexConfig, out: str | Path | None, progress: bool, force: bool
+    datastore: Datastore,
+    config: IndexConfig,
+    out: str | Path | None,
+    progress: bool,
+    force: bool,
+    block_runner: BlockRunner | None = None,
 ) -> SearchIndex:
     target = Path(out) if out is not None else datastore.path / "index"
     if (target / INDEX_FILE).exists() and not force:
@@ -390,6 +400,8 @@ def _build_index(
     if on_disk:
         _check_mappable(index, factory)
         _no_precomputed_table(index)
+    elif block_runner is not None:
+        raise UsageError("sub-indexes are filled elsewhere only for on-disk lists: build with --on-disk")
     start = time.perf_counter()
     if config.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and not on_disk:
         if "fs" in factory.split(",")[-1]:
@@ -414,7 +426,9 @@ def _build_index(
     )
     with _assigning_by_graph(index):
         if on_disk:
-            index, settings["ivfdata"] = _fill_on_disk(index, datastore, config, target, bar)
+            index, settings["ivfdata"] = _fill_on_disk(
+                index, datastore, config, target, bar, block_runner or _run_here
+            )
         else:
             for first, keys in datastore.iter_keys(config.add_chunk):
                 _add(index, keys, first)
@@ -500,7 +514,7 @@ def _assigning_by_graph(index: Any) -> Iterator[None]:
     if ivf is None or ivf.nlist < GRAPH_ASSIGN_FROM or not isinstance(flat, faiss.IndexFlat):
         yield
         return
-    graph = _centroid_graph(flat, ASSIGN_EF_SEARCH)
+    graph = _centroid_graph(flat, ASSIGN_EF_SEARCH, threads=1)  # one thread: every build assigns alike
     ivf.quantizer = graph
     try:
         yield
@@ -508,15 +522,58 @@ def _assigning_by_graph(index: Any) -> Iterator[None]:
         ivf.quantizer = flat
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockJob:
+    """One sub-index of an on-disk fill: the keys of whole shards of a datastore added, with their global
+    ids, to a copy of the trained index, written to ``out`` (then merged by the process that builds the
+    index). Runs in that process or on a worker that sees the same files (:class:`BlockRunner`)."""
+
+    datastore: str
+    #: positions of the shards in the datastore's manifest, consecutive
+    shards: tuple[int, ...]
+    out: str
+    add_chunk: int
+
+    def run(self, trained: np.ndarray, progress: Callable[[int], None] | None = None) -> int:
+        """Fill and write the sub-index; ``trained`` is ``faiss.serialize_index`` of the empty trained
+        index (with the assignment graph as its quantizer when it has one). Returns its entry count."""
+        store = Datastore.open(self.datastore, verify=False)
+        block = faiss.deserialize_index(trained)
+        for position in self.shards:
+            shard = store.shards[position]
+            keys = shard.load("keys.npy")
+            for lo in range(0, shard.count, self.add_chunk):
+                chunk = store.codec.decode(keys[lo : lo + self.add_chunk])
+                _add(block, chunk, shard.start + lo)
+                if progress is not None:
+                    progress(len(chunk))
+        faiss.write_index(block, self.out)
+        return int(block.ntotal)
+
+
+class BlockRunner(Protocol):
+    """Runs the :class:`BlockJob` of an on-disk fill: here, one after the other (the default), or on Ray
+    workers (:class:`knnmt.pipeline.distributed.RayBlockRunner`). The sub-indexes are the same."""
+
+    def __call__(self, jobs: Sequence[BlockJob], trained: np.ndarray, bar: Any) -> list[int]:
+        """Run every job (``trained``: see :meth:`BlockJob.run`), advancing ``bar`` by the entries added;
+        returns each job's entry count, in the order of ``jobs``."""
+        ...
+
+
+def _run_here(jobs: Sequence[BlockJob], trained: np.ndarray, bar: Any) -> list[int]:
+    return [job.run(trained, bar.update) for job in jobs]
+
+
 def _fill_on_disk(
-    trained: Any, datastore: Datastore, config: IndexConfig, target: Path, bar: Any
+    trained: Any, datastore: Datastore, config: IndexConfig, target: Path, bar: Any, runner: BlockRunner
 ) -> tuple[Any, str]:
     """Fill ``trained`` (an empty trained IVF index) with every key into on-disk lists in ``target``.
 
     One sub-index per group of whole shards (at most about :data:`BLOCK_ENTRIES` entries, so memory
-    is bounded by one group's codes and ids) is filled and written to a temporary file; faiss then
-    merges the memory-mapped sub-indexes list by list into ``lists-<token>.ivfdata``. Returns the index
-    with those lists and the lists file's name.
+    is bounded by one group's codes and ids) is filled by ``runner`` and written to a temporary file;
+    faiss then merges the memory-mapped sub-indexes list by list into ``lists-<token>.ivfdata``. Returns
+    the index with those lists and the lists file's name.
     """
     ivf: Any = faiss.try_extract_index_ivf(trained)
     blocks_dir = target / f".blocks-{secrets.token_hex(4)}"
@@ -524,23 +581,16 @@ def _fill_on_disk(
     name = f"lists-{secrets.token_hex(6)}.ivfdata"
     lists_tmp = target / (name + ".tmp")
     try:
-        files: list[Path] = []
-        for group in _shard_groups(datastore, BLOCK_ENTRIES):
-            block = faiss.clone_index(trained)
-            block_ivf: Any = faiss.try_extract_index_ivf(block)
-            flat = block_ivf.quantizer
-            block_ivf.quantizer = ivf.quantizer  # the trained index's (maybe the assignment graph)
-            for shard in group:
-                keys = shard.load("keys.npy")
-                for lo in range(0, shard.count, config.add_chunk):
-                    chunk = datastore.codec.decode(keys[lo : lo + config.add_chunk])
-                    _add(block, chunk, shard.start + lo)
-                    bar.update(len(chunk))
-            block_ivf.quantizer = flat
-            files.append(blocks_dir / f"{len(files):05d}.faiss")
-            faiss.write_index(block, str(files[-1]))
-            del block, block_ivf
-        parts = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) for f in files]
+        jobs = [
+            BlockJob(str(datastore.path), group, str(blocks_dir / f"{i:05d}.faiss"), config.add_chunk)
+            for i, group in enumerate(_shard_groups(datastore, BLOCK_ENTRIES))
+        ]
+        counts = runner(jobs, faiss.serialize_index(trained), bar)
+        if sum(counts) != datastore.count:
+            raise DatastoreError(
+                f"the sub-indexes hold {sum(counts)} entries, the datastore {datastore.count}"
+            )
+        parts = [faiss.read_index(job.out, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) for job in jobs]
         with _faiss_chatter_muted():
             lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_tmp))
         inputs = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]
@@ -561,19 +611,19 @@ def _fill_on_disk(
         lists_tmp.unlink(missing_ok=True)
 
 
-def _shard_groups(datastore: Datastore, max_entries: int) -> Iterator[list[Any]]:
-    """The datastore's shards in order, grouped so that each group holds at most ``max_entries``
-    entries (or one shard, when a shard alone is larger)."""
-    group: list[Any] = []
+def _shard_groups(datastore: Datastore, max_entries: int) -> Iterator[tuple[int, ...]]:
+    """Positions of the datastore's shards in order, grouped so that each group holds at most
+    ``max_entries`` entries (or one shard, when a shard alone is larger)."""
+    group: list[int] = []
     size = 0
-    for shard in datastore.shards:
+    for position, shard in enumerate(datastore.shards):
         if group and size + shard.count > max_entries:
-            yield group
+            yield tuple(group)
             group, size = [], 0
-        group.append(shard)
+        group.append(position)
         size += shard.count
     if group:
-        yield group
+        yield tuple(group)
 
 
 def _remove_stale_lists(directory: Path, keep: str | None) -> None:
