@@ -19,7 +19,7 @@ import pytest
 from conftest import write_text_corpus
 from knnmt.apps.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from knnmt.core.config import BuildConfig
-from knnmt.core.errors import DatastoreError
+from knnmt.core.errors import DatastoreError, UsageError
 from knnmt.pipeline.build import ShardJob, build_datastore
 from knnmt.pipeline.distributed import ShardWorker, build_datastore_ray
 from knnmt.store.corpus import CorpusSpec
@@ -196,3 +196,45 @@ def test_ray_build_redoes_a_dead_workers_shard_and_resumes_like_a_local_build(
     ]
     assert main([*args, "--ray-workers", "2"]) == EXIT_OK
     assert_same_datastore(out, reference)
+
+
+def test_on_disk_index_filled_on_ray_equals_the_single_process_one(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``knnmt index --on-disk --ray``: the sub-indexes (one per group of shards) are filled as Ray tasks;
+    the merged lists file is byte for byte the one a single process writes, and searches alike."""
+    import faiss
+    import numpy as np
+
+    from conftest import write_synthetic_datastore
+    from knnmt.core.config import IndexConfig
+    from knnmt.pipeline.distributed import build_index_ray
+    from knnmt.search import index as index_module
+
+    rng = np.random.default_rng(5)
+    centres = 2 * rng.standard_normal((30, 32)).astype(np.float32)
+    keys = centres[rng.integers(0, 30, 9_000)] + 0.3 * rng.standard_normal((9_000, 32)).astype(np.float32)
+    store = write_synthetic_datastore(
+        tmp_path / "ds",
+        keys.astype(np.float16),
+        rng.integers(0, 50, 9_000).astype(np.int32),
+        shard_size=2_000,
+    )
+    monkeypatch.setattr(index_module, "BLOCK_ENTRIES", 4_000)  # 3 sub-indexes
+    monkeypatch.setattr(index_module, "GRAPH_ASSIGN_FROM", 16)  # keys assigned through the centroid graph
+    config = IndexConfig(factory="IVF32,SQ8", storage="disk", train_size=5_000)
+    here = index_module.build_index(store, config, tmp_path / "here", progress=False)
+    on_ray = build_index_ray(store, config, tmp_path / "ray", progress=False)
+    assert here.ntotal == on_ray.ntotal == 9_000
+    lists = [
+        (tmp_path / d / i.settings["ivfdata"]).read_bytes() for d, i in (("here", here), ("ray", on_ray))
+    ]
+    assert hashlib.sha256(lists[0]).digest() == hashlib.sha256(lists[1]).digest()
+    queries = keys[::97] + 0.05
+    np.testing.assert_array_equal(here.search(queries, 8)[1], on_ray.search(queries, 8)[1])
+    assert isinstance(
+        faiss.downcast_InvertedLists(faiss.extract_index_ivf(on_ray.index).invlists),
+        faiss.OnDiskInvertedLists,
+    )
+    with pytest.raises(UsageError, match="--on-disk"):
+        build_index_ray(store, IndexConfig(storage="ram"), tmp_path / "x", progress=False)

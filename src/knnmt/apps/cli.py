@@ -198,6 +198,13 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--in-ram", dest="storage", action="store_const", const="ram", help="read the whole index into memory"
     )
+    i.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="with on-disk lists: fill the sub-indexes (one per group of shards) on Ray workers, 'auto' or "
+        "a cluster's address (datastore and index on a shared filesystem). Needs pip install 'knnmt[ray]'",
+    )
     i.add_argument("--force", action="store_true", help="replace an existing index")
     i.add_argument(
         "--no-sentence-index",
@@ -572,7 +579,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     store = Datastore.open(args.datastore)
     if args.subset:
         return _index_subset(args, store)
-    index = build_index(store, config, args.out, progress=not args.quiet, force=args.force)
+    if args.ray is not None:
+        from ..pipeline.distributed import build_index_ray
+
+        index = build_index_ray(
+            store, config, args.out, address=args.ray, progress=not args.quiet, force=args.force
+        )
+    else:
+        index = build_index(store, config, args.out, progress=not args.quiet, force=args.force)
     report = dict(index.settings)
     if not args.no_sentence_index:
         report["sentence_index"] = _sentence_index(store)

@@ -1,4 +1,5 @@
-"""Datastore build on a Ray cluster (``knnmt build --ray auto|ADDRESS``): :func:`build_datastore_ray`.
+"""Datastore build on a Ray cluster (``knnmt build --ray auto|ADDRESS``): :func:`build_datastore_ray`;
+and the fill of an index's on-disk lists (``knnmt index --on-disk --ray``): :func:`build_index_ray`.
 
 The process that calls it (the *driver*) does everything :func:`~knnmt.pipeline.build.build_datastore`
 does except teacher forcing: it holds the datastore's write lock for the whole build, reads and
@@ -29,14 +30,15 @@ import logging
 import re
 import shutil
 import socket
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..core.config import BuildConfig
+from ..core.config import BuildConfig, IndexConfig
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..hf.registry import model_fingerprint, set_languages, tokenizer_fingerprint
+from ..search.index import BlockJob, SearchIndex, build_index, is_on_disk
 from ..store.corpus import CorpusSpec
 from ..store.datastore import Datastore
 from ..store.keycodec import KeyCodec
@@ -420,6 +422,83 @@ def build_datastore_ray(
             source_prefix=source_prefix,
             progress=progress,
             shard_runner=runner,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---- on-disk index fill ----------------------------------------------------------------------------
+
+
+def _run_block(job: BlockJob, trained: Any) -> int:
+    """A Ray task: fill and write one sub-index (one OpenMP thread, as its CPU reservation says)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    return job.run(trained)
+
+
+@dataclasses.dataclass(frozen=True)
+class RayBlockRunner:
+    """A :class:`~knnmt.search.index.BlockRunner` filling the sub-indexes of on-disk lists as Ray tasks
+    (one per group of shards, a CPU each, retried ``max_retries`` times when a worker dies). The trained
+    index is put in Ray's object store once; each task reads its shards' keys from the datastore and
+    writes its sub-index beside the index being built, so on a cluster both must be on a filesystem every
+    node shares. The process building the index merges the sub-indexes, as without Ray."""
+
+    max_retries: int = 3
+
+    def __call__(self, jobs: Sequence[BlockJob], trained: Any, bar: Any) -> list[int]:
+        ray = import_ray()
+        task = ray.remote(num_cpus=1, max_retries=self.max_retries)(_run_block)
+        shared = ray.put(trained)
+        pending = {task.remote(job, shared): i for i, job in enumerate(jobs)}
+        counts = [0] * len(jobs)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    i = pending.pop(ref)
+                    try:
+                        counts[i] = int(ray.get(ref))
+                    except Exception as exc:  # a task that failed max_retries times, or raised
+                        raise KnnmtError(
+                            f"sub-index {i} (shards {jobs[i].shards}) failed on Ray: {_summary(exc)}"
+                        ) from None
+                    bar.update(counts[i])
+        finally:
+            for ref in pending:  # a failure (or Ctrl-C) stops the others
+                ray.cancel(ref, force=True)
+        return counts
+
+
+def build_index_ray(
+    datastore: Datastore,
+    config: IndexConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    address: str = AUTO,
+    max_retries: int = 3,
+    progress: bool = True,
+    force: bool = False,
+) -> SearchIndex:
+    """:func:`~knnmt.search.index.build_index` of an index with on-disk lists whose sub-indexes (one per
+    group of shards) are filled on Ray workers (:class:`RayBlockRunner`); this process trains the index,
+    holds the datastore's write lock and merges. The index is the one a single process builds.
+
+    Raises:
+        UsageError: Ray is not installed, or ``config`` keeps the lists in RAM.
+        KnnmtError: Ray cannot be reached, or a sub-index failed.
+    """
+    config = config or IndexConfig(storage="disk")
+    if not is_on_disk(config, datastore.count):
+        raise UsageError("--ray fills the sub-indexes of on-disk lists: build the index with --on-disk")
+    ray = import_ray()
+    started = connect_ray(address)
+    try:
+        return build_index(
+            datastore, config, out, progress=progress, force=force, block_runner=RayBlockRunner(max_retries)
         )
     finally:
         if started:
