@@ -282,7 +282,7 @@ def test_saved_settings_and_identity_check(sentences, tmp_path: Path) -> None:
 
     with pytest.raises(DatastoreError, match=r"a bm25 subset index already exists.*--force"):
         build_subset_index(store, SubsetConfig(pq_m=8, train_size=2000), out=out, progress=False)
-    with pytest.raises(UsageError, match=r"dense sentence search needs the model"):
+    with pytest.raises(UsageError, match=r"without stored sentence vectors .* needs the model"):
         build_subset_index(
             store, SubsetConfig(sentence_search="dense", pq_m=8, train_size=2000), out=out, progress=False
         )

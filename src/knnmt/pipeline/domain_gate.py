@@ -55,25 +55,6 @@ def sentence_factory(sentences: int, dim: int) -> str:
     return f"IVF{max(64, int(4 * math.sqrt(sentences)))},SQ8"
 
 
-def _stored_vectors_search(datastore: Datastore, factory: str) -> DenseSentenceSearch:
-    """A :class:`DenseSentenceSearch` over the datastore's stored sentence vectors, shard by shard
-    (trained on a sample of at most 100k of them when the factory needs training)."""
-    import faiss
-
-    count, dim = int(datastore.manifest["sentences"]), datastore.vector_dim
-    index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
-    if not index.is_trained:
-        rng = np.random.default_rng(1234)
-        keep = np.sort(rng.choice(count, size=min(count, 100_000), replace=False))
-        parts = [
-            v[keep[(keep >= lo) & (keep < lo + len(v))] - lo] for lo, v in datastore.iter_sentence_vectors()
-        ]
-        index.train(np.concatenate(parts))
-    for _, vectors in datastore.iter_sentence_vectors():
-        index.add(vectors)
-    return DenseSentenceSearch(index)
-
-
 def build_sentence_index(
     datastore: Datastore, factory: str = "auto", *, force: bool = False
 ) -> dict[str, Any]:
@@ -96,7 +77,7 @@ def build_sentence_index(
         count = int(datastore.manifest["sentences"])
         name = sentence_factory(count, datastore.vector_dim) if factory == "auto" else factory
         start = time.perf_counter()
-        search = _stored_vectors_search(datastore, name)
+        search = DenseSentenceSearch.from_stored(datastore, name)
         settings = {
             "factory": name,
             "sentences": count,
@@ -272,7 +253,7 @@ def _load_stored(datastore: Datastore) -> DenseSentenceSearch:
             datastore.path,
         )
     start = time.perf_counter()
-    search = _stored_vectors_search(datastore, sentence_factory(count, datastore.vector_dim))
+    search = DenseSentenceSearch.from_stored(datastore, sentence_factory(count, datastore.vector_dim))
     logger.info(
         "domain gate: indexed %d stored sentence vectors in memory in %.1fs (`knnmt index` saves this index)",
         count,

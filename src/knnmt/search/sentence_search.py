@@ -190,6 +190,29 @@ class DenseSentenceSearch:
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
         return cls(index)
 
+    @classmethod
+    def from_stored(
+        cls, datastore: Datastore, factory: str = "auto", seed: int = 1234
+    ) -> DenseSentenceSearch:
+        """Index the sentence vectors a datastore stores (the mean-pooled encoder output of each source,
+        :func:`mean_pool` of the build's own encoder pass), shard by shard: no encoder pass, and memory
+        bounded by one shard's vectors plus the index. ``factory="auto"`` as in :meth:`build`; trained
+        on a sample of at most 100k vectors when the factory needs training."""
+        count, dim = int(datastore.manifest["sentences"]), datastore.vector_dim
+        name = auto_factory(count, dim) if factory == "auto" else factory
+        index = faiss.index_factory(dim, name, faiss.METRIC_L2)
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            keep = np.sort(rng.choice(count, size=min(count, 100_000), replace=False))
+            parts = [
+                v[keep[(keep >= lo) & (keep < lo + len(v))] - lo]
+                for lo, v in datastore.iter_sentence_vectors()
+            ]
+            index.train(np.concatenate(parts))
+        for _, vectors in datastore.iter_sentence_vectors():
+            index.add(vectors)
+        return cls(index)
+
     def search(self, sources: Sequence[str], embeddings: np.ndarray | None, n: int) -> np.ndarray:
         if embeddings is None:
             raise UsageError("dense sentence search needs the sentences' encoder embeddings")

@@ -28,11 +28,12 @@ On disk (``<datastore>/subset/``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,12 +220,27 @@ def checked_settings(directory: Path, datastore: Datastore, allow_grown: bool = 
     return settings
 
 
-def _self_hits(search: SentenceSearch, sources: list[str], embeddings: np.ndarray | None, seed: int) -> float:
-    """Fraction of up to 200 sampled datastore sentences whose own text comes back first."""
+def _stored_vectors(datastore: Datastore, ids: np.ndarray) -> np.ndarray:
+    """The stored sentence vectors of sorted sentence ``ids``: float32 ``[len(ids), d]``."""
+    out = np.zeros((len(ids), datastore.vector_dim), dtype=np.float32)
+    for first, vectors in datastore.iter_sentence_vectors():
+        inside = (ids >= first) & (ids < first + len(vectors))
+        out[inside] = vectors[ids[inside] - first]
+    return out
+
+
+def _self_hits(
+    search: SentenceSearch,
+    sources: list[str],
+    embeddings: Callable[[np.ndarray], np.ndarray] | None,
+    seed: int,
+) -> float:
+    """Fraction of up to 200 sampled datastore sentences whose own text comes back first
+    (``embeddings``: the dense vectors of given sentence ids)."""
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(sources), size=min(200, len(sources)), replace=False))
     found = search.search(
-        [sources[i] for i in picked], None if embeddings is None else embeddings[picked], 1
+        [sources[i] for i in picked], None if embeddings is None else embeddings(picked), 1
     )[:, 0]
     hits = [f == i or (f >= 0 and sources[f] == sources[i]) for f, i in zip(found, picked, strict=True)]
     return float(np.mean(hits))
@@ -242,8 +258,11 @@ def _build_subset_index(
     target = Path(out) if out is not None else datastore.path / SUBSET_DIR
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
-    if config.sentence_search == "dense" and embed is None:
-        raise UsageError("dense sentence search needs the model and tokenizer (knnmt index --model ...)")
+    if config.sentence_search == "dense" and embed is None and not datastore.vector_dim:
+        raise UsageError(
+            "dense sentence search over a datastore without stored sentence vectors (built by an older "
+            "knnmt) needs the model and tokenizer (knnmt index --model ...)"
+        )
     old = _read_settings(target)
     if old is not None and old.get("datastore_fingerprint") != datastore.fingerprint and not force:
         raise DatastoreError(
@@ -310,16 +329,21 @@ def _build_subset_index(
     started = time.perf_counter()
     kind = config.sentence_search
     search: SentenceSearch
-    embeddings: np.ndarray | None = None
+    embeddings: Callable[[np.ndarray], np.ndarray] | None = None
     record: dict[str, Any] = {}
     if kind == "bm25":
         search = BM25SentenceSearch.build(sources, progress=progress)
+    elif datastore.vector_dim:  # the build's own mean-pooled encoder output: no encoder pass here
+        search = DenseSentenceSearch.from_stored(datastore, config.dense_factory, seed=config.seed)
+        record.update(factory=config.dense_factory, vectors="stored")
+        embeddings = functools.partial(_stored_vectors, datastore)
     else:
         assert embed is not None  # checked above, before any work
         prefix = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
-        embeddings = embed(sources, source_prefix=prefix, progress=progress)
-        search = DenseSentenceSearch.build(embeddings, config.dense_factory, seed=config.seed)
+        computed = embed(sources, source_prefix=prefix, progress=progress)
+        search = DenseSentenceSearch.build(computed, config.dense_factory, seed=config.seed)
         record["factory"] = config.dense_factory
+        embeddings = computed.__getitem__
     directory = target / kind
     if directory.exists():
         shutil.rmtree(directory)
