@@ -8,6 +8,8 @@ distance is not tied), with and without exact re-ranking, for lists in RAM and o
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,20 +36,25 @@ NPROBE = 8
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[Any]:
-    """A Ray instance of this process on 127.0.0.1 only, no dashboard, stopped after the module."""
+    """A Ray instance of this process (3 logical CPUs, no dashboard), stopped after the module.
+
+    Ray 2.60 cannot be confined to the loopback interface: it replaces a ``127.0.0.1`` node address by
+    the machine's own and binds its gRPC servers to all interfaces. The instance is closed to others by
+    Ray's token authentication, required here (``RAY_AUTH_MODE=token``) rather than left to the default.
+    """
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        num_cpus=3,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
     try:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
         yield ray
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,9 @@ def _assert_same(expected: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray,
 
 @pytest.mark.parametrize("storage", ["ram", "disk"])
 @pytest.mark.parametrize("parts", [2, 3])
-def test_ray_parts_return_what_the_single_index_returns(local_ray, synthetic, storage: str, parts: int) -> None:
+def test_ray_parts_return_what_the_single_index_returns(
+    local_ray, synthetic, storage: str, parts: int
+) -> None:
     store, queries, dirs = synthetic
     index = SearchIndex.load(dirs[storage], store)
     assert index.storage == storage
@@ -123,7 +132,7 @@ def test_split_lists_balances_entries_in_contiguous_ranges() -> None:
     assert split_lists(sizes, 2) == [(0, 5), (5, 8)]  # 40 and 50 entries (the nearest cut)
     ranges = split_lists(sizes, 3)
     assert ranges[0][0] == 0 and ranges[-1][1] == 8
-    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(ranges))
     assert split_lists(np.zeros(3, dtype=np.int64), 3) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(UsageError, match="cannot split 3 inverted lists into 4 parts"):
         split_lists(np.ones(3), 4)

@@ -235,7 +235,7 @@ class KNNMT:
         ``retrieval="ray"`` searches the saved IVF index (``index``: ``"auto"`` or a directory) with its
         inverted lists split into ``ray_parts`` Ray actors
         (:class:`knnmt.search.distributed.RayIndexRetriever`, same results as ``"index"``);
-        ``ray_address``: the Ray cluster (``None``: a local Ray on 127.0.0.1, or ``RAY_ADDRESS``;
+        ``ray_address``: the Ray cluster (``None``: a local Ray started here, or ``RAY_ADDRESS``;
         ``"auto"``: the cluster started on this machine with ``ray start``; ``ray://host:port``). This
         process keeps only the coarse quantizer; ``retriever.close()`` stops the actors (they also end
         with the process). Needs ``pip install 'knnmt[ray]'``."""
@@ -261,15 +261,18 @@ class KNNMT:
             from ..search.distributed import RayIndexRetriever
 
             directory = store.path / "index" if index == "auto" else index
-            if directory is None or not (Path(directory) / INDEX_FILE).is_file():
+            if directory is None:
+                raise UsageError("retrieval 'ray' distributes a saved IVF index, not exact search")
+            if not (Path(directory) / INDEX_FILE).is_file():
                 raise UsageError(
-                    f"retrieval 'ray' distributes a saved IVF index, and there is none at "
-                    f"{directory if directory is not None else 'exact search'}: build one with "
-                    f"`knnmt index {store.path}` (or use --retrieval index)"
+                    f"retrieval 'ray' distributes a saved IVF index, and there is none at {directory}: "
+                    f"build one with `knnmt index {store.path}` (or use --retrieval index)"
                 )
-            search_index = SearchIndex.load(directory, store, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
+            distributed_index = SearchIndex.load(
+                directory, store, nprobe=nprobe, ef_search=ef_search, rerank=rerank
+            )
             retriever = RayIndexRetriever(
-                search_index, store, parts=ray_parts, address=ray_address, release_lists=True
+                distributed_index, store, parts=ray_parts, address=ray_address, release_lists=True
             )
             return cls(model_obj, tokenizer, store, None, config, retriever)
         if retrieval != "index":

@@ -24,6 +24,7 @@ read whole by every part (each part still scans only its own lists). Ray is an o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -54,8 +55,7 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise UsageError(
-            "distributed search (--retrieval ray) needs Ray, which is not installed: "
-            "pip install 'knnmt[ray]'"
+            "distributed search (--retrieval ray) needs Ray, which is not installed: pip install 'knnmt[ray]'"
         ) from None
     return ray
 
@@ -63,10 +63,11 @@ def import_ray() -> Any:
 def unwrap_ivf(index: Any) -> tuple[Any | None, list[Any]]:
     """``(IndexIVF or None, input transforms)`` of a faiss index: an ``IndexIVF``, or one behind an
     ``IndexPreTransform`` (``OPQ…``, PCA); ``None`` for any other index."""
-    top = faiss.downcast_index(index)
+    top: Any = faiss.downcast_index(index)
     transforms: list[Any] = []
     if isinstance(top, faiss.IndexPreTransform):
-        transforms = [faiss.downcast_VectorTransform(top.chain.at(i)) for i in range(top.chain.size())]
+        chain: Any = top.chain  # a SWIG vector of VectorTransform pointers
+        transforms = [faiss.downcast_VectorTransform(chain.at(i)) for i in range(chain.size())]
         top = faiss.downcast_index(top.index)
     return (top if isinstance(top, faiss.IndexIVF) else None), transforms
 
@@ -100,7 +101,7 @@ def split_lists(sizes: np.ndarray, parts: int) -> list[tuple[int, int]]:
         cut = max(cut, bounds[-1] + 1)  # at least one list per range
         bounds.append(min(cut, nlist - (parts - i)))
     bounds.append(nlist)
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 def merge_results(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,8 +203,10 @@ class RayIndexRetriever(WholeMemoryRetriever):
         datastore: the datastore the index belongs to (exact re-rank).
         parts: number of actors the lists are split into.
         address: Ray cluster to use when Ray is not yet initialised in this process: ``None`` starts a
-            local Ray on 127.0.0.1 (or connects to ``RAY_ADDRESS`` when set), ``"auto"`` the cluster
-            started on this machine with ``ray start``, else ``ray://host:port`` or ``host:port``.
+            local Ray without dashboard (or connects to ``RAY_ADDRESS`` when set; a local Ray listens on
+            the machine's address, not only on loopback, behind Ray's token authentication), ``"auto"``
+            the cluster started on this machine with ``ray start``, else ``ray://host:port`` or
+            ``host:port``.
         part_cpus: CPUs Ray reserves for each actor (it searches with ``part_threads`` threads).
         part_threads: OpenMP threads of faiss in each actor.
         release_lists: drop the driver's own copy of the lists (it then only finds the probed lists;
@@ -237,9 +240,7 @@ class RayIndexRetriever(WholeMemoryRetriever):
         if not self._ray.is_initialized():
             self._started_ray = True
             if address is None and not os.environ.get("RAY_ADDRESS"):
-                self._ray.init(
-                    include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
-                )
+                self._ray.init(include_dashboard=False, log_to_driver=False)
             else:
                 self._ray.init(address=address, log_to_driver=False)
         try:
