@@ -216,3 +216,24 @@ def test_translate_with_ray_equals_the_index(
     finally:
         remote.retriever.close()  # type: ignore[attr-defined]
     assert ray.is_initialized(), "a retriever that did not start Ray leaves it running"
+
+
+def test_cli_translate_with_ray_equals_the_index(
+    local_ray,
+    datastore: Datastore,
+    toy_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from knnmt.apps.cli import main
+
+    out = tmp_path / "index"
+    build_index(datastore, IndexConfig(factory="IVF8,SQ8", train_size=2_000), out, progress=False)
+    source = tmp_path / "in.txt"
+    source.write_text("".join(line + "\n" for line in (toy_dir / "corpus.en").read_text().splitlines()[:4]))
+    common = ["-q", "translate", "--model", str(toy_dir / "model"), "--datastore", str(datastore.path)]
+    common += ["--index", str(out), "-i", str(source), "--lambda", "0.7", "--max-new-tokens", "24"]
+    assert main(common) == 0
+    expected = capsys.readouterr().out
+    assert main([*common, "--retrieval", "ray", "--ray-parts", "2"]) == 0
+    assert capsys.readouterr().out == expected and len(expected.splitlines()) == 4
