@@ -74,7 +74,13 @@ def make_datastore(path: Path, entries: int, dim: int, seed: int, shard: int = 1
         "tokenization": {},
         "shards": shards,
         "corpora": [
-            {"paths": ["synthetic"], "sentences": entries, "skipped_empty": 0, "truncated": 0, "state": "complete"}
+            {
+                "paths": ["synthetic"],
+                "sentences": entries,
+                "skipped_empty": 0,
+                "truncated": 0,
+                "state": "complete",
+            }
         ],
         "build": {},
     }
@@ -100,7 +106,9 @@ def time_steps(retriever: Any, batches: list[np.ndarray], k: int) -> dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="/tmp/knnmt-ray-search", help="datastore and index (reused)")
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)

@@ -9,7 +9,6 @@ distance is not tied), with and without exact re-ranking, for lists in RAM and o
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,23 +37,18 @@ NPROBE = 8
 def local_ray() -> Iterator[Any]:
     """A Ray instance of this process (3 logical CPUs, no dashboard), stopped after the module.
 
-    Ray 2.60 cannot be confined to the loopback interface: it replaces a ``127.0.0.1`` node address by
-    the machine's own and binds its gRPC servers to all interfaces. The instance is closed to others by
-    Ray's token authentication, required here (``RAY_AUTH_MODE=token``) rather than left to the default.
+    Ray 2.60 cannot be confined to the loopback interface: ``ray.init(_node_ip_address="127.0.0.1")``
+    replaces the address by the machine's own and its gRPC servers listen on all interfaces (checked
+    with ``psutil.net_connections``). Ray's token authentication guards it where a token exists
+    (``~/.ray/auth_token``); forcing ``RAY_AUTH_MODE=token`` without one fails to start.
     """
     if ray.is_initialized():
         ray.shutdown()
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
         yield ray
     finally:
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")

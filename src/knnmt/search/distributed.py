@@ -204,9 +204,9 @@ class RayIndexRetriever(WholeMemoryRetriever):
         parts: number of actors the lists are split into.
         address: Ray cluster to use when Ray is not yet initialised in this process: ``None`` starts a
             local Ray without dashboard (or connects to ``RAY_ADDRESS`` when set; a local Ray listens on
-            the machine's address, not only on loopback, behind Ray's token authentication), ``"auto"``
-            the cluster started on this machine with ``ray start``, else ``ray://host:port`` or
-            ``host:port``.
+            the machine's address, not only on loopback; Ray's token authentication guards it when set
+            up), ``"auto"`` the cluster started on this machine with ``ray start``, else
+            ``ray://host:port`` or ``host:port``.
         part_cpus: CPUs Ray reserves for each actor (it searches with ``part_threads`` threads).
         part_threads: OpenMP threads of faiss in each actor.
         release_lists: drop the driver's own copy of the lists (it then only finds the probed lists;
