@@ -243,6 +243,7 @@ def _translate_args(toy: Path, datastore: Path, *extra: str) -> list[str]:
         ("--k", "0", r"in \[1, 4096\]"),
         ("--beam", "0", ">= 1"),
         ("--subset-size", "0", ">= 1"),
+        ("--ray-parts", "0", ">= 1"),
     ],
 )
 def test_out_of_range_option_exits_2_naming_it(

@@ -85,9 +85,21 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (overrides the saved value)")
     p.add_argument(
         "--retrieval",
-        choices=["index", "subset"],
+        choices=["index", "subset", "ray"],
         default="index",
-        help="index = search all keys with the faiss index; subset = Subset kNN-MT (knnmt index --subset)",
+        help="index = search all keys with the faiss index; subset = Subset kNN-MT (knnmt index --subset); "
+        "ray = the IVF index's lists split over Ray actors (pip install 'knnmt[ray]')",
+    )
+    p.add_argument(
+        "--ray",
+        dest="ray_address",
+        default=None,
+        metavar="ADDRESS",
+        help="ray: the Ray cluster ('auto' = the one started here with `ray start`, ray://HOST:PORT; "
+        "default: RAY_ADDRESS, else a local Ray started for this run)",
+    )
+    p.add_argument(
+        "--ray-parts", type=int, default=2, help="ray: actors the index's inverted lists are split over"
     )
     p.add_argument(
         "--subset-size", type=int, default=None, help="subset: nearest sentences searched (saved: 512)"
@@ -444,6 +456,8 @@ def _load_knn(args: argparse.Namespace) -> Any:
         index=index,
         retrieval=args.retrieval,
         subset=subset,
+        ray_address=args.ray_address,
+        ray_parts=args.ray_parts,
         config=_knn_config(args, args.datastore),
         nprobe=args.nprobe,
         ef_search=args.ef_search,
@@ -461,6 +475,7 @@ _RANGES: dict[str, tuple[str, int, int | None]] = {
     "ef_search": ("--ef-search", 1, None),
     "rerank": ("--rerank", 0, 64),
     "subset_size": ("--subset-size", 1, None),
+    "ray_parts": ("--ray-parts", 1, None),
     "beam": ("--beam", 1, None),
     "batch_size": ("--batch-size", 1, None),
     "max_new_tokens": ("--max-new-tokens", 1, None),

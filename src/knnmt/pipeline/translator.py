@@ -229,6 +229,8 @@ class KNNMT:
         tgt_lang: str | None = None,
         retrieval: str = "index",
         subset: Any = None,
+        ray_address: str | None = None,
+        ray_parts: int = 2,
     ) -> KNNMT:
         """Load model, datastore and index; ``index="auto"`` uses ``<datastore>/index`` if built, else exact
         search; ``None`` forces exact search. ``config`` defaults to ``<datastore>/knn.json`` (from tuning)
@@ -236,7 +238,15 @@ class KNNMT:
 
         ``retrieval="subset"`` uses Subset kNN-MT (:mod:`knnmt.search.subset`, built by
         ``knnmt index --subset``) instead of the faiss index; ``subset`` (a
-        :class:`knnmt.search.subset.SubsetSearch`) overrides its saved search settings."""
+        :class:`knnmt.search.subset.SubsetSearch`) overrides its saved search settings.
+
+        ``retrieval="ray"`` searches the saved IVF index (``index``: ``"auto"`` or a directory) with its
+        inverted lists split into ``ray_parts`` Ray actors
+        (:class:`knnmt.search.distributed.RayIndexRetriever`, same results as ``"index"``);
+        ``ray_address``: the Ray cluster (``None``: a local Ray started here, or ``RAY_ADDRESS``;
+        ``"auto"``: the cluster started on this machine with ``ray start``; ``ray://host:port``). This
+        process keeps only the coarse quantizer; ``retriever.close()`` stops the actors (they also end
+        with the process). Needs ``pip install 'knnmt[ray]'``."""
         model_obj, tokenizer = load_model(model, device) if isinstance(model, str) else model
         set_languages(model_obj, tokenizer, src_lang, tgt_lang)
         store = Datastore.open(datastore)
@@ -255,8 +265,26 @@ class KNNMT:
             return cls(
                 model_obj, tokenizer, store, None, config, SubsetRetriever.load(store, options=options)
             )
+        if retrieval == "ray":
+            from ..search.distributed import RayIndexRetriever
+
+            directory = store.path / "index" if index == "auto" else index
+            if directory is None:
+                raise UsageError("retrieval 'ray' distributes a saved IVF index, not exact search")
+            if not (Path(directory) / INDEX_FILE).is_file():
+                raise UsageError(
+                    f"retrieval 'ray' distributes a saved IVF index, and there is none at {directory}: "
+                    f"build one with `knnmt index {store.path}` (or use --retrieval index)"
+                )
+            distributed_index = SearchIndex.load(
+                directory, store, nprobe=nprobe, ef_search=ef_search, rerank=rerank
+            )
+            retriever = RayIndexRetriever(
+                distributed_index, store, parts=ray_parts, address=ray_address, release_lists=True
+            )
+            return cls(model_obj, tokenizer, store, None, config, retriever)
         if retrieval != "index":
-            raise UsageError(f"retrieval must be 'index' or 'subset', got {retrieval!r}")
+            raise UsageError(f"retrieval must be 'index', 'subset' or 'ray', got {retrieval!r}")
         search_index: SearchIndex | None = None
         if index == "auto":
             default = store.path / "index"
