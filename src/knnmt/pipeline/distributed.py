@@ -38,6 +38,7 @@ from typing import Any
 from ..core.config import BuildConfig, IndexConfig
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..hf.registry import model_fingerprint, set_languages, tokenizer_fingerprint
+from ..search.distributed import import_ray as search_import_ray
 from ..search.index import BlockJob, SearchIndex, build_index, is_on_disk
 from ..store.corpus import CorpusSpec
 from ..store.datastore import Datastore
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 #: What ``--ray`` takes to start a local Ray instance or connect to the one already running here.
 AUTO = "auto"
-INSTALL_HINT = "pip install 'knnmt[ray]'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +76,9 @@ class ModelSource:
 
 
 def import_ray() -> ModuleType:
-    """The ``ray`` module.
-
-    Raises:
-        UsageError: Ray is not installed (saying how to install it).
-    """
-    try:
-        import ray
-    except ImportError:
-        raise UsageError(
-            f"--ray needs Ray, which is not installed here: {INSTALL_HINT} (on every machine of the cluster)"
-        ) from None
-    return ray
+    """The ``ray`` module, or :class:`UsageError` saying how to install it (``--ray`` of build/index)."""
+    module: ModuleType = search_import_ray("--ray")
+    return module
 
 
 def _probe(address: str) -> None:

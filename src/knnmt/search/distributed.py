@@ -49,13 +49,17 @@ MISSING_DISTANCE = float(np.finfo(np.float32).max)
 PUT_FROM_BYTES = 100_000
 
 
-def import_ray() -> Any:
-    """The ``ray`` module, or :class:`UsageError` saying how to install it."""
+#: How to get Ray (an optional dependency).
+INSTALL_HINT = "pip install 'knnmt[ray]'"
+
+
+def import_ray(what: str = "distributed search (--retrieval ray)") -> Any:
+    """The ``ray`` module, or :class:`UsageError` saying that ``what`` needs it and how to install it."""
     try:
         import ray
     except ImportError:
         raise UsageError(
-            "distributed search (--retrieval ray) needs Ray, which is not installed: pip install 'knnmt[ray]'"
+            f"{what} needs Ray, which is not installed here: {INSTALL_HINT} (on every machine of the cluster)"
         ) from None
     return ray
 
@@ -140,11 +144,13 @@ class IndexPart:
 
     def __init__(self, index_file: str, on_disk: bool, first: int, last: int, threads: int = 1) -> None:
         faiss.omp_set_num_threads(max(1, threads))
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY if on_disk else 0
-        self.index = faiss.read_index(index_file, flags)
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
+        self.index = faiss.read_index(index_file, flags if on_disk else 0)
         ivf, _ = unwrap_ivf(self.index)
         if ivf is None:
             raise ValueError(f"{index_file} is not an IVF index")
+        if on_disk and hasattr(ivf, "use_precomputed_table"):  # as SearchIndex.load: no private table
+            ivf.use_precomputed_table = -1
         if not 0 <= first < last <= ivf.nlist:
             raise ValueError(f"lists [{first}, {last}) are not lists of {index_file} ({ivf.nlist} lists)")
         self.ivf = ivf
