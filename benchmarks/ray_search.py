@@ -29,63 +29,20 @@ import numpy as np
 
 def make_datastore(path: Path, entries: int, dim: int, seed: int, shard: int = 100_000) -> Any:
     """A complete datastore of ``entries`` clustered random fp16 keys (``dim``), one entry per sentence."""
-    from knnmt.core.durable import write_json_atomic
-    from knnmt.store.datastore import FORMAT, MANIFEST, VERSION, Datastore, ShardWriter
+    from knnmt.store.datastore import MANIFEST, Datastore
+    from knnmt.store.synthetic import write_synthetic_datastore
 
     if (path / MANIFEST).is_file():
         return Datastore.open(path)
-    path.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     centres = 3 * rng.standard_normal((4096, dim)).astype(np.float32)
-    shards = []
-    for number, lo in enumerate(range(0, entries, shard)):
+    keys = np.empty((entries, dim), dtype=np.float16)
+    for lo in range(0, entries, shard):  # in blocks: float32 noise for all keys at once would be 4x larger
         hi = min(lo + shard, entries)
-        keys = centres[rng.integers(0, len(centres), hi - lo)]
-        keys += rng.standard_normal((hi - lo, dim), dtype=np.float32)
-        name = f"{number:05d}"
-        writer = ShardWriter(path, name, hi - lo, dim, hi - lo)
-        writer.keys[:] = keys.astype(np.float16)
-        writer.values[:] = rng.integers(0, 32_000, hi - lo)
-        writer.sentence_ids[:] = np.arange(lo, hi)
-        writer.positions[:] = 0
-        writer.offsets[:] = np.arange(hi - lo + 1)
-        writer.finish([{"id": i, "src": "", "tgt": "", "corpus": 0, "line": i + 1} for i in range(lo, hi)])
-        shards.append(
-            {
-                "name": name,
-                "count": hi - lo,
-                "sentences": hi - lo,
-                "first_sentence": lo,
-                "corpus": 0,
-                "skipped_empty": 0,
-                "truncated": 0,
-            }
-        )
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "state": "complete",
-        "count": entries,
-        "sentences": entries,
-        "model": {"name": "synthetic", "class": "None", "config_class": "None", "fingerprint": "synthetic"},
-        "tokenizer": {"class": "None", "fingerprint": "none", "vocab_size": 32_000},
-        "key": {"layer": "ffn_input", "module": "none", "dim": dim, "dtype": "float16"},
-        "values_dtype": "int32",
-        "tokenization": {},
-        "shards": shards,
-        "corpora": [
-            {
-                "paths": ["synthetic"],
-                "sentences": entries,
-                "skipped_empty": 0,
-                "truncated": 0,
-                "state": "complete",
-            }
-        ],
-        "build": {},
-    }
-    write_json_atomic(path / MANIFEST, manifest)
-    return Datastore.open(path)
+        block = centres[rng.integers(0, len(centres), hi - lo)]
+        keys[lo:hi] = block + rng.standard_normal((hi - lo, dim), dtype=np.float32)
+    values = rng.integers(0, 32_000, entries).astype(np.int32)
+    return write_synthetic_datastore(path, keys, values, shard)
 
 
 def time_steps(retriever: Any, batches: list[np.ndarray], k: int) -> dict[str, float]:
