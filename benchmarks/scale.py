@@ -108,24 +108,10 @@ def phase_real(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(str(MODEL))
     memory = PeakMemory()
     start = time.perf_counter()
-    store = build_datastore(
-        model,
-        tokenizer,
-        CorpusSpec.from_args(corpus=str(TARGET / "train.tsv")),
-        out,
-        BuildConfig(),
-        progress=False,
-    )
-    if (GENERAL / "train.tsv").is_file():
-        store = build_datastore(
-            model,
-            tokenizer,
-            CorpusSpec.from_args(corpus=str(GENERAL / "train.tsv")),
-            out,
-            BuildConfig(),
-            append=True,
-            progress=False,
-        )
+    corpora = [path for path in (TARGET / "train.tsv", GENERAL / "train.tsv") if path.is_file()]
+    for number, path in enumerate(corpora):  # the general corpus appended when it has been made
+        spec = CorpusSpec.from_args(corpus=str(path))
+        store = build_datastore(model, tokenizer, spec, out, BuildConfig(), append=number > 0, progress=False)
     return {"entries": store.count, "seconds": round(time.perf_counter() - start, 1), **memory.stop()}
 
 
