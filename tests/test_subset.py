@@ -355,7 +355,7 @@ def test_load_with_subset_retrieval(marian, datastore, subset_dir, tmp_path: Pat
     model, tokenizer = marian
     with pytest.raises(DatastoreError, match="no subset index at"):
         KNNMT.load((model, tokenizer), datastore.path, retrieval="subset")
-    with pytest.raises(UsageError, match="retrieval must be 'index' or 'subset'"):
+    with pytest.raises(UsageError, match="retrieval must be 'index', 'subset' or 'ray'"):
         KNNMT.load((model, tokenizer), datastore.path, retrieval="subsets")
     retriever = SubsetRetriever.load(
         datastore, subset_dir, SubsetSearch(subset_size=16, sentence_search="dense")
