@@ -39,7 +39,7 @@ import numpy as np
 from ..core.errors import DatastoreError, IncompatibleError, UsageError
 from ..store.datastore import Datastore
 from .index import INDEX_FILE, SearchIndex, omp_threads
-from .retriever import WholeMemoryRetriever, exact_rerank
+from .retriever import IndexRetriever
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +196,12 @@ class IndexPart:
         return distances, ids
 
 
-class RayIndexRetriever(WholeMemoryRetriever):
+class RayIndexRetriever(IndexRetriever):
     """Vanilla kNN-MT over an IVF index whose lists are split into ``parts`` Ray actors.
 
     Same results as :class:`~knnmt.search.retriever.IndexRetriever` over ``index`` (module docstring),
-    including the exact re-rank of ``index.rerank·k`` candidates against the datastore's keys, which
-    stays on the driver.
+    whose :meth:`search` (with the exact re-rank of ``index.rerank·k`` candidates against the datastore's
+    keys, on the driver) it keeps; only :meth:`search_index` goes to the parts.
 
     Args:
         index: the loaded index (from a directory: the actors load that directory). Its coarse
@@ -236,8 +236,7 @@ class RayIndexRetriever(WholeMemoryRetriever):
         self.ivf, self.transforms = ivf_of(index)
         if parts < 1:
             raise UsageError(f"the number of Ray parts must be >= 1, got {parts}")
-        self.index = index
-        self.datastore = datastore
+        super().__init__(index, datastore)
         self.timeout = timeout
         self.ranges = split_lists(list_sizes(self.ivf), parts)
         self._ray = import_ray()
@@ -309,13 +308,6 @@ class RayIndexRetriever(WholeMemoryRetriever):
         return f"ray({self.parts} parts, {self.index.factory}" + (
             f", rerank={rerank})" if rerank > 0 else ")"
         )
-
-    def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rerank = self.index.rerank
-        if rerank <= 0:
-            return self.search_index(queries, k)
-        _, ids = self.search_index(queries, k * rerank)
-        return exact_rerank(self.datastore, queries, ids, k)
 
     def search_index(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """What ``index.search(queries, k)`` returns, computed by the parts: ``queries [n, dim]`` ->

@@ -117,9 +117,14 @@ class IndexRetriever(WholeMemoryRetriever):
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rerank = self.index.rerank
         if rerank <= 0:
-            return self.index.search(queries, k)
-        _, ids = self.index.search(queries, k * rerank)
+            return self.search_index(queries, k)
+        _, ids = self.search_index(queries, k * rerank)
         return exact_rerank(self.datastore, queries, ids, k)
+
+    def search_index(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's own ``k`` nearest (before any re-rank): ``queries [n, dim]`` -> ``(D, I) [n, k]``;
+        a distributed retriever answers it with the index's parts."""
+        return self.index.search(queries, k)
 
 
 def exact_rerank(
