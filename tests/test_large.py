@@ -117,10 +117,12 @@ def test_on_disk_rebuild_replaces_the_lists_file_and_a_moved_index_still_loads(
 
 
 def test_on_disk_pq_keeps_no_precomputed_table(synthetic, tmp_path: Path) -> None:
-    """faiss's IVF-PQ table of nlist x M x 256 floats would be private memory growing with the lists."""
+    """faiss's IVF-PQ table of nlist x M x 256 floats would be private memory growing with the lists;
+    its polysemous training (on for ``PQ<m>`` in index_factory) is time spent for a search we never do."""
     store, queries = synthetic
     config = IndexConfig(factory="IVF16,PQ4", storage="disk", train_size=N)
     built = build_index(store, config, tmp_path / "i", False)
+    assert not faiss.downcast_index(faiss.extract_index_ivf(built.index)).do_polysemous_training
     loaded = SearchIndex.load(tmp_path / "i", store)
     for index in (built, loaded):
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index.index))
