@@ -135,6 +135,10 @@ def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
     codec = KeyCodec("sq8", real.dim)
     codec.train(sample + scale * rng.standard_normal(sample.shape, dtype=np.float32))
     sentences = int(real.manifest["sentences"])
+    # sentence vectors (dense sentence search of Subset kNN-MT): replicas get the real unit vector plus
+    # noise of the same relative size as the keys', renormalised
+    vectors = np.concatenate([v for _, v in real.iter_sentence_vectors()])  # [sentences, d_model]
+    vector_scale = args.noise * vectors.std(axis=0)
     records = [real.sentence(i) for i in range(sentences)]
     offsets = np.concatenate([[0], np.cumsum(np.bincount(real.provenance(np.arange(real.count))[0]))])
     shards: list[dict[str, Any]] = []
@@ -146,7 +150,7 @@ def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
         if count == 0:
             break
         name = f"{replica:05d}"
-        writer = ShardWriter(out, name, count, real.dim, n_sent, codec=codec)
+        writer = ShardWriter(out, name, count, real.dim, n_sent, vector_dim=real.vector_dim, codec=codec)
         for first, keys in real.iter_keys(200_000):
             hi = min(first + len(keys), count)
             if first >= hi:
@@ -161,6 +165,12 @@ def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
         writer.sentence_ids[:] = sent + replica * sentences
         writer.positions[:] = pos
         writer.offsets[:] = offsets[: n_sent + 1]
+        noisy = vectors[:n_sent].copy()
+        if replica:
+            noisy += vector_scale * rng.standard_normal(noisy.shape, dtype=np.float32)
+            noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+        assert writer.vectors is not None
+        writer.vectors[:] = noisy
         writer.finish([{**r, "id": r["id"] + replica * sentences} for r in records[:n_sent]])
         shards.append(
             {
@@ -178,7 +188,7 @@ def phase_synth(args: argparse.Namespace) -> dict[str, Any]:
         if count < real.count:  # the last, partial replica (whole sentences: a few entries short of N)
             break
     manifest = {
-        **{k: v for k, v in real.manifest.items() if k not in ("sentence_vectors", "packed_values")},
+        **{k: v for k, v in real.manifest.items() if k != "packed_values"},
         "version": manifest_version("sq8"),
         "key": {**real.manifest["key"], **codec.manifest_fields()},
         "count": written,
