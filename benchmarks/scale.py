@@ -238,6 +238,30 @@ def phase_index(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def phase_subset(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the Subset kNN-MT index (PQ codes of every key, sentence ranges, the sentence search)."""
+    from knnmt.search.subset import SubsetConfig, SubsetIndex
+    from knnmt.store.datastore import Datastore
+
+    store = Datastore.open(WORK / f"ds-{args.size}", verify=False)
+    out = store.path / "subset"
+    memory = PeakMemory()
+    start = time.perf_counter()
+    built = SubsetIndex.build(
+        store, SubsetConfig(sentence_search=args.sentence_search), out=out, progress=False, force=True
+    )
+    record = built.settings["sentence_search"][args.sentence_search]
+    return {
+        "sentence_search": args.sentence_search,
+        "factory": record.get("factory", ""),
+        "sentences": record["sentences"],
+        "self_hit@1": record["self_hit_at_1"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "disk_gb": round(_du(out) / 1e9, 2),
+        **memory.stop(),
+    }
+
+
 def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
     """Plain or vanilla kNN-MT with one index: tokens/s (greedy, batch 32), BLEU, peak memory."""
     import torch
@@ -250,6 +274,7 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
         timed_translate,
         tokens_per_second,
     )
+    from knnmt.search.subset import SubsetSearch
     from knnmt.store.datastore import Datastore
 
     torch.set_num_threads(os.cpu_count() or 2)
@@ -259,9 +284,13 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(str(MODEL))
     store = Datastore.open(WORK / f"ds-{args.size}", verify=False)
     config = dataclasses.replace(saved_knn_config(Datastore.open(WORK / "real")), domain_gate=None)
-    index = None if args.mode == "plain" else store.path / f"index-{args.mode.split('-')[1]}"
     start = time.perf_counter()
-    knn = KNNMT.load((model, tokenizer), store.path, index=index, config=config)
+    if args.mode == "subset":
+        subset = SubsetSearch(sentence_search=args.sentence_search)
+        knn = KNNMT.load((model, tokenizer), store.path, config=config, retrieval="subset", subset=subset)
+    else:
+        index = None if args.mode == "plain" else store.path / f"index-{args.mode.split('-')[1]}"
+        knn = KNNMT.load((model, tokenizer), store.path, index=index, config=config)
     load_seconds = time.perf_counter() - start
     gen = {"num_beams": 1, "batch_size": 32}
     use_knn = args.mode != "plain"
@@ -272,7 +301,17 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
         result, seconds = timed_translate(knn, sources, knn=use_knn, **gen)
         rates.append(tokens_per_second(result, seconds, tokenizer))
     scores = score([r.text for r in result], references)
+    extra: dict[str, Any] = {}
+    stats = getattr(knn.retriever, "stats", None) if use_knn else None
+    if stats:  # Subset: time choosing the subsets, and their size
+        runs = args.repeats + 1
+        extra = {
+            "prepare_seconds_per_run": round(stats["prepare_seconds"] / runs, 2),
+            "search_seconds_per_run": round(stats["search_seconds"] / runs, 2),
+            "entries_per_subset": round(stats["subset_entries"] / max(stats["sentences"], 1)),
+        }
     return {
+        **extra,
         "tok_s": round(max(rates), 1),
         "tok_s_runs": [round(r, 1) for r in rates],
         "bleu": round(scores.bleu, 2),
@@ -281,7 +320,13 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-PHASES = {"real": phase_real, "synth": phase_synth, "index": phase_index, "translate": phase_translate}
+PHASES = {
+    "real": phase_real,
+    "synth": phase_synth,
+    "index": phase_index,
+    "subset": phase_subset,
+    "translate": phase_translate,
+}
 
 
 def run_phase(args: argparse.Namespace, phase: str, **extra: Any) -> dict[str, Any]:
@@ -299,6 +344,8 @@ def run_phase(args: argparse.Namespace, phase: str, **extra: Any) -> dict[str, A
         str(args.sentences),
         "--repeats",
         str(args.repeats),
+        "--sentence-search",
+        args.sentence_search,
     ]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
@@ -347,6 +394,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sentences", type=int, default=300, help="target test sentences translated")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--sentence-search",
+        choices=["dense", "bm25"],
+        default="dense",
+        help="Subset kNN-MT's sentence search (the replicas repeat the real texts: BM25 ties them)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the synthetic datastores")
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -374,7 +427,8 @@ def main() -> None:
         storages = ["disk"] + (["ram"] if size <= args.ram_up_to else [])
         for storage in storages:
             phases[f"index-{storage}"] = run_phase(args, "index", size=size, storage=storage)
-        for mode in ["plain"] + [f"vanilla-{s}" for s in storages]:
+        phases["subset"] = run_phase(args, "subset", size=size)
+        for mode in ["plain"] + [f"vanilla-{s}" for s in storages] + ["subset"]:
             phases[f"translate-{mode}"] = run_phase(args, "translate", size=size, mode=mode)
         results_file.write_text(json.dumps(report, indent=2))
         if not args.keep:

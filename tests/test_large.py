@@ -160,9 +160,15 @@ def test_unknown_index_version_and_missing_lists_are_refused(synthetic, tmp_path
 
 
 def test_automatic_choice_of_storage_and_codes() -> None:
-    assert not is_on_disk(IndexConfig(), index_module.ON_DISK_FROM - 1)
-    assert is_on_disk(IndexConfig(), index_module.ON_DISK_FROM)
-    assert is_on_disk(IndexConfig(storage="disk"), 10) and not is_on_disk(IndexConfig(storage="ram"), 10**9)
+    gib = 2**30
+    # the in-RAM index of 100M keys at d=256 takes 100M x 52 bytes = 4.8 GiB: RAM on 24 GiB, disk on 16
+    assert not is_on_disk(IndexConfig(), 10**8, 256, memory=24 * gib)
+    assert is_on_disk(IndexConfig(), 10**8, 256, memory=16 * gib)
+    assert is_on_disk(IndexConfig(), 10**9, 512, memory=256 * gib)  # 1B at d=512: 84 GB of codes and ids
+    assert not is_on_disk(IndexConfig(), 50_000, 256, memory=1)  # exact search, nothing to map
+    assert is_on_disk(IndexConfig(storage="disk"), 10, 8)
+    assert not is_on_disk(IndexConfig(storage="ram"), 10**9, 512, memory=gib)
+    assert index_module.machine_memory() > gib
     for count, dim in ((5_000, 64), (10**7, 256), (10**8, 512), (10**9, 255)):
         factory = auto_factory(count, dim, on_disk=True)
         index = faiss.index_factory(dim, factory)

@@ -195,7 +195,8 @@ class IndexConfig(JsonConfig):
     #: Where the IVF lists live when searching: ``ram`` (read into memory), ``disk`` (faiss
     #: ``OnDiskInvertedLists``: filled shard by shard in bounded memory and memory-mapped at search
     #: time, so private memory does not grow with the datastore; 8-bit PQ or SQ codes, not fast-scan),
-    #: or ``auto`` (disk from ``knnmt.search.index.ON_DISK_FROM`` entries on).
+    #: or ``auto`` (disk once the in-RAM index would take more than a quarter of the machine's memory,
+    #: ``knnmt.search.index.RAM_INDEX_SHARE``: from about 115M entries at d=256 on 24 GiB).
     storage: str = "auto"
 
     def __post_init__(self) -> None:

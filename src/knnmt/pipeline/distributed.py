@@ -483,7 +483,7 @@ def build_index_ray(
         KnnmtError: Ray cannot be reached, or a sub-index failed.
     """
     config = config or IndexConfig(storage="disk")
-    if not is_on_disk(config, datastore.count):
+    if not is_on_disk(config, datastore.count, datastore.dim):
         raise UsageError("--ray fills the sub-indexes of on-disk lists: build the index with --on-disk")
     ray = import_ray()
     started = connect_ray(address)

@@ -57,8 +57,14 @@ SETTINGS_FILE = "index.json"
 INDEX_VERSIONS = (1, 2)
 #: Below this many entries the automatic choice is exact search.
 EXACT_UP_TO = 100_000
-#: From this many entries ``storage="auto"`` keeps the inverted lists on disk (memory-mapped).
-ON_DISK_FROM = 10_000_000
+#: ``storage="auto"`` keeps the inverted lists in RAM while the in-RAM index (:func:`ram_index_bytes`)
+#: takes at most this share of the machine's memory, and on disk (memory-mapped) beyond. In RAM they
+#: searched 1.5x faster (10M entries, docs/BENCHMARKS.md "Scale"); on disk, translate's private
+#: memory stays the plain model's plus the coarse quantizer at any size.
+RAM_INDEX_SHARE = 0.25
+#: Private bytes per entry of the automatic in-RAM index beyond its ``dim/8`` code bytes: the 8-byte id
+#: and faiss's fast-scan block padding (measured: 52 bytes per entry at d=256, 10M entries).
+RAM_INDEX_OVERHEAD = 20
 #: Entries per sub-index when filling on-disk lists (its codes and ids are in RAM until written).
 BLOCK_ENTRIES = 4_000_000
 #: From this many IVF lists, keys are assigned to lists through an HNSW graph over the centroids
@@ -68,9 +74,32 @@ GRAPH_ASSIGN_FROM = 16_384
 ASSIGN_EF_SEARCH = 64
 
 
-def is_on_disk(config: IndexConfig, count: int) -> bool:
-    """Whether an index of ``count`` entries built with ``config`` keeps its lists on disk."""
-    return config.storage == "disk" or (config.storage == "auto" and count >= ON_DISK_FROM)
+def machine_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or the cgroup's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    return int(total)
+
+
+def ram_index_bytes(count: int, dim: int) -> int:
+    """Estimated private memory of the automatic in-RAM IVF index of ``count`` keys of dimension
+    ``dim``: ``dim/8`` code bytes plus :data:`RAM_INDEX_OVERHEAD` per entry."""
+    return count * (max(dim // 8, 1) + RAM_INDEX_OVERHEAD)
+
+
+def is_on_disk(config: IndexConfig, count: int, dim: int, memory: int | None = None) -> bool:
+    """Whether an index of ``count`` keys of dimension ``dim`` built with ``config`` keeps its lists on
+    disk: ``storage="auto"`` decides by :data:`RAM_INDEX_SHARE` of ``memory`` (default: this machine's,
+    :func:`machine_memory`)."""
+    if config.storage != "auto":
+        return config.storage == "disk"
+    if count <= EXACT_UP_TO:
+        return False
+    available = memory if memory is not None else machine_memory()
+    return ram_index_bytes(count, dim) > RAM_INDEX_SHARE * available
 
 
 def auto_factory(count: int, dim: int, on_disk: bool = False) -> str:
@@ -387,7 +416,7 @@ def _build_index(
         raise DatastoreError(f"an index already exists at {target}; pass --force to rebuild it")
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
-    on_disk = is_on_disk(config, datastore.count)
+    on_disk = is_on_disk(config, datastore.count, datastore.dim)
     factory = (
         auto_factory(datastore.count, datastore.dim, on_disk) if config.factory == "auto" else config.factory
     )

@@ -231,18 +231,20 @@ def _stored_vectors(datastore: Datastore, ids: np.ndarray) -> np.ndarray:
 
 def _self_hits(
     search: SentenceSearch,
-    sources: list[str],
+    source: Callable[[int], str],
+    count: int,
     embeddings: Callable[[np.ndarray], np.ndarray] | None,
     seed: int,
 ) -> float:
-    """Fraction of up to 200 sampled datastore sentences whose own text comes back first
-    (``embeddings``: the dense vectors of given sentence ids)."""
+    """Fraction of up to 200 sampled datastore sentences (of ``count``) whose own text comes back first
+    (``source``: the source text of a sentence id; ``embeddings``: the dense vectors of given ids)."""
     rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(sources), size=min(200, len(sources)), replace=False))
-    found = search.search(
-        [sources[i] for i in picked], None if embeddings is None else embeddings(picked), 1
-    )[:, 0]
-    hits = [f == i or (f >= 0 and sources[f] == sources[i]) for f, i in zip(found, picked, strict=True)]
+    picked = np.sort(rng.choice(count, size=min(200, count), replace=False))
+    texts = [source(int(i)) for i in picked]
+    found = search.search(texts, None if embeddings is None else embeddings(picked), 1)[:, 0]
+    hits = [
+        f == i or (f >= 0 and source(int(f)) == text) for f, i, text in zip(found, picked, texts, strict=True)
+    ]
     return float(np.mean(hits))
 
 
@@ -320,25 +322,33 @@ def _build_subset_index(
     with atomic_path(target / RANGES_FILE) as tmp:
         np.save(tmp, ranges)
 
-    sources = list(datastore_sources(datastore))
-    if len(sources) != len(ranges) - 1:
+    count = int(datastore.manifest["sentences"])
+    if count != len(ranges) - 1:
         raise DatastoreError(
-            f"datastore {datastore.path} lists {len(sources)} sentences but its offsets describe "
-            f"{len(ranges) - 1}"
+            f"datastore {datastore.path} lists {count} sentences but its offsets describe {len(ranges) - 1}"
         )
     started = time.perf_counter()
     kind = config.sentence_search
     search: SentenceSearch
     embeddings: Callable[[np.ndarray], np.ndarray] | None = None
     record: dict[str, Any] = {}
+    # the source texts are read into memory only where they are indexed (BM25, or an encoder pass)
+    sources: list[str] | None = None
+    if kind == "bm25" or not datastore.vector_dim:
+        sources = list(datastore_sources(datastore))
+        if len(sources) != count:
+            raise DatastoreError(
+                f"datastore {datastore.path} holds {len(sources)} source sentences, its manifest {count}"
+            )
     if kind == "bm25":
+        assert sources is not None
         search = BM25SentenceSearch.build(sources, progress=progress)
     elif datastore.vector_dim:  # the build's own mean-pooled encoder output: no encoder pass here
         search = DenseSentenceSearch.from_stored(datastore, config.dense_factory, seed=config.seed)
         record.update(factory=config.dense_factory, vectors="stored")
         embeddings = functools.partial(_stored_vectors, datastore)
     else:
-        assert embed is not None  # checked above, before any work
+        assert embed is not None and sources is not None  # checked above, before any work
         prefix = datastore.manifest.get("tokenization", {}).get("source_prefix", "") or ""
         computed = embed(sources, source_prefix=prefix, progress=progress)
         search = DenseSentenceSearch.build(computed, config.dense_factory, seed=config.seed)
@@ -349,10 +359,11 @@ def _build_subset_index(
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     search.save(directory)
+    source = sources.__getitem__ if sources is not None else (lambda i: str(datastore.sentence(i)["src"]))
     record.update(
-        sentences=len(sources),
+        sentences=count,
         build_seconds=round(time.perf_counter() - started, 3),
-        self_hit_at_1=round(_self_hits(search, sources, embeddings, config.seed), 3),
+        self_hit_at_1=round(_self_hits(search, source, count, embeddings, config.seed), 3),
     )
     if record["self_hit_at_1"] < 0.9:
         logger.warning(
@@ -366,7 +377,7 @@ def _build_subset_index(
         "version": VERSION,
         "datastore_fingerprint": datastore.fingerprint,
         "entries": datastore.count,
-        "sentences": len(sources),
+        "sentences": count,
         "dim": datastore.dim,
         "pq": pq_record,
         "sentence_search": searches,
@@ -385,7 +396,7 @@ def _build_subset_index(
         config.pq_bits,
         datastore.count,
         kind,
-        len(sources),
+        count,
         record["self_hit_at_1"],
     )
     return SubsetIndex.load(target, datastore)
