@@ -335,6 +335,24 @@ def test_dense_finds_a_stored_sentence_first(marian, datastore, subset_dir) -> N
     assert all(sources[f] == sources[i] for f, i in zip(found[:, 0], picked, strict=True))
 
 
+def test_dense_build_from_stored_vectors_reads_no_source_list(
+    datastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100M entries the datastore holds millions of sentences: the dense search indexes the stored
+    vectors and reads only the texts of the sentences its self-check samples."""
+    import knnmt.search.subset as subset_module
+
+    def forbidden(_: Datastore) -> None:
+        raise AssertionError("the dense build listed every source sentence")
+
+    monkeypatch.setattr(subset_module, "datastore_sources", forbidden)
+    out = tmp_path / "subset"
+    build_subset_index(datastore, SubsetConfig(sentence_search="dense", pq_bits=4), out=out, progress=False)
+    record = json.loads((out / SETTINGS_FILE).read_text())["sentence_search"]["dense"]
+    assert record["vectors"] == "stored" and record["sentences"] == datastore.manifest["sentences"]
+    assert record["self_hit_at_1"] == 1.0  # the stored vector of a sentence finds its own text
+
+
 def test_mean_pool_ignores_padding(marian, toy_pairs) -> None:
     model, tokenizer = marian
     texts = [toy_pairs[0][0], toy_pairs[5][0] + " " + toy_pairs[6][0]]
