@@ -19,7 +19,7 @@ import pytest
 
 from conftest import write_synthetic_datastore
 from knnmt.core.config import IndexConfig
-from knnmt.core.errors import UsageError
+from knnmt.core.errors import KnnmtError, UsageError
 from knnmt.search import distributed
 from knnmt.search.distributed import IndexPart, RayIndexRetriever, merge_results, split_lists
 from knnmt.search.index import SearchIndex, build_index, exact_index
@@ -118,6 +118,16 @@ def test_ray_finds_the_exact_neighbours_and_the_driver_can_drop_its_lists(local_
     _assert_same(expected, got)
     hits = np.mean([len(set(a) & set(b)) / K for a, b in zip(got[1], exact, strict=True)])
     assert hits >= 0.9
+
+
+def test_a_ray_address_is_checked_before_ray_is_asked() -> None:
+    """The build (--ray) and the search (--retrieval ray) connect through one function, which fails in
+    seconds with a message where ``ray.init`` would retry for minutes and exit the process."""
+    what = "distributed search (--retrieval ray)"
+    with pytest.raises(UsageError, match=r"distributed search \(--retrieval ray\) 'head': expected 'auto'"):
+        distributed._probe("head", what)
+    with pytest.raises(KnnmtError, match=r"cannot connect to the Ray cluster at 127\.0\.0\.1:1"):
+        distributed._probe("127.0.0.1:1", what)
 
 
 def test_split_lists_balances_entries_in_contiguous_ranges() -> None:

@@ -38,6 +38,7 @@ from typing import Any
 from ..core.config import BuildConfig, IndexConfig
 from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..hf.registry import model_fingerprint, set_languages, tokenizer_fingerprint
+from ..search.distributed import AUTO, connect_ray
 from ..search.distributed import import_ray as search_import_ray
 from ..search.index import BlockJob, SearchIndex, build_index, is_on_disk
 from ..store.corpus import CorpusSpec
@@ -47,9 +48,6 @@ from .build import BuildRate, ShardJob, build_datastore
 from .translator import load_model
 
 logger = logging.getLogger(__name__)
-
-#: What ``--ray`` takes to start a local Ray instance or connect to the one already running here.
-AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,53 +77,6 @@ def import_ray() -> ModuleType:
     """The ``ray`` module, or :class:`UsageError` saying how to install it (``--ray`` of build/index)."""
     module: ModuleType = search_import_ray("--ray")
     return module
-
-
-def _probe(address: str) -> None:
-    """Fail fast, with a clear message, when nothing listens at a ``host:port`` address (``ray.init``
-    itself retries for minutes and then exits the process)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(
-            f"--ray {address!r}: expected 'auto', HOST:PORT of a Ray cluster's head (e.g. head:6379) or a "
-            "Ray Client address (ray://head:10001)"
-        )
-    host = host.removeprefix("ray://") or "127.0.0.1"
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as exc:
-        raise KnnmtError(
-            f"cannot connect to the Ray cluster at {address}: {exc}; is it running (`ray start --head` "
-            "on its head node), and is this the head's address and port?"
-        ) from None
-
-
-def connect_ray(address: str = AUTO) -> bool:
-    """Connect this process to Ray unless it already is: ``auto`` connects to the Ray instance running on
-    this machine (or ``$RAY_ADDRESS``) or starts a local one (``ray.init()``); anything else is a
-    cluster's address (``head:6379``, or ``ray://head:10001`` for Ray Client).
-
-    Returns:
-        whether this call connected (the caller then disconnects with ``ray.shutdown()``).
-
-    Raises:
-        UsageError: Ray is not installed, or the address is malformed.
-        KnnmtError: nothing answers at ``address``, or Ray fails to connect.
-    """
-    ray = import_ray()
-    if ray.is_initialized():
-        logger.info("this process is already connected to Ray: building on that cluster (not %r)", address)
-        return False
-    if address != AUTO:
-        _probe(address)
-    try:
-        if address == AUTO:
-            ray.init()
-        else:
-            ray.init(address=address)
-    except (Exception, SystemExit) as exc:  # Ray ends a failed connection with sys.exit
-        raise KnnmtError(f"cannot connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from None
-    return True
 
 
 class ShardWorker:

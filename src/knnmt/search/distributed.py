@@ -36,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..core.errors import DatastoreError, IncompatibleError, UsageError
+from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from ..store.datastore import Datastore
 from .index import INDEX_FILE, SearchIndex, omp_threads
 from .retriever import IndexRetriever
@@ -62,6 +62,66 @@ def import_ray(what: str = "distributed search (--retrieval ray)") -> Any:
             f"{what} needs Ray, which is not installed here: {INSTALL_HINT} (on every machine of the cluster)"
         ) from None
     return ray
+
+
+#: The Ray address that starts a local Ray instance or connects to the one already running here.
+AUTO = "auto"
+
+
+def _probe(address: str, what: str) -> None:
+    """Fail fast, with a clear message, when nothing listens at a ``host:port`` address (``ray.init``
+    itself retries for minutes and then exits the process)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(
+            f"{what} {address!r}: expected 'auto', HOST:PORT of a Ray cluster's head (e.g. head:6379) or a "
+            "Ray Client address (ray://head:10001)"
+        )
+    host = host.removeprefix("ray://") or "127.0.0.1"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise KnnmtError(
+            f"cannot connect to the Ray cluster at {address}: {exc}; is it running (`ray start --head` "
+            "on its head node), and is this the head's address and port?"
+        ) from None
+
+
+def connect_ray(address: str = AUTO, what: str = "--ray", quiet: bool = False) -> bool:
+    """Connect this process to Ray unless it already is: ``auto`` connects to the Ray instance running on
+    this machine (or ``$RAY_ADDRESS``) or starts a local one (``ray.init()``); anything else is a
+    cluster's address (``head:6379``, or ``ray://head:10001`` for Ray Client). The one way knnmt
+    connects, for the distributed build and index fill (``--ray``) and the distributed search.
+
+    Args:
+        what: what needs Ray, for messages.
+        quiet: keep the workers' log lines out of this process's output (and start a local instance
+            without its dashboard).
+
+    Returns:
+        whether this call connected (the caller then disconnects with ``ray.shutdown()``).
+
+    Raises:
+        UsageError: Ray is not installed, or the address is malformed.
+        KnnmtError: nothing answers at ``address``, or Ray fails to connect.
+    """
+    ray = import_ray(what)
+    if ray.is_initialized():
+        logger.info("this process is already connected to Ray: %s uses that cluster (not %r)", what, address)
+        return False
+    if address != AUTO:
+        _probe(address, what)
+    options: dict[str, Any] = {"log_to_driver": False} if quiet else {}
+    try:
+        if address == AUTO:
+            if quiet and not os.environ.get("RAY_ADDRESS"):
+                options["include_dashboard"] = False  # only when this call starts the instance
+            ray.init(**options)
+        else:
+            ray.init(address=address, **options)
+    except (Exception, SystemExit) as exc:  # Ray ends a failed connection with sys.exit
+        raise KnnmtError(f"cannot connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from None
+    return True
 
 
 def unwrap_ivf(index: Any) -> tuple[Any | None, list[Any]]:
@@ -240,14 +300,8 @@ class RayIndexRetriever(IndexRetriever):
         self.timeout = timeout
         self.ranges = split_lists(list_sizes(self.ivf), parts)
         self._ray = import_ray()
-        self._started_ray = False
         self._actors: list[Any] = []
-        if not self._ray.is_initialized():
-            self._started_ray = True
-            if address is None and not os.environ.get("RAY_ADDRESS"):
-                self._ray.init(include_dashboard=False, log_to_driver=False)
-            else:
-                self._ray.init(address=address, log_to_driver=False)
+        self._started_ray = connect_ray(address or AUTO, "distributed search (--retrieval ray)", quiet=True)
         try:
             self._start_parts(Path(index.path), part_cpus, part_threads)
         except BaseException:
