@@ -21,9 +21,13 @@ Per size, each phase runs in a child process so that its peak memory is its own;
 memory is the highest ``RssAnon`` of ``/proc/self/status`` (anonymous pages: what the process cannot
 give back to the page cache), sampled every 10 ms; peak RSS (which counts mapped file pages) is given
 beside it. Phases: ``synth`` (write the datastore), ``index-ram`` (auto factory in RAM: fast-scan PQ),
-``index-disk`` (auto factory with on-disk lists: 8-bit PQ, memory-mapped), ``translate`` (plain model
-and vanilla kNN-MT with each index, greedy, batch 32, on ``--sentences`` target test sentences: target
-tokens/s, ratio to plain, BLEU). ``--keep`` keeps the datastores (default: each size's datastore is
+``index-disk`` (auto factory with on-disk lists: 8-bit PQ, memory-mapped), ``subset`` (the Subset
+kNN-MT index: PQ codes of every key and the sentence search, ``--sentence-search``, default dense over
+the stored sentence vectors, which the replicas carry with noise as their keys do; BM25 would tie the
+replicas' identical texts), ``translate`` (plain model, vanilla kNN-MT with each index and Subset
+kNN-MT, greedy, batch 32, on ``--sentences`` target test sentences: target tokens/s, ratio to plain,
+BLEU; Subset also its time choosing subsets and their size). The table goes to stdout and a plot of
+speed ratio and BLEU against size to ``runs/scale/scaling.png``. ``--keep`` keeps the datastores (default: each size's datastore is
 deleted after it was measured, so 100M fits within ~40 GB).
 """
 
@@ -384,6 +388,47 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MODES = {
+    "translate-plain": "plain model",
+    "translate-vanilla-ram": "vanilla kNN-MT, lists in RAM",
+    "translate-vanilla-disk": "vanilla kNN-MT, lists on disk",
+    "translate-subset": "Subset kNN-MT",
+}
+
+
+def plot(report: dict[str, Any], out: Path) -> None:
+    """Target tokens/s (as a ratio to the plain model's, measured beside it) and BLEU of each translate
+    mode against the number of entries (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(report["sizes"], key=int)
+    fig, (speed, bleu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for phase, label in MODES.items():
+        points = [(int(n), report["sizes"][n][phase]) for n in sizes if phase in report["sizes"][n]]
+        if not points:
+            continue
+        xs = [n for n, _ in points]
+        plain = [report["sizes"][str(n)].get("translate-plain", {}).get("tok_s") for n in xs]
+        ratios = [r["tok_s"] / p if p else float("nan") for (_, r), p in zip(points, plain, strict=True)]
+        speed.plot(xs, ratios, marker="o", label=label)
+        bleu.plot(xs, [r["bleu"] for _, r in points], marker="o", label=label)
+    for axis, name in ((speed, "tokens/s ratio to the plain model"), (bleu, "BLEU (target test)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("datastore entries")
+        axis.set_ylabel(name)
+        axis.grid(True, alpha=0.3)
+    speed.legend(fontsize=8)
+    fig.suptitle(
+        f"knnmt scale: {report.get('cpu', '')}, {report.get('cores', '')} cores, {report.get('date', '')}"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -401,6 +446,9 @@ def main() -> None:
         help="Subset kNN-MT's sentence search (the replicas repeat the real texts: BM25 ties them)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the synthetic datastores")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only print the table and draw the plot of results.json"
+    )
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
@@ -412,6 +460,10 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     results_file = WORK / "results.json"
     report: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.report_only:
+        plot(report, WORK / "scaling.png")
+        print(table(report))
+        return
     report.update(
         command="benchmarks/scale.py " + " ".join(sys.argv[1:]),
         cpu=cpu_name(),
@@ -433,6 +485,7 @@ def main() -> None:
         results_file.write_text(json.dumps(report, indent=2))
         if not args.keep:
             shutil.rmtree(WORK / f"ds-{size}", ignore_errors=True)
+    plot(report, WORK / "scaling.png")
     print(table(report))
 
 
