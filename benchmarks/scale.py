@@ -486,7 +486,7 @@ def main() -> None:
     for size in args.sizes:
         phases: dict[str, Any] = report["sizes"].setdefault(str(size), {})
         storages = ["disk"] + (["ram"] if size <= args.ram_up_to else [])
-        steps = [("synth", "synth", {})]
+        steps: list[tuple[str, str, dict[str, Any]]] = [("synth", "synth", {})]
         steps += [(f"index-{storage}", "index", {"storage": storage}) for storage in storages]
         steps += [("subset", "subset", {})]
         modes = ["plain"] + [f"vanilla-{s}" for s in storages] + ["subset"]
