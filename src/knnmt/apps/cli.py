@@ -233,8 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--subset-size", type=int, default=512, help="subset: nearest sentences searched per input"
     )
-    i.add_argument("--pq-m", type=int, default=0, help="subset: PQ bytes per key (0 = dim/8)")
-    i.add_argument("--pq-bits", type=int, default=8, help="subset: bits per PQ code")
+    i.add_argument("--pq-m", type=int, default=0, help="subset: PQ sub-quantisers (0 = dim/8 bytes per key)")
+    i.add_argument("--pq-bits", type=int, default=4, help="subset: bits per PQ code (4: fast-scan on a CPU)")
     i.add_argument(
         "--scorer",
         choices=["auto", "adc", "faiss", "exact"],

@@ -15,6 +15,7 @@ torch, so the same code serves a CPU and a GPU. :meth:`PQCodebook.faiss_index` b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -133,13 +134,19 @@ class PQCodebook:
         picked = luts.reshape(rows, self.m * self.ksub).index_select(1, flat_codes)  # [R, S*M]
         return picked.view(rows, -1, self.m).sum(-1)
 
-    def faiss_index(self, codes: np.ndarray) -> faiss.IndexPQ:
-        """A faiss ``IndexPQ`` holding ``codes`` ``[S, M]`` (CPU; its search computes the same ADC)."""
-        index = faiss.IndexPQ(self.dim, self.m, self.nbits)
+    def faiss_index(self, codes: np.ndarray, fast_scan: bool = False) -> Any:
+        """A faiss ``IndexPQ`` holding ``codes`` ``[S, M]`` (CPU; its search computes the same ADC).
+
+        ``fast_scan``: for 4-bit codes of an even ``M``, the ``IndexPQFastScan`` made from it (faiss
+        packs the codes in blocks of 32 and scores them with SIMD look-up tables rounded to 8 bits:
+        several times faster, distances approximate to about 1 %); other codes stay ``IndexPQ``."""
+        index: Any = faiss.IndexPQ(self.dim, self.m, self.nbits)
         faiss.copy_array_to_vector(self.centroids.cpu().numpy().reshape(-1), index.pq.centroids)
         index.is_trained = True
         if len(codes):
             index.add_sa_codes(self.pack(codes))
+        if fast_scan and self.nbits == 4 and self.m % 2 == 0:
+            return faiss.IndexPQFastScan(index)
         return index
 
     # ---- storage --------------------------------------------------------------------------
