@@ -9,6 +9,7 @@ The generation oracles (λ = 0, batch 1 = batch N, memorisation) run for every r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +288,9 @@ def test_saved_settings_and_identity_check(sentences, tmp_path: Path) -> None:
     assert settings["pq"]["m"] == 8 and settings["pq"]["nbits"] == 4  # 4-bit: fast-scan by default
     assert settings["subset_size"] == 512 and settings["scorer"] == "auto" and settings["rerank"] == 8
     assert settings["sentence_search"]["bm25"]["self_hit_at_1"] == 1.0
-    assert np.load(out / "codes.npy").shape == (store.count, 8)
+    # 8 codes of 4 bits per key, two to a byte in the file (version 2)
+    assert settings["version"] == 2 and settings["pq"]["packed"] is True
+    assert np.load(out / "codes.npy").shape == (store.count, 4)
 
     with pytest.raises(DatastoreError, match=r"a bm25 subset index already exists.*--force"):
         build_subset_index(store, SubsetConfig(pq_m=8, train_size=2000), out=out, progress=False)
@@ -317,7 +320,43 @@ def test_saved_settings_and_identity_check(sentences, tmp_path: Path) -> None:
         build_subset_index(other, SubsetConfig(pq_m=8, pq_bits=4), out=out, progress=False)
     copy = tmp_path / "copy"
     build_subset_index(other, SubsetConfig(pq_m=8, pq_bits=4), out=copy, progress=False)
-    assert SubsetIndex.load(copy, other).codes.shape == (400, 8)
+    assert SubsetIndex.load(copy, other).codes.shape == (400, 4)
+
+
+def test_version_1_indexes_with_a_byte_per_code_still_search_alike(sentences, tmp_path: Path) -> None:
+    """Indexes written before the codes were bit-packed (version 1: one byte per 4-bit code) load and
+    return what the packed index returns; an unknown version is refused with the rebuild command."""
+    store, out = sentences
+    old = tmp_path / "v1"
+    old.mkdir()
+    for name in ("codebooks.npy", "ranges.npy"):
+        (old / name).write_bytes((out / name).read_bytes())
+    shutil.copytree(out / "bm25", old / "bm25")
+    index = SubsetIndex.load(out, store)
+    np.save(old / "codes.npy", index.codebook.unpack(np.asarray(index.codes)))
+    settings = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+    settings["version"] = 1
+    settings["pq"] = {k: v for k, v in settings["pq"].items() if k != "packed"}
+    settings["sentence_search"] = {"bm25": settings["sentence_search"]["bm25"]}
+    settings["default_sentence_search"] = "bm25"
+    write_json_atomic(old / SETTINGS_FILE, settings)
+    assert SubsetIndex.load(old, store).codes.shape == (store.count, 8)
+    sources = list(datastore_sources(store))
+    rng = np.random.default_rng(5)
+    queries = (rng.standard_normal((6, DIM)) * 2).astype(np.float32)
+    groups = np.array([0, 1, 0, 1, 1, 0])
+    for scorer in ("faiss", "adc"):
+        results = []
+        for directory in (out, old):
+            retriever = SubsetRetriever.load(store, directory, SubsetSearch(subset_size=8, scorer=scorer))
+            retriever.prepare([sources[3], sources[77]])
+            results.append(retriever.search(queries, K, groups))
+        np.testing.assert_array_equal(results[0][1], results[1][1])
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    settings["version"] = 3
+    write_json_atomic(old / SETTINGS_FILE, settings)
+    with pytest.raises(DatastoreError, match=r"version 3, expected 'knnmt-subset' version 1 or 2.*--force"):
+        SubsetIndex.load(old, store)
 
 
 # ---- sentence search on the toy model's datastore ---------------------------------------------

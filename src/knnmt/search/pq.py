@@ -72,17 +72,27 @@ class PQCodebook:
             self._faiss_pq = pq
         return self._faiss_pq
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """Codes of ``x`` ``[n, dim]``: ``[n, M]`` uint8 (one byte per sub-vector, ``nbits <= 8``)."""
+    @property
+    def code_size(self) -> int:
+        """Bytes of one bit-packed code (faiss's ``code_size``): ``ceil(M · nbits / 8)``."""
+        return (self.m * self.nbits + 7) // 8
+
+    def encode(self, x: np.ndarray, packed: bool = False) -> np.ndarray:
+        """Codes of ``x`` ``[n, dim]``: ``[n, M]`` uint8 (one byte per sub-vector, ``nbits <= 8``), or
+        faiss's bit-packed ``[n, code_size]`` when ``packed``."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         pq = self.faiss_pq()
-        packed = pq.compute_codes(x)  # [n, code_size] bit-packed
+        codes = np.asarray(pq.compute_codes(x), dtype=np.uint8)  # [n, code_size] bit-packed
+        if packed or self.nbits == 8:
+            return codes
+        return self.unpack(codes)
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """Bit-packed faiss codes ``[n, code_size]`` -> one uint8 per sub-quantiser ``[n, M]`` (faiss
+        packs LSB first)."""
         if self.nbits == 8:
             return np.asarray(packed, dtype=np.uint8)
-        return self._unpack(packed, len(x))
-
-    def _unpack(self, packed: np.ndarray, n: int) -> np.ndarray:
-        """Bit-packed faiss codes -> one uint8 per sub-quantiser (faiss packs LSB first)."""
+        n = len(packed)
         bits = np.unpackbits(packed, axis=1, bitorder="little")[:, : self.m * self.nbits]
         bits = bits.reshape(n, self.m, self.nbits).astype(np.uint8)
         weights = (1 << np.arange(self.nbits, dtype=np.uint16)).astype(np.uint8)
@@ -134,8 +144,9 @@ class PQCodebook:
         picked = luts.reshape(rows, self.m * self.ksub).index_select(1, flat_codes)  # [R, S*M]
         return picked.view(rows, -1, self.m).sum(-1)
 
-    def faiss_index(self, codes: np.ndarray, fast_scan: bool = False) -> Any:
-        """A faiss ``IndexPQ`` holding ``codes`` ``[S, M]`` (CPU; its search computes the same ADC).
+    def faiss_index(self, codes: np.ndarray, fast_scan: bool = False, packed: bool = False) -> Any:
+        """A faiss ``IndexPQ`` holding ``codes`` ``[S, M]`` (or bit-packed ``[S, code_size]`` when
+        ``packed``) (CPU; its search computes the same ADC).
 
         ``fast_scan``: for 4-bit codes of an even ``M``, the ``IndexPQFastScan`` made from it (faiss
         packs the codes in blocks of 32 and scores them with SIMD look-up tables rounded to 8 bits:
@@ -144,7 +155,7 @@ class PQCodebook:
         faiss.copy_array_to_vector(self.centroids.cpu().numpy().reshape(-1), index.pq.centroids)
         index.is_trained = True
         if len(codes):
-            index.add_sa_codes(self.pack(codes))
+            index.add_sa_codes(np.ascontiguousarray(codes) if packed else self.pack(codes))
         if fast_scan and self.nbits == 4 and self.m % 2 == 0:
             return faiss.IndexPQFastScan(index)
         return index

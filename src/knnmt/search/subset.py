@@ -20,7 +20,8 @@ On disk (``<datastore>/subset/``)::
 
     subset.json      # settings, datastore fingerprint, PQ and sentence-search build records
     codebooks.npy    # [M, ksub, dsub] float32 PQ centroids
-    codes.npy        # [N, M] uint8 PQ codes of every key, in entry-id order
+    codes.npy        # [N, code_size] uint8 PQ codes of every key, in entry-id order, bit-packed as
+                     # faiss packs them (version 2: two 4-bit codes per byte; version 1: one per byte)
     ranges.npy       # [sentences + 1] int64 first entry id of each global sentence id
     bm25/ dense/     # the sentence searches built so far (one or both)
 """
@@ -69,7 +70,9 @@ CODEBOOK_FILE = "codebooks.npy"
 CODES_FILE = "codes.npy"
 RANGES_FILE = "ranges.npy"
 FORMAT = "knnmt-subset"
-VERSION = 1
+#: 2: ``codes.npy`` bit-packed (``pq.packed``); 1: one byte per code. This code reads both.
+VERSION = 2
+VERSIONS = (1, 2)
 SCORERS: tuple[str, ...] = ("auto", "adc", "faiss", "exact")
 
 
@@ -188,10 +191,11 @@ def _read_settings(directory: Path) -> dict[str, Any] | None:
         settings: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatastoreError(f"{file}: corrupt settings ({exc.msg} at line {exc.lineno})") from None
-    if settings.get("format") != FORMAT or settings.get("version") != VERSION:
+    if settings.get("format") != FORMAT or settings.get("version") not in VERSIONS:
         raise DatastoreError(
             f"{file}: format {settings.get('format')!r} version {settings.get('version')}, "
-            f"expected {FORMAT!r} version {VERSION}"
+            f"expected {FORMAT!r} version {' or '.join(map(str, VERSIONS))} (a newer knnmt wrote it, or "
+            "it is damaged); rebuild it with `knnmt index --subset --force`"
         )
     return settings
 
@@ -312,12 +316,13 @@ def _build_subset_index(
         book = PQCodebook.train(sample, m, config.pq_bits, seed=config.seed)
         del sample
         with atomic_path(target / CODES_FILE) as tmp:
-            codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(datastore.count, m))
+            shape = (datastore.count, book.code_size)
+            codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             bar = tqdm(
                 total=datastore.count, unit="key", desc="PQ codes", disable=not progress, dynamic_ncols=True
             )
             for lo, keys in datastore.iter_keys():
-                codes[lo : lo + len(keys)] = book.encode(keys)
+                codes[lo : lo + len(keys)] = book.encode(keys, packed=True)
                 bar.update(len(keys))
             bar.close()
             codes.flush()
@@ -325,6 +330,7 @@ def _build_subset_index(
         book.save(target / CODEBOOK_FILE)
         pq_record = {
             **pq_wanted,
+            "packed": True,
             "trained_on": min(config.train_size, datastore.count),
             "build_seconds": round(time.perf_counter() - start, 3),
         }
@@ -426,7 +432,8 @@ class SubsetIndex:
         self.path = path
         self.settings = settings
         self.codebook = codebook
-        self.codes = codes  # [N, M] uint8, memory-mapped
+        self.codes = codes  # [N, code_size] (packed) or [N, M] uint8, memory-mapped
+        self.packed = bool(settings["pq"].get("packed", False))
         self.ranges = ranges  # [sentences + 1] int64
         self._searches: dict[str, SentenceSearch] = {}
 
@@ -447,6 +454,16 @@ class SubsetIndex:
         if kind not in self._searches:
             self._searches[kind] = load_sentence_search(kind, self.path / kind)
         return self._searches[kind]
+
+    def codes_of(self, entries: np.ndarray) -> np.ndarray:
+        """PQ codes of ``entries``, one uint8 per sub-quantiser: ``[len(entries), M]``."""
+        rows = np.asarray(self.codes[entries])
+        return self.codebook.unpack(rows) if self.packed else rows
+
+    def packed_codes_of(self, entries: np.ndarray) -> np.ndarray:
+        """PQ codes of ``entries`` bit-packed as faiss stores them: ``[len(entries), code_size]``."""
+        rows = np.asarray(self.codes[entries])
+        return rows if self.packed else self.codebook.pack(rows)
 
     def entries_of(self, sentence_ids: np.ndarray) -> np.ndarray:
         """Sorted int64 entry ids of all target tokens of ``sentence_ids`` (``-1`` ids ignored)."""
@@ -501,9 +518,10 @@ class SubsetIndex:
             ranges = np.load(path / RANGES_FILE, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise DatastoreError(f"subset index {path} is incomplete or corrupt: {exc}") from None
-        if codes.shape != (datastore.count, codebook.m) or codes.dtype != np.uint8:
+        width = codebook.code_size if settings["pq"].get("packed", False) else codebook.m
+        if codes.shape != (datastore.count, width) or codes.dtype != np.uint8:
             raise DatastoreError(
-                f"{path / CODES_FILE}: expected shape {(datastore.count, codebook.m)} uint8, "
+                f"{path / CODES_FILE}: expected shape {(datastore.count, width)} uint8, "
                 f"found {codes.shape} {codes.dtype}"
             )
         if codebook.dim != datastore.dim:
@@ -611,9 +629,10 @@ class SubsetRetriever:
         for row in sentence_ids:
             subset = _Subset(self.index.entries_of(row))
             if self.scorer == "adc":
-                subset.flat_codes = book.flat_codes(self.index.codes[subset.entries])
+                subset.flat_codes = book.flat_codes(self.index.codes_of(subset.entries))
             elif self.scorer == "faiss":
-                subset.faiss_index = book.faiss_index(self.index.codes[subset.entries], fast_scan=True)
+                packed = self.index.packed_codes_of(subset.entries)
+                subset.faiss_index = book.faiss_index(packed, fast_scan=True, packed=True)
             else:
                 keys = torch.from_numpy(self.datastore.get_keys(subset.entries))
                 subset.keys, subset.norms = keys, (keys**2).sum(-1)
