@@ -37,8 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from scale import cpu_name  # noqa: E402  (benchmarks/scale.py, beside this file)
 
 from knnmt.search.index import _centroid_graph, omp_threads  # noqa: E402
-from knnmt.search.pq import PQCodebook  # noqa: E402
-from knnmt.search.subset import auto_pq_m  # noqa: E402
+from knnmt.search.pq import PQCodebook, pq_subquantizers  # noqa: E402
 from knnmt.store.datastore import Datastore  # noqa: E402
 
 
@@ -109,7 +108,7 @@ def scorer(args: argparse.Namespace) -> dict[str, Any]:
     k = args.candidates
     result: dict[str, Any] = {"entries_per_subset": int(np.mean([len(e) for e in entries]))}
     for label, nbits in (("indexpq_8bit", 8), ("fastscan_4bit", 4)):
-        book = PQCodebook.train(sample, auto_pq_m(store.dim, nbits), nbits)
+        book = PQCodebook.train(sample, pq_subquantizers(store.dim, nbits), nbits)
         codes = [book.encode(store.get_keys(e)) for e in entries]
         per = [book.faiss_index(c, fast_scan=True) for c in codes]
 

@@ -47,6 +47,7 @@ from ..core.durable import atomic_path, fsync_file, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, UsageError
 from ..store.datastore import Datastore
 from ..store.writelock import WriteLock
+from .pq import pq_subquantizers
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +122,8 @@ def auto_factory(count: int, dim: int, on_disk: bool = False) -> str:
     nlist = 2 ** round(math.log2(4 * math.sqrt(count)))
     nlist = int(max(64, min(nlist, 65536, 2 ** math.floor(math.log2(max(count, 1) / 39)))))
     if dim % 2 or on_disk:  # fast-scan packs codes in pairs: an odd dimension gets 8-bit PQ of dim/8 bytes
-        m = min(64, max(1, dim // 8))
-        while dim % m:
-            m -= 1
-        return f"IVF{nlist},PQ{m}"
-    m = min(128, max(2, dim // 4))
-    while dim % m or m % 2:  # sub-vectors must tile the key (m = 2 always does for an even dim)
-        m -= 1
-    return f"IVF{nlist},PQ{m}x4fs"
+        return f"IVF{nlist},PQ{pq_subquantizers(dim, 8)}"
+    return f"IVF{nlist},PQ{pq_subquantizers(dim, 4)}x4fs"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,22 @@ from ..core.durable import atomic_path
 from ..core.errors import DatastoreError, UsageError
 
 
+def pq_subquantizers(dim: int, nbits: int = 8) -> int:
+    """Sub-quantisers for ``dim / 8`` bytes of PQ code per key, a divisor of ``dim``: ``dim / 8`` of 8
+    bits (at most 64) or, for 4-bit codes of an even ``dim``, ``dim / 4`` (at most 128, even, as
+    fast-scan packs codes in pairs; ``m = 2`` always tiles an even key); other widths ``dim / 8``.
+    The one rule behind the automatic IVF factory and Subset kNN-MT's codes."""
+    if nbits == 4 and dim % 2 == 0:
+        m = min(128, max(2, dim // 4))
+        while dim % m or m % 2:
+            m -= 1
+        return m
+    m = min(64, max(1, dim // 8))
+    while dim % m:
+        m -= 1
+    return m
+
+
 class PQCodebook:
     """Trained product-quantisation centroids.
 

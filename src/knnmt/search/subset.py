@@ -49,7 +49,7 @@ from ..core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageEr
 from ..store.datastore import Datastore
 from ..store.writelock import WriteLock
 from .index import omp_threads
-from .pq import PQCodebook
+from .pq import PQCodebook, pq_subquantizers
 from .retriever import exact_rerank
 from .sentence_search import (
     SENTENCE_SEARCHES,
@@ -84,7 +84,8 @@ class SubsetConfig(JsonConfig):
     sentence_search: str = "bm25"
     #: Nearest datastore sentences whose target tokens are searched, per input sentence.
     subset_size: int = 512
-    #: PQ sub-quantisers; 0 = ``dim·pq_bits / 64``, i.e. ``dim / 8`` bytes per key (:func:`auto_pq_m`).
+    #: PQ sub-quantisers; 0 = ``dim / pq_bits`` of them, i.e. ``dim / 8`` bytes per key
+    #: (:func:`knnmt.search.pq.pq_subquantizers`).
     pq_m: int = 0
     #: Bits per PQ code: 4 (16 centroids per sub-quantiser of 4 dimensions) is what faiss's fast-scan
     #: scores with SIMD look-up tables, 6.5x faster than 8-bit codes of the same size (32 bytes per key,
@@ -145,21 +146,6 @@ class SubsetSearch:
         require(
             self.rerank is None or 0 <= self.rerank <= 64, f"rerank must be in [0, 64], got {self.rerank}"
         )
-
-
-def auto_pq_m(dim: int, nbits: int = 8) -> int:
-    """Sub-quantisers for ``dim / 8`` bytes per key: ``dim / 8`` of 8-bit codes (at most 64) or, for
-    4-bit codes, ``dim / 4`` (at most 128, even, as fast-scan packs codes in pairs); other widths
-    ``dim / 8``. Always a divisor of ``dim``."""
-    if nbits == 4 and dim % 2 == 0:
-        m = min(128, max(2, dim // 4))
-        while dim % m or m % 2:
-            m -= 1
-        return m
-    m = min(64, max(1, dim // 8))
-    while dim % m:
-        m -= 1
-    return m
 
 
 def sentence_entry_ranges(datastore: Datastore) -> np.ndarray:
@@ -291,7 +277,7 @@ def _build_subset_index(
         raise DatastoreError(
             f"a {config.sentence_search} subset index already exists at {target}; pass --force to rebuild it"
         )
-    m = config.pq_m or auto_pq_m(datastore.dim, config.pq_bits)
+    m = config.pq_m or pq_subquantizers(datastore.dim, config.pq_bits)
     if datastore.dim % m:
         raise UsageError(f"pq_m {m} does not divide the key dimension {datastore.dim}")
     pq_wanted = {"m": m, "nbits": config.pq_bits, "train_size": config.train_size, "seed": config.seed}
