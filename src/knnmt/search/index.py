@@ -499,13 +499,18 @@ def _build_index(
     return result
 
 
+def _ivf_of(index: Any) -> Any:
+    """The IVF index inside ``index``, downcast to its class (``IndexIVFPQ``…), or ``None``."""
+    found = faiss.try_extract_index_ivf(index)
+    return faiss.downcast_index(found) if found is not None else None
+
+
 def _no_precomputed_table(index: Any) -> None:
     """Make an IVF-PQ index compute its distance tables per query instead of keeping faiss's precomputed
     table: ``nlist·M·256`` floats (32 times the coarse quantizer; 1 GiB at 32,768 lists and 32 bytes
     per code) that an on-disk index would hold privately in RAM. At 1M entries (4,096 lists) searching
     was no slower without it (docs/BENCHMARKS.md, "Scale")."""
-    found = faiss.try_extract_index_ivf(index)
-    ivf: Any = faiss.downcast_index(found) if found is not None else None
+    ivf = _ivf_of(index)
     if ivf is not None and hasattr(ivf, "use_precomputed_table"):
         ivf.use_precomputed_table = -1
         ivf.precomputed_table.clear()
@@ -516,8 +521,7 @@ def _no_polysemous_training(index: Any) -> None:
     ``PQ<m>`` unless the string ends in ``np``: it reorders each codebook for Hamming-distance
     filtering, which our search never enables (``polysemous_ht`` stays 0), and took three quarters of
     the training time (100k keys, IVF256,PQ32: 75 s with it, 19 s without; docs/BENCHMARKS.md)."""
-    found = faiss.try_extract_index_ivf(index)
-    ivf: Any = faiss.downcast_index(found) if found is not None else None
+    ivf = _ivf_of(index)
     if ivf is not None and hasattr(ivf, "do_polysemous_training"):
         ivf.do_polysemous_training = False
 
