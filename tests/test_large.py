@@ -9,6 +9,7 @@ fp16 ones and its re-ranked search finds the same neighbours; the packed values 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,13 @@ from knnmt.search.index import (
     SearchIndex,
     auto_factory,
     build_index,
+    drop_keys,
     exact_index,
     is_on_disk,
     recall_at_k,
 )
 from knnmt.search.retriever import IndexRetriever
+from knnmt.store import datastore as datastore_module
 from knnmt.store.datastore import MANIFEST, PACKED_VALUES, Datastore, read_manifest
 
 N, DIM, K = 12_000, 32, 8
@@ -219,8 +222,8 @@ def test_unknown_manifest_version_is_refused(datastore: Datastore, tmp_path: Pat
     manifest = dict(read_manifest(datastore.path))
     copy = tmp_path / "ds"
     copy.mkdir()
-    (copy / MANIFEST).write_text(json.dumps({**manifest, "version": 3}))
-    with pytest.raises(DatastoreError, match="version 3 is not supported by this knnmt"):
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "version": 4}))
+    with pytest.raises(DatastoreError, match="version 4 is not supported by this knnmt"):
         read_manifest(copy)
     codec = {**manifest, "key": {**manifest["key"], "dtype": "uint8", "codec": {"name": "sq8"}}}
     (copy / MANIFEST).write_text(json.dumps(codec))  # a codec in a version-1 manifest
@@ -268,3 +271,74 @@ def test_cli_index_on_disk_prints_clean_json(synthetic, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # faiss's own chatter ("resizing ...") stays off stdout
     assert report["storage"] == "disk" and report["ntotal"] == N
+
+
+def test_dropped_keys_search_by_pq_distances_alone(synthetic, tmp_path: Path, monkeypatch, caplog) -> None:
+    """Key storage none: the index answers as it did without re-rank, nothing else reads keys, the
+    manifest says so in a version older readers refuse, and whatever needs keys says why it cannot."""
+    store = Datastore.open(shutil.copytree(synthetic[0].path, tmp_path / "ds"))
+    queries = synthetic[1]
+    index = build_index(
+        store, IndexConfig(factory="IVF32,PQ16x4", nprobe=32, train_size=5000), progress=False, force=True
+    )
+    assert index.rerank == 8
+    before = IndexRetriever(SearchIndex.load(index.path, store, rerank=0), store).search(queries, K, None)
+    report = drop_keys(store, index)
+    assert report == {"shards": 5, "bytes_freed": N * DIM * 2 + 5 * 128}  # fp16 keys and .npy headers
+    assert not list(store.path.rglob("keys.npy"))
+    keyless = Datastore.open(store.path)  # verify() no longer asks for keys.npy
+    assert not keyless.has_keys and keyless.describe()["key_storage"] == "none"
+    assert read_manifest(store.path)["version"] == 3
+    assert json.loads((index.path / "index.json").read_text())["rerank"] == 0
+    with caplog.at_level("WARNING"):
+        loaded = SearchIndex.load(index.path, keyless, rerank=8)  # asked for, impossible: PQ alone
+    assert loaded.rerank == 0 and "stores no keys" in caplog.text
+    after = IndexRetriever(loaded, keyless).search(queries, K, None)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+    for needs_keys in (
+        lambda: keyless.get_keys(np.arange(3)),
+        lambda: build_index(keyless, IndexConfig(factory=FACTORY), force=True, progress=False),
+    ):
+        with pytest.raises(DatastoreError, match=r"shard 00000 .* were dropped after indexing"):
+            needs_keys()
+    assert drop_keys(keyless, loaded) == {"shards": 0, "bytes_freed": 0}
+    # a crash after the manifest's commit leaves a key file behind: the next drop removes it
+    np.save(keyless.shards[2].path / "keys.npy", np.zeros((1, DIM), np.float16))
+    assert drop_keys(keyless, loaded)["bytes_freed"] == 128 + DIM * 2
+    monkeypatch.setattr(datastore_module, "VERSIONS", (1, 2))  # a knnmt from before key storage none
+    with pytest.raises(DatastoreError, match="version 3 is not supported by this knnmt"):
+        read_manifest(store.path)
+
+
+def test_keys_dropped_below_a_point_keep_the_later_shards(synthetic, tmp_path: Path) -> None:
+    """Entries appended after the drop (the service's side index reads them) keep their keys."""
+    store = Datastore.open(shutil.copytree(synthetic[0].path, tmp_path / "ds"))
+    assert datastore_module.drop_shard_keys(store, 2 * 2_500 + 10) == (2, 2 * (2_500 * DIM * 2 + 128))
+    mixed = Datastore.open(store.path)
+    assert [s.has_keys for s in mixed.shards] == [False, False, True, True, True]
+    assert mixed.key_storage == "none+fp16" and not mixed.has_keys
+    kept = np.arange(5_000, 5_010)
+    np.testing.assert_array_equal(mixed.get_keys(kept), store.get_keys(kept))
+    with pytest.raises(DatastoreError, match="shard 00001"):
+        mixed.get_keys(np.array([4_999, 5_000]))
+    entry = read_manifest(store.path)
+    entry["shards"][3]["keys"] = "no"
+    (store.path / MANIFEST).write_text(json.dumps(entry))
+    with pytest.raises(DatastoreError, match=r"'shards\[3\].keys' must be true or false"):
+        read_manifest(store.path)
+
+
+def test_cli_drops_the_keys_of_the_index_already_there(synthetic, tmp_path: Path, capsys, caplog) -> None:
+    from knnmt.apps.cli import main
+
+    store = Datastore.open(shutil.copytree(synthetic[0].path, tmp_path / "ds"))
+    common = ["-q", "index", str(store.path), "--factory", "IVF32,PQ16x4", "--train-size", "5000"]
+    assert main([*common, "--no-sentence-index", "--force"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--drop-keys"]) == 0  # no --force: the saved index stays, the keys go
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == 5 and report["bytes_freed"] > N * DIM * 2
+    assert Datastore.open(store.path).key_storage == "none"
+    assert main([*common, "--force"]) == 1  # a rebuild needs the keys: a clear error, not a traceback
+    assert "were dropped after indexing" in caplog.text

@@ -20,13 +20,13 @@ import torch
 
 from conftest import write_synthetic_datastore
 from knnmt.apps.cli import main
-from knnmt.core.config import KNNConfig
+from knnmt.core.config import IndexConfig, KNNConfig
 from knnmt.core.durable import write_json_atomic
 from knnmt.core.errors import DatastoreError, IncompatibleError, KnnmtError, UsageError
 from knnmt.hf.teacher_forcing import embed_sources
 from knnmt.pipeline.build import build_subset_index
 from knnmt.pipeline.translator import KNNMT
-from knnmt.search.index import recall_at_k
+from knnmt.search.index import build_index, drop_keys, recall_at_k
 from knnmt.search.pq import PQCodebook
 from knnmt.search.sentence_search import BM25SentenceSearch, datastore_sources, mean_pool
 from knnmt.search.subset import (
@@ -254,6 +254,34 @@ def test_each_query_searches_its_own_sentences_subset(sentences, scorer: str) ->
         alone.prepare([batch[group]])
         d1, _ = alone.search(queries[row : row + 1], K, np.zeros(1, dtype=np.int64))
         np.testing.assert_allclose(d1[0], distances[row], rtol=1e-6, atol=1e-6)
+
+
+def test_subset_search_without_stored_keys_ranks_by_pq_alone(sentences, tmp_path: Path, caplog) -> None:
+    """Key storage none (keys dropped after indexing): Subset kNN-MT answers what it answered with
+    re-rank 0 before the drop; the exact scorer, which needs the keys, says so."""
+    store = Datastore.open(shutil.copytree(sentences[0].path, tmp_path / "ds"))
+    out = store.path / "subset"
+    sources = list(datastore_sources(store))
+    queries = np.random.default_rng(5).standard_normal((6, DIM)).astype(np.float32) * 2
+    groups = np.array([0, 1, 1, 0, 1, 0])
+
+    def search(datastore: Datastore, rerank: int | None) -> tuple[np.ndarray, np.ndarray]:
+        retriever = SubsetRetriever.load(datastore, out, SubsetSearch(subset_size=20, rerank=rerank))
+        retriever.prepare([sources[7], sources[150]])
+        return retriever.search(queries, K, groups)
+
+    before = search(store, 0)
+    drop_keys(store, build_index(store, IndexConfig(factory="Flat"), progress=False))
+    keyless = Datastore.open(store.path)
+    with caplog.at_level("WARNING"):
+        after = search(keyless, None)  # the saved rerank 8 cannot be honoured: PQ alone, with a warning
+    assert "without re-rank" in caplog.text
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+    with pytest.raises(UsageError, match="exact Subset scorer reads stored keys"):
+        SubsetRetriever.load(keyless, out, SubsetSearch(scorer="exact"))
+    with pytest.raises(DatastoreError, match="dropped after indexing"):
+        build_subset_index(keyless, SubsetConfig(pq_m=8, train_size=2000), out=tmp_path / "s", progress=False)
 
 
 def test_small_subsets_pad_with_missing(sentences) -> None:

@@ -20,7 +20,7 @@ from .core.version import __version__
 from .hf.registry import register_architecture, supported_architectures
 from .pipeline.build import build_datastore, build_subset_index
 from .pipeline.translator import KNNMT, Translation, load_model
-from .search.index import SearchIndex, build_index, exact_index
+from .search.index import SearchIndex, build_index, drop_keys, exact_index
 from .search.subset import SubsetConfig, SubsetRetriever, SubsetSearch
 from .store.corpus import CorpusSpec
 from .store.datastore import Datastore
@@ -47,6 +47,7 @@ __all__ = [
     "build_datastore",
     "build_index",
     "build_subset_index",
+    "drop_keys",
     "exact_index",
     "load_model",
     "register_architecture",

@@ -148,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=["fp16", "sq8"],
         default="fp16",
         help="how keys are stored: fp16 (2 bytes per dimension) or sq8 (8-bit scalar-quantised, 1 byte per "
-        "dimension, for large memories); an --append keeps the datastore's own",
+        "dimension, for large memories); an --append keeps the datastore's own. No keys at all: "
+        "`knnmt index --drop-keys` once the index is built",
     )
     b.add_argument("--max-length", type=int, default=None, help="max tokens per side (default: model max)")
     b.add_argument(
@@ -219,6 +220,13 @@ def _parser() -> argparse.ArgumentParser:
         "a cluster's address (datastore and index on a shared filesystem). Needs pip install 'knnmt[ray]'",
     )
     i.add_argument("--force", action="store_true", help="replace an existing index")
+    i.add_argument(
+        "--drop-keys",
+        action="store_true",
+        help="key storage none: once the index is saved (or for the index already there), delete the "
+        "datastore's keys (dim bytes per entry with sq8). Searches then use PQ distances without exact "
+        "re-rank; the index and a Subset index can no longer be rebuilt from this datastore",
+    )
     i.add_argument(
         "--no-sentence-index",
         action="store_true",
@@ -580,7 +588,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from ..core.config import IndexConfig
-    from ..search.index import build_index
+    from ..search.index import INDEX_FILE, SearchIndex, build_index, drop_keys
     from ..store.datastore import Datastore
 
     config = IndexConfig(
@@ -591,10 +599,16 @@ def _cmd_index(args: argparse.Namespace) -> int:
         train_size=args.train_size,
         use_gpu=args.gpu,
         storage=args.storage or "auto",
+        drop_keys=args.drop_keys,
     )
     store = Datastore.open(args.datastore)
     if args.subset:
         return _index_subset(args, store)
+    target = Path(args.out) if args.out else store.path / "index"
+    if args.drop_keys and not args.force and (target / INDEX_FILE).is_file():  # the index is there
+        index = SearchIndex.load(target, store)
+        print(json.dumps({"index": str(target), **drop_keys(store, index)}, indent=2))
+        return EXIT_OK
     if args.ray is not None:
         from ..pipeline.distributed import build_index_ray
 

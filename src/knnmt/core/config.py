@@ -198,6 +198,11 @@ class IndexConfig(JsonConfig):
     #: or ``auto`` (disk once the in-RAM index would take more than a quarter of the machine's memory,
     #: ``knnmt.search.index.RAM_INDEX_SHARE``: from about 115M entries at d=256 on 24 GiB).
     storage: str = "auto"
+    #: Key storage ``none``: once the index is saved, delete the datastore's stored keys (``dim`` bytes
+    #: per entry with sq8, ``2·dim`` with fp16), which only the exact re-rank, index rebuilds and the
+    #: Subset index read. Searches then use the index's own (PQ) distances. For memories too large to
+    #: keep keys beside the index (1B entries at d=256: 256 GB of sq8 keys against ~50 GB of index).
+    drop_keys: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.factory.strip()), "factory must be a faiss factory string or 'auto'")

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..core.config import IndexConfig
 from ..core.durable import atomic_path, fsync_file, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError, UsageError
-from ..store.datastore import Datastore
+from ..store.datastore import Datastore, drop_shard_keys
 from ..store.writelock import WriteLock
 from .pq import pq_subquantizers
 
@@ -362,6 +362,15 @@ class SearchIndex:
             )
         result = cls(index, settings, path)
         result.set_params(nprobe, ef_search, rerank)
+        if datastore is not None and result.rerank > 0 and not datastore.has_keys:
+            logger.warning(
+                "datastore %s stores no keys (key storage %s): searching by PQ distances, without the exact "
+                "re-rank of %d x k candidates",
+                datastore.path,
+                datastore.key_storage,
+                result.rerank,
+            )
+            result.settings["rerank"] = 0
         return result
 
 
@@ -397,8 +406,45 @@ def build_index(
     Saved to ``out`` (default ``<datastore>/index``) when given or defaulted. ``block_runner`` fills the
     sub-indexes of on-disk lists elsewhere (e.g. on Ray workers); the index is the same.
     """
+    config = config or IndexConfig()
     with WriteLock(datastore.path, "index"):  # one writer at a time, wherever the index goes
-        return _build_index(datastore, config or IndexConfig(), out, progress, force, block_runner)
+        index = _build_index(datastore, config, out, progress, force, block_runner)
+        if config.drop_keys:
+            _drop_keys(datastore, index)
+        return index
+
+
+def drop_keys(datastore: Datastore, index: SearchIndex) -> dict[str, Any]:
+    """Key storage ``none``: delete the datastore's stored keys, which ``index`` (saved, approximate,
+    built over this datastore) makes redundant for search. Frees ``dim`` (sq8) or ``2·dim`` (fp16) bytes
+    per entry; from then on the index searches by its own (PQ) distances, without exact re-rank, and
+    neither it nor a Subset index can be built again from this datastore. Entries appended later keep
+    their keys (the service's side index and compaction read them).
+
+    Returns ``{"shards": dropped now, "bytes_freed": ...}``.
+
+    Raises:
+        DatastoreError: the index is not saved, or does not cover exactly this datastore.
+    """
+    with WriteLock(datastore.path, "drop keys"):
+        return _drop_keys(datastore, index)
+
+
+def _drop_keys(datastore: Datastore, index: SearchIndex) -> dict[str, Any]:
+    where = index.path or "(not saved)"
+    if index.path is None or not (index.path / INDEX_FILE).is_file():
+        raise DatastoreError(f"index {where} is not saved: save it before dropping the keys it replaces")
+    covers = index.settings.get("datastore_fingerprint") == datastore.fingerprint
+    if not covers or index.ntotal != datastore.count:
+        raise DatastoreError(
+            f"index {where} holds {index.ntotal} entries of another version of datastore {datastore.path} "
+            f"({datastore.count} entries): rebuild it (`knnmt index --force`) before dropping keys"
+        )
+    shards, freed = drop_shard_keys(datastore, datastore.count)
+    if index.settings.get("rerank", 0):  # nothing left to re-rank against
+        index.settings["rerank"] = 0
+        write_json_atomic(index.path / SETTINGS_FILE, index.settings)
+    return {"shards": shards, "bytes_freed": freed}
 
 
 def _build_index(
@@ -414,6 +460,7 @@ def _build_index(
         raise DatastoreError(f"an index already exists at {target}; pass --force to rebuild it")
     if datastore.count == 0:
         raise DatastoreError(f"datastore {datastore.path} is empty: nothing to index")
+    datastore.check_keys()  # before anything is trained or written
     on_disk = is_on_disk(config, datastore.count, datastore.dim)
     factory = (
         auto_factory(datastore.count, datastore.dim, on_disk) if config.factory == "auto" else config.factory

@@ -295,6 +295,7 @@ def _build_subset_index(
         pq_record = old["pq"]
         logger.info("reusing the PQ codes at %s", target)
     else:
+        datastore.check_keys()  # the codes are made from the keys: fail before the old index is touched
         searches = {k: v for k, v in searches.items() if k != config.sentence_search}
         (target / SETTINGS_FILE).unlink(missing_ok=True)  # an interrupted rebuild leaves no index, not a mix
         sample = datastore.sample_keys(config.train_size, seed=config.seed)
@@ -552,6 +553,18 @@ class SubsetRetriever:
         self.device = torch.device(options.device or "cpu")
         if self.scorer == "auto":
             self.scorer = "faiss" if self.device.type == "cpu" else "adc"
+        if not datastore.has_keys:  # keys dropped after indexing: PQ distances only
+            if self.scorer == "exact":
+                raise UsageError(
+                    f"the exact Subset scorer reads stored keys, and datastore {datastore.path} has none "
+                    f"(key storage {datastore.key_storage}): use --scorer auto"
+                )
+            if self.rerank > 0:
+                logger.warning(
+                    "datastore %s stores no keys: Subset kNN-MT ranks by PQ distances, without re-rank",
+                    datastore.path,
+                )
+                self.rerank = 0
         if self.scorer == "adc" and index.codebook.centroids.device != self.device:
             index.codebook = PQCodebook(index.codebook.centroids.cpu().numpy(), self.device)
         self.sentences = index.sentence_search(self.kind)  # fails early when not built

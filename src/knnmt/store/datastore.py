@@ -21,7 +21,9 @@ Shards are written under a temporary name and renamed when complete; the manifes
 atomically after each shard, so an interrupted build keeps every finished shard.
 
 Manifest versions: 1 = fp16 keys; 2 = a key codec other than fp16 (``key.codec``), which version-1
-readers must refuse. Readers accept both.
+readers must refuse; 3 = some shards without ``keys.npy`` (``"keys": false`` in their manifest entry:
+key storage ``none``, the keys dropped once an index covered them, see :func:`drop_shard_keys`), which
+readers of versions 1-2 must refuse. Readers accept all three.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.durable import atomic_path, replace_durably
+from ..core.durable import atomic_path, fsync_dir, replace_durably, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError
 from .keycodec import SQ8_TRAIN_ROWS, KeyCodec, check_codec_fields
 
@@ -44,8 +46,12 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "knnmt-datastore"
 VERSION = 1
-#: Manifest versions this code reads (2: keys stored with a codec, see :mod:`knnmt.store.keycodec`).
-VERSIONS = (1, 2)
+#: Manifest versions this code reads (2: keys stored with a codec, see :mod:`knnmt.store.keycodec`;
+#: 3: shards whose keys were dropped, see :func:`drop_shard_keys`).
+VERSIONS = (1, 2, 3)
+#: The manifest version of a datastore with at least one shard without keys.
+KEYLESS_VERSION = 3
+KEYS_FILE = "keys.npy"
 MANIFEST = "manifest.json"
 PACKED_VALUES = "values.npy"
 VALUE_DTYPE = np.int32
@@ -145,6 +151,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise DatastoreError(f"{file}: {problem}; {damaged}")
     if manifest["key"].get("codec") is not None and manifest["version"] < 2:
         raise DatastoreError(f"{file}: a key codec needs manifest version 2, found {manifest['version']}")
+    for i, shard in enumerate(manifest["shards"]):
+        keys = shard.get("keys", True)
+        if not isinstance(keys, bool):
+            raise DatastoreError(f"{file}: field 'shards[{i}].keys' must be true or false; {damaged}")
+        if not keys and manifest["version"] < KEYLESS_VERSION:
+            raise DatastoreError(
+                f"{file}: shard {shard['name']} has no keys, which needs manifest version "
+                f"{KEYLESS_VERSION}, found {manifest['version']}; {damaged}"
+            )
     vectors = manifest.get("sentence_vectors")  # optional: datastores built before it have none
     if vectors is not None and not (isinstance(vectors, dict) and _valid("positive", vectors.get("dim"))):
         raise DatastoreError(
@@ -188,6 +203,8 @@ class Shard:
     count: int
     first_sentence: int
     sentences: int
+    #: ``False`` once the shard's keys were dropped (key storage ``none``): no ``keys.npy``
+    has_keys: bool = True
     _maps: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def load(self, name: str) -> np.ndarray:
@@ -218,6 +235,7 @@ class Datastore:
                     int(info["count"]),
                     int(info["first_sentence"]),
                     int(info["sentences"]),
+                    bool(info.get("keys", True)),
                 )
             )
             start += int(info["count"])
@@ -228,6 +246,35 @@ class Datastore:
         self._starts = np.array([s.start for s in self.shards] + [self.count], dtype=np.int64)
         #: how keys are stored (fp16 or sq8); :meth:`get_keys` decodes through it
         self.codec = KeyCodec.from_manifest(manifest["key"])
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether every entry's key is stored (``False`` once keys were dropped after indexing: then
+        no exact re-rank, no index rebuild and no Subset index build; PQ distances only)."""
+        return all(s.has_keys for s in self.shards)
+
+    @property
+    def key_storage(self) -> str:
+        """``fp16`` or ``sq8`` (the codec), ``none`` when no shard has its keys any more, or e.g.
+        ``none+sq8`` when shards appended after the drop still have theirs."""
+        kept = [s.has_keys for s in self.shards]
+        if all(kept):
+            return self.codec.name
+        return "none" if not any(kept) else f"none+{self.codec.name}"
+
+    def check_keys(self) -> None:
+        """Raise :class:`DatastoreError` (what and what to do) unless every entry's key is stored."""
+        for shard in self.shards:
+            if not shard.has_keys:
+                raise self._no_keys(shard)
+
+    def _no_keys(self, shard: Shard) -> DatastoreError:
+        return DatastoreError(
+            f"datastore {self.path}: the keys of shard {shard.path.name} (entries {shard.start}-"
+            f"{shard.start + shard.count - 1}) were dropped after indexing (key storage none): its index "
+            "searches by PQ distances only and cannot be rebuilt, re-ranked exactly or turned into a Subset "
+            "index; rebuild the datastore (`knnmt build --force`) to have keys again"
+        )
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Datastore:
@@ -254,7 +301,7 @@ class Datastore:
     def verify(self) -> None:
         """Check each shard file exists with the shape and dtype the manifest promises."""
         expected = {
-            "keys.npy": lambda s: ((s.count, self.dim), self.codec.dtype),
+            KEYS_FILE: lambda s: ((s.count, self.dim), self.codec.dtype),
             "values.npy": lambda s: ((s.count,), np.dtype(VALUE_DTYPE)),
             "sentence_ids.npy": lambda s: ((s.count,), np.dtype(np.int64)),
             "positions.npy": lambda s: ((s.count,), np.dtype(np.int32)),
@@ -265,6 +312,8 @@ class Datastore:
             expected[VECTORS_FILE] = lambda s: ((s.sentences, self.vector_dim), np.dtype(VECTOR_DTYPE))
         for shard in self.shards:
             for name, want in expected.items():
+                if name == KEYS_FILE and not shard.has_keys:
+                    continue
                 file = shard.path / name
                 if not file.is_file():
                     raise DatastoreError(
@@ -358,14 +407,20 @@ class Datastore:
         bounds = np.searchsorted(wanted, self._starts)  # [shards + 1]: each shard's slice of ``wanted``
         for s in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():  # only the shards that hold an id
             shard = self.shards[s]
+            if name == KEYS_FILE and not shard.has_keys:
+                raise self._no_keys(shard)
             lo, hi = int(bounds[s]), int(bounds[s + 1])
             out[order[lo:hi]] = shard.load(name)[wanted[lo:hi] - shard.start]
         return out.reshape(shape)
 
     def get_keys(self, ids: np.ndarray) -> np.ndarray:
         """Keys of entry ids (any shape, ``-1`` gives zeros) as float32 ``[*ids.shape, dim]``, decoded by
-        the datastore's key codec (exact for fp16; within 1/510 of each dimension's range for sq8)."""
-        stored = self._gather("keys.npy", ids, self.dim, self.codec.dtype)
+        the datastore's key codec (exact for fp16; within 1/510 of each dimension's range for sq8).
+
+        Raises:
+            DatastoreError: an id lies in a shard whose keys were dropped (:attr:`has_keys`).
+        """
+        stored = self._gather(KEYS_FILE, ids, self.dim, self.codec.dtype)
         return self.codec.decode(stored)
 
     def provenance(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -379,9 +434,14 @@ class Datastore:
         return sent, pos
 
     def iter_keys(self, chunk: int = 100_000) -> Any:
-        """Yield ``(start_id, keys)`` with ``keys`` float32 ``[<=chunk, dim]`` over all entries in order."""
+        """Yield ``(start_id, keys)`` with ``keys`` float32 ``[<=chunk, dim]`` over all entries in order.
+
+        Raises:
+            DatastoreError: before the first chunk, when a shard's keys were dropped.
+        """
+        self.check_keys()
         for shard in self.shards:
-            keys = shard.load("keys.npy")
+            keys = shard.load(KEYS_FILE)
             for lo in range(0, shard.count, chunk):
                 yield shard.start + lo, self.codec.decode(keys[lo : lo + chunk])
 
@@ -414,7 +474,7 @@ class Datastore:
             "sentences": m["sentences"],
             "dim": self.dim,
             "key_dtype": m["key"]["dtype"],
-            "key_storage": self.codec.name,
+            "key_storage": self.key_storage,
             "key_layer": self.key_layer,
             "key_module": m["key"]["module"],
             "model": m["model"]["name"],
@@ -523,3 +583,37 @@ def pack_values(store: Datastore, chunk: int = 1 << 22) -> dict[str, Any]:
         out.flush()
         del out
     return {"file": PACKED_VALUES, "count": store.count, "fingerprint": store.fingerprint}
+
+
+def drop_shard_keys(store: Datastore, upto: int) -> tuple[int, int]:
+    """Drop the keys of every shard whose entries all lie below ``upto`` (key storage ``none``): their
+    manifest entries get ``"keys": false`` and the manifest version 3, then their ``keys.npy`` files are
+    deleted. Returns ``(shards, bytes)`` dropped now (shards dropped before are skipped).
+
+    The caller holds the datastore's write lock and has made sure a saved index covers ids ``0..upto-1``
+    (the keys are gone for good). The manifest is the commit point: a crash after it leaves key files
+    no reader looks at (the next drop removes them), never a manifest that lists missing files.
+    """
+    manifest = read_manifest(store.path)
+    if manifest_fingerprint(manifest) != store.fingerprint:
+        raise DatastoreError(f"datastore {store.path} changed since it was opened; open it again")
+    chosen = [
+        (entry, shard)
+        for entry, shard in zip(manifest["shards"], store.shards, strict=True)
+        if shard.start + shard.count <= upto
+    ]
+    fresh = [shard for entry, shard in chosen if entry.get("keys", True)]
+    for entry, _ in chosen:
+        entry["keys"] = False
+    if chosen:
+        manifest["version"] = KEYLESS_VERSION
+        write_json_atomic(store.path / MANIFEST, manifest)  # the commit point
+    freed = 0
+    for _, shard in chosen:  # also files a crash after an earlier commit left behind
+        file = shard.path / KEYS_FILE
+        if file.is_file():
+            freed += file.stat().st_size
+            file.unlink()
+            fsync_dir(shard.path)
+    logger.info("dropped the keys of %d shard(s) of %s: %.2f GB freed", len(fresh), store.path, freed / 1e9)
+    return len(fresh), freed
