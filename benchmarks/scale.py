@@ -26,9 +26,10 @@ kNN-MT index: PQ codes of every key and the sentence search, ``--sentence-search
 the stored sentence vectors, which the replicas carry with noise as their keys do; BM25 would tie the
 replicas' identical texts), ``translate`` (plain model, vanilla kNN-MT with each index and Subset
 kNN-MT, greedy, batch 32, on ``--sentences`` target test sentences: target tokens/s, ratio to plain,
-BLEU; Subset also its time choosing subsets and their size). The table goes to stdout and a plot of
-speed ratio and BLEU against size to ``runs/scale/scaling.png``. ``--keep`` keeps the datastores
-(default: each size's datastore is deleted after it was measured, so 100M fits within ~40 GB);
+BLEU; Subset also its time choosing subsets and their size; ``vanilla-disk-pq`` searches the on-disk
+index without the exact re-rank, as a datastore whose keys were dropped does). The table goes to
+stdout and a plot of speed ratio and BLEU against size to ``runs/scale/scaling.png``. ``--keep`` keeps
+the datastores (default: each size's datastore is deleted after it was measured, so 100M fits within ~40 GB);
 ``--phases`` runs some phases only (builds now, translate later on an idle machine).
 """
 
@@ -295,7 +296,8 @@ def phase_translate(args: argparse.Namespace) -> dict[str, Any]:
         knn = KNNMT.load((model, tokenizer), store.path, config=config, retrieval="subset", subset=subset)
     else:
         index = None if args.mode == "plain" else store.path / f"index-{args.mode.split('-')[1]}"
-        knn = KNNMT.load((model, tokenizer), store.path, index=index, config=config)
+        rerank = 0 if args.mode.endswith("-pq") else None  # PQ distances only: what key storage none gives
+        knn = KNNMT.load((model, tokenizer), store.path, index=index, config=config, rerank=rerank)
     load_seconds = time.perf_counter() - start
     gen = {"num_beams": 1, "batch_size": 32}
     use_knn = args.mode != "plain"
@@ -394,6 +396,7 @@ MODES = {
     "translate-plain": "plain model",
     "translate-vanilla-ram": "vanilla kNN-MT, lists in RAM",
     "translate-vanilla-disk": "vanilla kNN-MT, lists on disk",
+    "translate-vanilla-disk-pq": "vanilla kNN-MT, on disk, PQ distances only (no keys)",
     "translate-subset": "Subset kNN-MT",
 }
 
@@ -490,7 +493,7 @@ def main() -> None:
         steps: list[tuple[str, str, dict[str, Any]]] = [("synth", "synth", {})]
         steps += [(f"index-{storage}", "index", {"storage": storage}) for storage in storages]
         steps += [("subset", "subset", {})]
-        modes = ["plain"] + [f"vanilla-{s}" for s in storages] + ["subset"]
+        modes = ["plain"] + [f"vanilla-{s}" for s in storages] + ["vanilla-disk-pq", "subset"]
         steps += [(f"translate-{mode}", "translate", {"mode": mode}) for mode in modes]
         for name, phase, extra in steps:
             if phase not in args.phases:
