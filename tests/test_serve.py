@@ -428,8 +428,10 @@ def test_health_info_openapi_and_page(client, datastore) -> None:
 def test_live_retriever_equals_exact_search_without_removed_entries(datastore, removed_sentences) -> None:
     import faiss
 
-    from knnmt.apps.service.memory import LiveRetriever, _State
-    from knnmt.search.index import SearchIndex
+    from knnmt.pipeline.memory import LiveRetriever, _State
+    from knnmt.search.index import SearchIndex, exact_index
+    from knnmt.search.retriever import IndexRetriever
+    from knnmt.store.datastore import Datastore
 
     rng = np.random.default_rng(0)
     split = datastore.shards[1].start  # main index: first shard; side index: the rest
@@ -440,9 +442,10 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     sentences, _ = datastore.provenance(np.arange(datastore.count))
     gone = rng.choice(datastore.manifest["sentences"], removed_sentences, replace=False)
     removed = np.isin(sentences, gone)
-    state = _State(
-        datastore, SearchIndex(main, {"factory": "Flat"}), split, side, removed, int(removed.sum())
-    )
+    store = Datastore(datastore.path, datastore.manifest)  # a view of the session datastore, its own removals
+    store.set_removed(gone.tolist())
+    np.testing.assert_array_equal(store.removed.entries, np.flatnonzero(removed))
+    state = _State(store, SearchIndex(main, {"factory": "Flat"}), split, side)
     queries = datastore.get_keys(rng.choice(datastore.count, 50)) + rng.normal(0, 0.5, (50, datastore.dim))
     queries = queries.astype(np.float32)
     k = 6
@@ -450,7 +453,7 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     assert not retriever.needs_encoder_states
     retriever.prepare(["any source"])  # nothing to prepare
     side_count = datastore.count - split
-    assert retriever.describe() == f"live(index(Flat), {side_count} appended, {removed.sum()} removed)"
+    assert retriever.describe() == f"live(index(Flat), {side_count} appended, {removed_sentences} removed)"
     dist, ids = retriever.search(queries, k, np.zeros(50, dtype=np.int64))
 
     keys = datastore.get_keys(np.arange(datastore.count))
@@ -459,12 +462,16 @@ def test_live_retriever_equals_exact_search_without_removed_entries(datastore, r
     expected = np.sort(exact, axis=1)[:, :k]
     assert (ids >= 0).all() and not removed[ids].any()
     np.testing.assert_allclose(dist, expected, rtol=5e-3)  # faiss: float32 ‖q‖² + ‖k‖² − 2q·k
+    # the retriever of translate, evaluate, tune and explain skips the same entries (one filter)
+    vanilla_dist, vanilla_ids = IndexRetriever(exact_index(store), store).search(queries, k, None)
+    np.testing.assert_allclose(vanilla_dist, expected, rtol=5e-3)
+    assert (vanilla_ids >= 0).all() and not removed[vanilla_ids].any()
 
 
 def test_failed_append_leaves_nothing_behind(open_service, new_pairs, monkeypatch) -> None:
     """A failure after the shard is written but before the manifest commits (what a crash there leaves):
     nothing is acknowledged, the datastore opens unchanged, and the next append takes the slot."""
-    import knnmt.apps.service.memory as memory_module
+    import knnmt.pipeline.memory as memory_module
 
     service = open_service()
     before = service.memory.store.count

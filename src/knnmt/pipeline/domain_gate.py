@@ -36,6 +36,7 @@ from ..core.errors import DatastoreError, UsageError
 from ..hf.teacher_forcing import embed_sources
 from ..search.sentence_search import DenseSentenceSearch, mean_pool
 from ..store.datastore import Datastore
+from ..store.removals import Removed
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +118,15 @@ class DomainGate:
 
     Args:
         search: the datastore's dense sentence index (unit-length mean-pooled encoder states).
+        datastore: whose removed sentences (deletions) are not counted as near (``None``: none are).
     """
 
-    def __init__(self, search: DenseSentenceSearch) -> None:
+    def __init__(self, search: DenseSentenceSearch, datastore: Datastore | None = None) -> None:
         self.search = search
+        self.datastore = datastore
+
+    def _removed(self) -> Removed | None:
+        return self.datastore.removed if self.datastore is not None else None
 
     @classmethod
     def load(cls, datastore: Datastore, subset_dir: str | Path | None = None) -> DomainGate:
@@ -133,7 +139,7 @@ class DomainGate:
         is used with a warning (inputs are compared with the sentences it covers).
         """
         if datastore.vector_dim and subset_dir is None:
-            return cls(_load_stored(datastore))
+            return cls(_load_stored(datastore), datastore)
         from ..search.subset import SUBSET_DIR, checked_settings
 
         directory = Path(subset_dir) if subset_dir is not None else datastore.path / SUBSET_DIR
@@ -143,7 +149,7 @@ class DomainGate:
                 f"the domain gate needs the dense sentence index of {datastore.path}; build it with "
                 f"`knnmt index {datastore.path} --subset --sentence-search dense`"
             )
-        return cls(DenseSentenceSearch.load(directory / GATE_SEARCH))
+        return cls(DenseSentenceSearch.load(directory / GATE_SEARCH), datastore)
 
     def add(self, vectors: np.ndarray) -> None:
         """Count more memory sources: ``[n, d]`` unit sentence vectors (e.g. a new shard's stored ones)."""
@@ -157,7 +163,7 @@ class DomainGate:
             encoder_states: ``[B, L, d]`` the model's encoder output for the batch.
             attention_mask: ``[B, L]`` 1 for real tokens.
         """
-        return self.search.similarity(mean_pool(encoder_states, attention_mask))
+        return self.search.similarity(mean_pool(encoder_states, attention_mask), self._removed())
 
     def similarity_of(
         self, model: Any, tokenizer: Any, sources: Sequence[str], source_prefix: str = ""
@@ -165,7 +171,8 @@ class DomainGate:
         """``[len(sources)]`` similarities of raw input sentences (encodes them with ``model``)."""
         if not sources:
             return np.zeros(0, dtype=np.float32)
-        return self.search.similarity(embed_sources(model, tokenizer, sources, source_prefix=source_prefix))
+        embeddings = embed_sources(model, tokenizer, sources, source_prefix=source_prefix)
+        return self.search.similarity(embeddings, self._removed())
 
 
 def threshold_for_recall(similarities: np.ndarray, recall: float) -> float:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..store.datastore import Datastore
+from ..store.removals import Removed
 from .index import SearchIndex
 
 
@@ -115,6 +116,11 @@ class IndexRetriever(WholeMemoryRetriever):
         return f"index({self.index.factory}" + (f", rerank={rerank})" if rerank > 0 else ")")
 
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest entries not removed (:func:`search_excluding`)."""
+        return search_excluding(self.search_all, queries, k, self.datastore.removed, self.datastore.count)
+
+    def search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest entries, removed ones included (re-ranked when the index says so)."""
         rerank = self.index.rerank
         if rerank <= 0:
             return self.search_index(queries, k)
@@ -125,6 +131,68 @@ class IndexRetriever(WholeMemoryRetriever):
         """The index's own ``k`` nearest (before any re-rank): ``queries [n, dim]`` -> ``(D, I) [n, k]``;
         a distributed retriever answers it with the index's parts."""
         return self.index.search(queries, k)
+
+
+#: Candidates fetched per query at most to replace removed entries: ``k + min(removed, cap)``.
+OVERFETCH_CAP = 1024
+
+
+def search_excluding(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    queries: np.ndarray,
+    k: int,
+    removed: Removed,
+    total: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest entries of each query that are not ``removed``: the one filter of deletions
+    for every retriever that searches the whole memory.
+
+    Without removals this is ``search(queries, k)``. Otherwise ``k + min(removed, 2k)`` candidates are
+    fetched, the removed dropped and the ``k`` nearest kept; rows left short are searched again with 4x
+    more, up to ``k +`` min(removed, :data:`OVERFETCH_CAP`) (more removed neighbours of one query
+    than that leave its row short, ``-1`` padded, rather than scanning without end).
+
+    Args:
+        search: ``(queries [n, dim], fetch) -> (D [n, fetch], I [n, fetch])`` sorted, ``-1`` padded.
+        queries: ``[n, dim]`` float32.
+        removed: what to skip (:attr:`knnmt.store.datastore.Datastore.removed`).
+        total: entries searchable, removed ones included.
+
+    Returns:
+        ``(D [n, k] float32, I [n, k] int64)``, ``inf``/``-1`` padded.
+    """
+    if not removed:
+        return search(queries, k)
+    most = k + min(removed.entry_count, OVERFETCH_CAP)
+    fetch = k + min(removed.entry_count, 2 * k)
+    dist, ids = nearest_kept(*search(queries, fetch), k, removed)
+    reachable = min(k, total - removed.entry_count)
+    while fetch < min(total, most):
+        short = (ids >= 0).sum(axis=1) < reachable
+        if not short.any():
+            break
+        fetch = min(fetch * 4, most)
+        dist[short], ids[short] = nearest_kept(*search(queries[short], fetch), k, removed)
+    return dist, ids
+
+
+def nearest_kept(
+    dist: np.ndarray, ids: np.ndarray, k: int, removed: Removed | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(D, I) [n, c]`` (any order) -> the ``k`` nearest of each row that are not ``-1`` nor removed,
+    sorted, ``inf``/``-1`` padded to ``[n, k]``."""
+    bad = ids < 0
+    if removed:
+        bad |= removed.entry_mask(ids)
+    dist = np.where(bad, np.inf, dist).astype(np.float32)
+    ids = np.where(bad, -1, ids).astype(np.int64)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    dist, ids = np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return dist, ids
 
 
 def exact_rerank(

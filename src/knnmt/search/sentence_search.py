@@ -29,6 +29,7 @@ import torch
 from ..core.durable import atomic_path, fsync_tree, write_json_atomic
 from ..core.errors import DatastoreError, UsageError
 from ..store.datastore import Datastore
+from ..store.removals import Removed
 from .index import auto_factory, omp_threads
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,33 @@ def datastore_sources(datastore: Datastore) -> Iterator[str]:
         with (shard.path / "sentences.jsonl").open(encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)["src"]
+
+
+#: Extra sentences fetched at most to replace removed ones (``n + min(removed, cap)``).
+SENTENCE_OVERFETCH_CAP = 4096
+
+
+def search_sentences(
+    search: SentenceSearch,
+    sources: Sequence[str],
+    embeddings: np.ndarray | None,
+    n: int,
+    removed: Removed | None = None,
+) -> np.ndarray:
+    """``search.search`` without the ``removed`` sentences: the one sentence-level filter of deletions
+    (Subset kNN-MT's subsets). Fetches ``n + min(removed, SENTENCE_OVERFETCH_CAP)`` and keeps the first
+    ``n`` not removed of each row, in the search's order.
+
+    Returns:
+        ``[len(sources), n]`` int64 global sentence ids, ``-1`` padded.
+    """
+    if not removed:
+        return search.search(sources, embeddings, n)
+    found = search.search(sources, embeddings, n + min(len(removed.sentences), SENTENCE_OVERFETCH_CAP))
+    found = np.where(removed.sentence_mask(found), -1, found)
+    order = np.argsort(found < 0, axis=1, kind="stable")[:, :n]  # kept ones first, in their order
+    kept: np.ndarray = np.take_along_axis(found, order, axis=1)
+    return kept
 
 
 # ---- BM25 ------------------------------------------------------------------------------------
@@ -225,18 +253,25 @@ class DenseSentenceSearch:
         out[:, :kk] = ids
         return out
 
-    def similarity(self, embeddings: np.ndarray) -> np.ndarray:
-        """``[B]`` float32 cosine similarity of each embedding to its nearest indexed sentence.
+    def similarity(self, embeddings: np.ndarray, removed: Removed | None = None) -> np.ndarray:
+        """``[B]`` float32 cosine similarity of each embedding to its nearest indexed sentence that is
+        not ``removed`` (``-1`` when there is none among the ``1 + min(removed,``
+        :data:`SENTENCE_OVERFETCH_CAP` ``)`` nearest).
 
         Args:
             embeddings: ``[B, d]`` L2-normalised float32 from :func:`mean_pool` (``-1`` for an empty index).
         """
         if len(embeddings) == 0 or self.count == 0:
             return np.full(len(embeddings), -1.0, dtype=np.float32)
+        fetch = 1 + (min(len(removed.sentences), SENTENCE_OVERFETCH_CAP) if removed else 0)
         with omp_threads(1):
-            distances, _ = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), 1)
+            distances, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), fetch)
+        if removed:
+            distances = np.where((ids < 0) | removed.sentence_mask(ids), np.inf, distances).min(axis=1)
+        else:
+            distances = distances[:, 0]
         # unit vectors: |a - b|^2 = 2 - 2 cos(a, b)
-        return (1.0 - distances[:, 0] / 2.0).astype(np.float32)
+        return np.where(np.isfinite(distances), 1.0 - distances / 2.0, -1.0).astype(np.float32)
 
     def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         """Write the index and ``settings.json`` (with ``extra`` fields) into ``directory``."""

@@ -60,6 +60,7 @@ from .sentence_search import (
     datastore_sources,
     load_sentence_search,
     mean_pool,
+    search_sentences,
 )
 
 logger = logging.getLogger(__name__)
@@ -621,7 +622,9 @@ class SubsetRetriever:
             if encoder_states is None or attention_mask is None:
                 raise UsageError("dense sentence search needs the batch's encoder states and attention mask")
             embeddings = mean_pool(encoder_states, attention_mask)
-        sentence_ids = self.sentences.search(list(sources), embeddings, self.subset_size)
+        sentence_ids = search_sentences(
+            self.sentences, list(sources), embeddings, self.subset_size, self.datastore.removed
+        )
         self.last_sentence_ids = sentence_ids
         book = self.index.codebook
         subsets = []

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,7 @@ import numpy as np
 from ..core.durable import atomic_path, fsync_dir, replace_durably, write_json_atomic
 from ..core.errors import DatastoreError, IncompatibleError
 from .keycodec import SQ8_TRAIN_ROWS, KeyCodec, check_codec_fields
+from .removals import Removed, read_tombstones
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +248,57 @@ class Datastore:
         self._starts = np.array([s.start for s in self.shards] + [self.count], dtype=np.int64)
         #: how keys are stored (fp16 or sq8); :meth:`get_keys` decodes through it
         self.codec = KeyCodec.from_manifest(manifest["key"])
+        #: the removed set, in a one-item list shared by the views of one served datastore
+        self._removals: list[Removed | None] = [None]
+
+    # ---- removals (deletions) ---------------------------------------------------------------
+    @property
+    def removed(self) -> Removed:
+        """Sentences and entries removed from retrieval (:mod:`knnmt.store.removals`), read from the
+        datastore's tombstones when first asked for; :meth:`set_removed` replaces them."""
+        removed = self._removals[0]
+        if removed is None:
+            removed = self._removals[0] = self._removal(read_tombstones(self.path))
+        return removed
+
+    def set_removed(self, sentences: Iterable[int]) -> None:
+        """Make ``sentences`` (global ids) the removed set of this open datastore and of the views that
+        share its removals (:meth:`share_removals`). The writer that saved them with
+        :func:`knnmt.store.removals.write_tombstones` calls it; searches that began before keep the set
+        they started with."""
+        self._removals[0] = self._removal(sentences)
+
+    def share_removals(self, other: Datastore) -> None:
+        """Use (and from now on follow) the removed set of ``other``, a view of this datastore with the
+        same first shards (e.g. before an append): so what readers of either are given stays one set."""
+        self._removals = other._removals
+
+    def _removal(self, sentences: Iterable[int]) -> Removed:
+        ids = np.unique(np.fromiter(sentences, dtype=np.int64))
+        ids = ids[(ids >= 0) & (ids < int(self.manifest["sentences"]))]
+        if not ids.size:
+            return Removed.none()
+        parts = [np.zeros(0, dtype=np.int64)]
+        for shard in self.shards:
+            lo, hi = np.searchsorted(ids, [shard.first_sentence, shard.first_sentence + shard.sentences])
+            if hi > lo:
+                offsets = np.asarray(shard.load("offsets.npy"), dtype=np.int64)
+                local = ids[lo:hi] - shard.first_sentence
+                starts, ends = offsets[local], offsets[local + 1]
+                lengths = ends - starts
+                # every entry of each sentence: starts repeated, plus 0..length-1
+                flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+                parts.append(shard.start + flat)
+        return Removed(ids, np.sort(np.concatenate(parts)))
+
+    def sentence_entries(self, sentence_id: int) -> tuple[int, int]:
+        """Global entry ids ``[lo, hi)`` of a sentence; :class:`KeyError` when there is none."""
+        for shard in self.shards:
+            if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
+                offsets = shard.load("offsets.npy")
+                local = sentence_id - shard.first_sentence
+                return shard.start + int(offsets[local]), shard.start + int(offsets[local + 1])
+        raise KeyError(f"sentence {sentence_id} is not in datastore {self.path}")
 
     @property
     def has_keys(self) -> bool:

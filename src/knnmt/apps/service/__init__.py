@@ -2,7 +2,8 @@
 
 * :mod:`.app` — :class:`Service` and the FastAPI app (:func:`create_app`);
 * :mod:`.batching` — the model thread and dynamic batching;
-* :mod:`.memory` — live memory: append shards, side index, tombstones, compaction, idempotency;
+* live memory (append shards, side index, deletions, compaction, idempotency): :mod:`knnmt.pipeline.memory`,
+  shared with `knnmt memory`;
 * :mod:`.metrics` — Prometheus text metrics;
 * ``static/index.html`` — the web page.
 
@@ -11,9 +12,9 @@ FastAPI and uvicorn are imported only here, so ``import knnmt`` stays light.
 
 from __future__ import annotations
 
+from ...pipeline.memory import LiveMemory, LiveRetriever
 from .app import ServeConfig, Service, bind_socket, create_app, read_token, run_server
 from .batching import BatchConfig, BatchWorker, GenerationOptions
-from .memory import LiveMemory, LiveRetriever
 
 __all__ = [
     "BatchConfig",

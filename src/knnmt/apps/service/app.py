@@ -37,10 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...core.config import KNNConfig, require
 from ...core.errors import KnnmtError, UsageError
 from ...core.version import __version__
+from ...pipeline.memory import AddResult, ConflictError, LiveMemory, load_main_index
 from ...pipeline.translator import KNNMT, Translation, load_model, saved_knn_config
 from ...store.datastore import VECTORS_FILE, Datastore
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
-from .memory import AddResult, ConflictError, LiveMemory, load_main_index
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)

@@ -39,28 +39,24 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ...core.config import BuildConfig
-from ...core.durable import fsync_dir, write_json_atomic
-from ...core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
-from ...hf.teacher_forcing import TooLongError, encode_pairs, sequence_limit
-from ...pipeline.build import vector_dim, write_shard
-from ...search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
-from ...search.retriever import IndexRetriever, WholeMemoryRetriever
-from ...store.datastore import (
+from ..core.config import BuildConfig
+from ..core.durable import fsync_dir, write_json_atomic
+from ..core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..hf.teacher_forcing import TooLongError, encode_pairs, sequence_limit
+from ..search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
+from ..search.retriever import IndexRetriever, WholeMemoryRetriever, nearest_kept, search_excluding
+from ..store.datastore import (
     MANIFEST,
     Datastore,
     manifest_fingerprint,
     read_manifest,
     unlisted_shards,
 )
-from ...store.writelock import WriteLock
+from ..store.removals import write_tombstones
+from ..store.writelock import WriteLock
+from .build import vector_dim, write_shard
 
 logger = logging.getLogger(__name__)
-
-MEMORY_DIR = "memory"
-TOMBSTONES = "tombstones.json"
-#: Extra candidates fetched per query at most to replace removed entries (k + min(removed, cap)).
-OVERFETCH_CAP = 1024
 
 
 class ConflictError(KnnmtError):
@@ -87,59 +83,47 @@ class AddResult:
 
 @dataclasses.dataclass(frozen=True)
 class _State:
-    """What a search needs, swapped as a whole: main index over entries ``[0, main_count)``, exact side
-    index over ``[main_count, count)`` and the removed-entry mask ``[count]`` bool."""
+    """What a search needs, swapped as a whole: main index over entries ``[0, main_count)`` and exact
+    side index over ``[main_count, count)`` of ``store`` (whose ``removed`` says what to skip)."""
 
     store: Datastore
     main: SearchIndex
     main_count: int
     side: Any  # faiss.IndexFlatL2
-    removed: np.ndarray
-    removed_count: int
 
 
 class LiveRetriever(WholeMemoryRetriever):
-    """A :class:`knnmt.search.retriever.Retriever` over main + side index that skips removed entries."""
+    """A :class:`knnmt.search.retriever.Retriever` over main + side index that skips removed entries
+    (the datastore's :attr:`~knnmt.store.datastore.Datastore.removed`, through the same filter as
+    every other retriever: :func:`knnmt.search.retriever.search_excluding`)."""
 
     def __init__(self, state: _State) -> None:
         self.state = state
 
     def describe(self) -> str:
         s = self.state
-        return f"live(index({s.main.factory}), {int(s.side.ntotal)} appended, {s.removed_count} removed)"
+        removed = len(s.store.removed.sentences)
+        return f"live(index({s.main.factory}), {int(s.side.ntotal)} appended, {removed} removed)"
 
     def search(self, queries: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``queries [n, dim]`` float32 -> ``(D [n, k] float32, I [n, k] int64)``, ``-1``/``inf`` padded.
-
-        With removed entries, ``k + min(removed, 2k)`` candidates are fetched first; rows left with fewer
-        than ``k`` after filtering are searched again with 4x more, until full or everything is fetched.
-        """
+        """``queries [n, dim]`` float32 -> ``(D [n, k] float32, I [n, k] int64)``, ``-1``/``inf`` padded."""
         s = self.state  # one snapshot for the whole search
-        q = np.ascontiguousarray(queries, dtype=np.float32)
         total = s.main_count + int(s.side.ntotal)
-        fetch = k + min(s.removed_count, 2 * k)
-        dist, ids = self._search(s, q, fetch, groups, k)
-        while s.removed_count and fetch < min(total, k + s.removed_count):
-            short = (ids >= 0).sum(axis=1) < min(k, total)
-            if not short.any():
-                break
-            fetch = min(fetch * 4, k + min(s.removed_count, OVERFETCH_CAP))
-            d2, i2 = self._search(s, q[short], fetch, groups[short], k)
-            dist[short], ids[short] = d2, i2
-            if fetch == k + min(s.removed_count, OVERFETCH_CAP):
-                break
-        return dist, ids
+
+        def merged(q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+            return self._search(s, q, fetch, groups)
+
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return search_excluding(merged, q, k, s.store.removed, total)
 
     @staticmethod
-    def _search(
-        s: _State, q: np.ndarray, fetch: int, groups: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``fetch`` candidates from main and side each, removed ones dropped, the ``k`` nearest kept."""
+    def _search(s: _State, q: np.ndarray, fetch: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``fetch`` nearest of main and side together, removed ones included, sorted."""
         n = len(q)
         parts_d: list[np.ndarray] = []
         parts_i: list[np.ndarray] = []
         if s.main_count:
-            d, i = IndexRetriever(s.main, s.store).search(q, min(fetch, s.main_count), groups)
+            d, i = IndexRetriever(s.main, s.store).search_all(q, min(fetch, s.main_count))
             parts_d.append(d)
             parts_i.append(i)
         if s.side.ntotal:
@@ -148,22 +132,8 @@ class LiveRetriever(WholeMemoryRetriever):
             parts_d.append(d)
             parts_i.append(np.where(i >= 0, i + s.main_count, -1))
         if not parts_i:
-            return np.full((n, k), np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
-        dist = np.concatenate(parts_d, axis=1).astype(np.float32)
-        ids = np.concatenate(parts_i, axis=1).astype(np.int64)
-        bad = ids < 0
-        if s.removed_count:
-            bad |= s.removed[np.clip(ids, 0, None)]
-        dist = np.where(bad, np.inf, dist)
-        ids = np.where(bad, -1, ids)
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        dist = np.take_along_axis(dist, order, axis=1)
-        ids = np.take_along_axis(ids, order, axis=1)
-        if ids.shape[1] < k:
-            pad = k - ids.shape[1]
-            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        return dist, ids
+            return np.full((n, fetch), np.inf, dtype=np.float32), np.full((n, fetch), -1, dtype=np.int64)
+        return nearest_kept(np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1), fetch)
 
 
 def _prefix_shards(manifest: dict[str, Any], settings: dict[str, Any]) -> int | None:
@@ -286,10 +256,7 @@ class LiveMemory:
             for orphan in unlisted_shards(self.path, store.manifest):
                 logger.warning("removing %s: an unfinished shard from an interrupted append", orphan)
                 shutil.rmtree(orphan)
-        self._tombstones: set[int] = set()
-        tomb_file = self.path / MEMORY_DIR / TOMBSTONES
-        if tomb_file.is_file():
-            self._tombstones = set(json.loads(tomb_file.read_text(encoding="utf-8"))["sentences"])
+        _ = store.removed  # read the tombstones now: a corrupt file fails the start, not a search
         self._keys: dict[str, tuple[str, list[int]]] = {}
         for shard in store.manifest["shards"]:
             memo = shard.get("memory")
@@ -303,8 +270,7 @@ class LiveMemory:
         side = faiss.IndexFlatL2(store.dim)
         if main_count < store.count:
             side.add(store.get_keys(np.arange(main_count, store.count)))
-        removed = self._removed_mask(store, self._tombstones)
-        self.retriever = LiveRetriever(_State(store, main, main_count, side, removed, int(removed.sum())))
+        self.retriever = LiveRetriever(_State(store, main, main_count, side))
 
     # ---- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -325,29 +291,18 @@ class LiveMemory:
 
     @property
     def removed_sentences(self) -> int:
-        return len(self._tombstones)
+        return len(self.store.removed.sentences)
 
     def is_removed(self, sentence_id: int) -> bool:
-        return sentence_id in self._tombstones
+        return bool(self.store.removed.sentence_mask(np.array([sentence_id]))[0])
 
     def is_memory(self, sentence_id: int) -> bool:
         """Whether a sentence was added through :meth:`add` (rather than built from a corpus)."""
-        return any(
-            "memory" in s and s["first_sentence"] <= sentence_id < s["first_sentence"] + s["sentences"]
-            for s in self.store.manifest["shards"]
-        )
+        return is_memory_sentence(self.store, sentence_id)
 
     def get(self, sentence_id: int) -> dict[str, Any]:
         """The stored pair with ``removed`` and ``memory`` flags; :class:`KeyError` if there is none."""
-        store = self.store
-        if not 0 <= sentence_id < int(store.manifest["sentences"]):
-            raise KeyError(f"no sentence {sentence_id} (the datastore has {store.manifest['sentences']})")
-        record = dict(store.sentence(sentence_id))
-        lo, hi = _sentence_entries(store, sentence_id)
-        record.update(
-            entries=hi - lo, removed=self.is_removed(sentence_id), memory=self.is_memory(sentence_id)
-        )
-        return record
+        return sentence_record(self.store, sentence_id)
 
     # ---- writing --------------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -441,8 +396,8 @@ class LiveMemory:
         store.__dict__["values"] = np.concatenate([state.store.values, new_values])  # cached_property
         side = faiss.clone_index(state.side)
         side.add(store.get_keys(new_ids))
-        removed = np.concatenate([state.removed, np.zeros(added, dtype=bool)])
-        self.retriever.state = dataclasses.replace(state, store=store, side=side, removed=removed)
+        store.share_removals(state.store)  # appended pairs are not removed: the same set, kept shared
+        self.retriever.state = dataclasses.replace(state, store=store, side=side)
 
     def delete(self, sentence_id: int) -> int:
         """Remove a sentence's entries from retrieval, durably; returns how many entries it had.
@@ -451,35 +406,9 @@ class LiveMemory:
         """
         self._check_writable()
         with self._lock:
-            state = self.retriever.state
-            if not 0 <= sentence_id < int(state.store.manifest["sentences"]):
-                raise KeyError(
-                    f"no sentence {sentence_id} (the datastore has {state.store.manifest['sentences']})"
-                )
-            lo, hi = _sentence_entries(state.store, sentence_id)
-            if sentence_id not in self._tombstones:
-                tombstones = self._tombstones | {sentence_id}
-                if not (self.path / MEMORY_DIR).is_dir():
-                    (self.path / MEMORY_DIR).mkdir()
-                    fsync_dir(self.path)
-                write_json_atomic(self.path / MEMORY_DIR / TOMBSTONES, {"sentences": sorted(tombstones)})
-                self._tombstones = tombstones
-                removed = state.removed.copy()
-                removed[lo:hi] = True
-                self.retriever.state = dataclasses.replace(
-                    state, removed=removed, removed_count=int(removed.sum())
-                )
-        logger.info("memory: removed sentence %d (%d entries) from retrieval", sentence_id, hi - lo)
-        return hi - lo
-
-    @staticmethod
-    def _removed_mask(store: Datastore, sentences: set[int]) -> np.ndarray:
-        mask = np.zeros(store.count, dtype=bool)
-        for sid in sentences:
-            if 0 <= sid < int(store.manifest["sentences"]):
-                lo, hi = _sentence_entries(store, sid)
-                mask[lo:hi] = True
-        return mask
+            entries = remove_sentences(self.retriever.state.store, [sentence_id])
+        logger.info("memory: removed sentence %d (%d entries) from retrieval", sentence_id, entries)
+        return entries
 
     # ---- compaction -----------------------------------------------------------------------
     def _maybe_compact(self) -> None:
@@ -548,11 +477,64 @@ class LiveMemory:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _sentence_entries(store: Datastore, sentence_id: int) -> tuple[int, int]:
-    """Global entry ids ``[lo, hi)`` of a sentence."""
-    for shard in store.shards:
-        if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
-            offsets = shard.load("offsets.npy")
-            local = sentence_id - shard.first_sentence
-            return shard.start + int(offsets[local]), shard.start + int(offsets[local + 1])
-    raise KeyError(f"sentence {sentence_id} is not in datastore {store.path}")
+
+# ---- what the service and `knnmt memory` share -----------------------------------------------
+
+
+def is_memory_sentence(store: Datastore, sentence_id: int) -> bool:
+    """Whether a sentence was added to the memory (service or ``knnmt memory add``), not built from a
+    corpus."""
+    return any(
+        "memory" in s and s["first_sentence"] <= sentence_id < s["first_sentence"] + s["sentences"]
+        for s in store.manifest["shards"]
+    )
+
+
+def sentence_record(store: Datastore, sentence_id: int) -> dict[str, Any]:
+    """The stored pair ``{"id", "src", "tgt", "corpus", "line", "entries", "removed", "memory"}``;
+    :class:`KeyError` when there is no such sentence."""
+    if not 0 <= sentence_id < int(store.manifest["sentences"]):
+        raise KeyError(f"no sentence {sentence_id} (the datastore has {store.manifest['sentences']})")
+    record = dict(store.sentence(sentence_id))
+    lo, hi = store.sentence_entries(sentence_id)
+    removed = bool(store.removed.sentence_mask(np.array([sentence_id]))[0])
+    record.update(entries=hi - lo, removed=removed, memory=is_memory_sentence(store, sentence_id))
+    return record
+
+
+def remove_sentences(store: Datastore, sentence_ids: Sequence[int]) -> int:
+    """Remove sentences from retrieval everywhere (tombstones, :mod:`knnmt.store.removals`): written
+    durably, then in effect for ``store`` and the views sharing its removals. The caller holds the
+    datastore's write lock. Returns the entries of the sentences given (removed before or now).
+
+    Raises:
+        KeyError: a sentence id the datastore does not have (nothing is written).
+    """
+    entries = 0
+    for sid in sentence_ids:
+        if not 0 <= sid < int(store.manifest["sentences"]):
+            raise KeyError(f"no sentence {sid} (the datastore has {store.manifest['sentences']})")
+        lo, hi = store.sentence_entries(sid)
+        entries += hi - lo
+    before = set(store.removed.sentences.tolist())
+    after = before | set(sentence_ids)
+    if after != before:
+        write_tombstones(store.path, after)  # durable before it takes effect
+        store.set_removed(after)  # searches already running keep the old set
+    return entries
+
+
+def delete_sentences(path: str | Path, sentence_ids: Sequence[int]) -> dict[str, Any]:
+    """``knnmt memory delete``: :func:`remove_sentences` under the datastore's write lock (refused while
+    another writer, e.g. a writable ``knnmt serve``, holds it: delete through its API instead).
+
+    Returns ``{"removed": sentence ids, "entries": their entries, "removed_total": all removed}``.
+    """
+    with WriteLock(path, "memory delete"):
+        store = Datastore.open(path, verify=False)
+        entries = remove_sentences(store, sentence_ids)
+        return {
+            "removed": sorted(set(sentence_ids)),
+            "entries": entries,
+            "removed_total": len(store.removed.sentences),
+        }

@@ -1,0 +1,108 @@
+"""A deleted pair is absent from every reading path: vanilla search (translate, evaluate, tune and
+explain all search through the retriever), Subset kNN-MT (BM25 and dense sentence search, both
+scorers), and the domain gate; deleted by the library (``knnmt memory delete``'s code), seen by a
+datastore opened afterwards. Each check first shows the pair is found before the deletion."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_test_subset, translator_for
+from knnmt.core.config import KNNConfig
+from knnmt.core.errors import DatastoreError
+from knnmt.hf.teacher_forcing import embed_sources
+from knnmt.pipeline.memory import delete_sentences, sentence_record
+from knnmt.pipeline.translator import KNNMT
+from knnmt.store.datastore import Datastore
+from knnmt.store.removals import tombstones_file
+
+SENTENCE = 7
+MODES = ("index", "subset-bm25-faiss", "subset-dense-adc")
+
+
+def _readers(model: Any, tokenizer: Any, store: Datastore, subset: Path) -> dict[str, KNNMT]:
+    config = KNNConfig(k=8, lambda_=0.5, temperature=10.0)
+    return {
+        mode: translator_for(mode, model, tokenizer, store, subset, subset_size=8, config=config)
+        for mode in MODES
+    }
+
+
+def _found(knn: KNNMT, pair: dict[str, Any], store: Datastore) -> dict[str, Any]:
+    """What each reading path finds for the stored pair: the sentences of its neighbours when the pair
+    is explained, and those of the 8 nearest entries of its own keys (queries of a step)."""
+    explained = knn.explain(pair["src"], pair["tgt"], top=8)
+    lo, hi = store.sentence_entries(SENTENCE)
+    knn.retriever.prepare([pair["src"]], *_encoder_states(knn, pair["src"]))
+    _, ids = knn.retriever.search(store.get_keys(np.arange(lo, hi)), 8, np.zeros(hi - lo, dtype=np.int64))
+    sentences, _ = store.provenance(ids)
+    return {
+        "explain": {n.sentence_id for token in explained for n in token.neighbours},
+        "search": set(sentences[ids >= 0].tolist()),
+        "exact_hit": bool((ids[:, 0] == np.arange(lo, hi)).all()),
+    }
+
+
+def _encoder_states(knn: KNNMT, source: str) -> tuple[Any, ...]:
+    if not knn.retriever.needs_encoder_states:
+        return ()
+    inputs = knn.tokenizer([source], return_tensors="pt")
+    with torch.no_grad():
+        states = knn.model.get_encoder()(**inputs).last_hidden_state
+    return states, inputs["attention_mask"]
+
+
+def test_a_deleted_pair_is_absent_from_every_reading_path(marian, datastore, tmp_path: Path) -> None:
+    model, tokenizer = marian
+    store = Datastore.open(shutil.copytree(datastore.path, tmp_path / "ds"))
+    subset = build_test_subset(store, model, tokenizer, tmp_path / "subset")
+    pair = store.sentence(SENTENCE)
+    readers = _readers(model, tokenizer, store, subset)
+    for mode, knn in readers.items():
+        before = _found(knn, pair, store)
+        assert before["exact_hit"], mode  # each of its keys finds itself first
+        assert SENTENCE in before["explain"] and SENTENCE in before["search"], mode
+    gate = readers["index"]
+    assert gate.source_similarity([pair["src"]])[0] > 0.999  # the identical source is in the memory
+
+    report = delete_sentences(store.path, [SENTENCE])
+    entries = int(np.diff(store.sentence_entries(SENTENCE))[0])
+    assert report == {"removed": [SENTENCE], "entries": entries, "removed_total": 1}
+    assert sentence_record(Datastore.open(store.path), SENTENCE)["removed"]
+
+    reopened = Datastore.open(store.path)  # what a new `knnmt translate/evaluate/tune/explain` reads
+    for mode, knn in _readers(model, tokenizer, reopened, subset).items():
+        after = _found(knn, pair, reopened)
+        assert SENTENCE not in after["explain"] and SENTENCE not in after["search"], mode
+        assert len(after["search"]) > 0, mode  # other sentences fill the k neighbours
+        if mode != "index":  # the sentence search itself no longer returns the pair's sentence
+            assert SENTENCE not in knn.retriever.last_sentence_ids.tolist()[0], mode
+            assert (knn.retriever.last_sentence_ids >= 0).all(), mode  # and its place is filled
+        else:
+            # the domain gate compares the input with the nearest sentence still in the memory
+            vectors = np.concatenate([v for _, v in reopened.iter_sentence_vectors()])
+            cosine = vectors @ embed_sources(model, tokenizer, [pair["src"]])[0]
+            nearest_other = np.delete(cosine, SENTENCE).max()
+            similarity = knn.source_similarity([pair["src"]])[0]
+            np.testing.assert_allclose(similarity, nearest_other, atol=1e-4)  # fp16 stored vectors
+            assert cosine[SENTENCE] - nearest_other > 3e-4  # so the check tells the two apart
+
+    # readers opened before the deletion are not told (a new process is); a corrupt list is refused
+    tombstones_file(store.path).write_text("{broken")
+    with pytest.raises(DatastoreError, match="corrupt list of removed sentences"):
+        _ = Datastore.open(store.path).removed
+
+
+def test_delete_refuses_unknown_sentences_and_writes_nothing(datastore, tmp_path: Path) -> None:
+    store = Datastore.open(shutil.copytree(datastore.path, tmp_path / "ds"))
+    with pytest.raises(KeyError, match="no sentence 400"):
+        delete_sentences(store.path, [3, 400])
+    assert not tombstones_file(store.path).exists()
+    assert delete_sentences(store.path, [3, 3, 5])["removed"] == [3, 5]
+    assert delete_sentences(store.path, [3])["removed_total"] == 2  # deleting twice is harmless
