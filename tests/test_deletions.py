@@ -5,6 +5,7 @@ datastore opened afterwards. Each check first shows the pair is found before the
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,44 @@ def test_delete_refuses_unknown_sentences_and_writes_nothing(datastore, tmp_path
     assert not tombstones_file(store.path).exists()
     assert delete_sentences(store.path, [3, 3, 5])["removed"] == [3, 5]
     assert delete_sentences(store.path, [3])["removed_total"] == 2  # deleting twice is harmless
+
+
+def test_memory_command_adds_lists_deletes_and_compacts(toy_dir, datastore, tmp_path: Path, capsys) -> None:
+    from knnmt.apps.cli import main
+    from knnmt.core.config import IndexConfig
+    from knnmt.search.index import SearchIndex, build_index
+    from knnmt.store.writelock import WriteLock
+
+    store = Datastore.open(shutil.copytree(datastore.path, tmp_path / "ds"))
+    build_index(store, IndexConfig(factory="Flat"), progress=False, force=True)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("the new sentence\tder neue satz\nanother one\tnoch einer\n", encoding="utf-8")
+    ds, model = str(store.path), str(toy_dir / "model")
+    add = ["-q", "memory", "add", ds, "-i", str(pairs), "--model", model, "--idempotency-key", "batch-1"]
+
+    assert main(add) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["ids"] == [400, 401] and added["entries"] > 0 and not added["replayed"]
+    assert main(add) == 0  # the same key and file again: nothing added twice
+    assert json.loads(capsys.readouterr().out)["replayed"]
+    assert Datastore.open(ds).manifest["sentences"] == 402
+
+    assert main(["-q", "memory", "delete", ds, "400"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == [400]
+    assert main(["-q", "memory", "list", ds]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["id"], r["memory"], r["removed"], r["src"]) for r in listed] == [
+        (400, True, True, "the new sentence"),
+        (401, True, False, "another one"),
+    ]
+    assert main(["-q", "memory", "list", ds, "--removed"]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [400]
+
+    assert main(["-q", "memory", "compact", ds]) == 0  # the saved index now covers the added pairs
+    assert json.loads(capsys.readouterr().out)["compacted"] == added["entries"]
+    assert SearchIndex.load(store.path / "index", Datastore.open(ds)).ntotal == store.count + added["entries"]
+
+    assert main(["-q", "memory", "delete", ds, "402"]) == 2  # no such sentence: a usage error
+    with WriteLock(store.path, "serve"):  # another writer (a running service) holds the datastore
+        assert main(["-q", "memory", "delete", ds, "401"]) == 1
+    assert 401 not in Datastore.open(ds).removed.sentences

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -333,6 +334,36 @@ def _parser() -> argparse.ArgumentParser:
         help="with --ood-*: the best dev BLEU among confirmed settings losing at most this much "
         "out-of-domain dev BLEU (default 0.5)",
     )
+
+    m = sub.add_parser(
+        "memory",
+        help="add, delete, list or compact a datastore's translation memory (the library code of "
+        "`knnmt serve`'s /memory endpoints, for scripts; refused while a writable service holds it)",
+    )
+    msub = m.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    ma = msub.add_parser("add", help="append pairs from a TSV or JSONL file as one shard")
+    ma.add_argument("datastore", help="datastore directory")
+    ma.add_argument("-i", "--input", required=True, help="pairs: TSV (source<TAB>target) or JSONL file")
+    ma.add_argument("--format", choices=["tsv", "jsonl"], default=None, help="default: from the suffix")
+    ma.add_argument(
+        "--model", default=None, help="the datastore's model (default: the name it was built with)"
+    )
+    ma.add_argument("--device", default=None, help="torch device (default: cpu)")
+    ma.add_argument("--src-lang", default=None, help="source language code (NLLB/M2M100/mBART tokenizers)")
+    ma.add_argument("--tgt-lang", default=None, help="target language code (NLLB/M2M100/mBART tokenizers)")
+    ma.add_argument(
+        "--idempotency-key", default=None, help="a key that makes a repeated add of the same file a no-op"
+    )
+    md = msub.add_parser("delete", help="remove sentences from retrieval (every reading path), durably")
+    md.add_argument("datastore", help="datastore directory")
+    md.add_argument("sentence_ids", type=int, nargs="+", metavar="ID", help="global sentence ids")
+    ml = msub.add_parser("list", help="JSON lines of the sentences added to the memory and removed from it")
+    ml.add_argument("datastore", help="datastore directory")
+    only = ml.add_mutually_exclusive_group()
+    only.add_argument("--added", action="store_true", help="only the sentences added to the memory")
+    only.add_argument("--removed", action="store_true", help="only the removed sentences")
+    mc = msub.add_parser("compact", help="add the entries appended since the saved index to it")
+    mc.add_argument("datastore", help="datastore directory")
 
     n = sub.add_parser("info", help="describe a datastore and its index")
     n.add_argument("datastore", help="datastore directory")
@@ -1030,6 +1061,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from ..pipeline import memory
+    from ..store.datastore import Datastore
+
+    action = args.memory_command
+    if action == "delete":
+        try:
+            report = memory.delete_sentences(args.datastore, args.sentence_ids)
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+        print(json.dumps(report))
+    elif action == "list":
+        store = Datastore.open(args.datastore, verify=False)
+        for record in memory.memory_records(store, added=not args.removed, removed=not args.added):
+            print(json.dumps(record, ensure_ascii=False))
+    elif action == "compact":
+        print(json.dumps(memory.compact_memory(args.datastore)))
+    else:
+        print(json.dumps(dataclasses.asdict(_memory_add(args))))
+    return EXIT_OK
+
+
+def _memory_add(args: argparse.Namespace) -> Any:
+    from ..hf.registry import set_languages
+    from ..pipeline.memory import add_pairs
+    from ..pipeline.translator import load_model
+    from ..store.corpus import CorpusSpec, is_empty, iter_pairs
+    from ..store.datastore import read_manifest
+
+    spec = CorpusSpec.from_args(corpus=args.input, format=args.format)
+    pairs = []
+    for pair in iter_pairs(spec):  # read and checked before the model loads
+        if is_empty(pair):
+            raise UsageError(f"{args.input}:{pair.line}: an empty side; a memory keeps whole pairs only")
+        pairs.append((pair.source, pair.target))
+    name = args.model or read_manifest(Path(args.datastore))["model"]["name"]
+    model, tokenizer = load_model(name, args.device)
+    set_languages(model, tokenizer, args.src_lang, args.tgt_lang)
+    return add_pairs(args.datastore, pairs, model, tokenizer, idempotency_key=args.idempotency_key)
+
+
 COMMANDS = {
     "build": _cmd_build,
     "rollback": _cmd_rollback,
@@ -1040,6 +1112,7 @@ COMMANDS = {
     "tune": _cmd_tune,
     "demo": _cmd_demo,
     "serve": _cmd_serve,
+    "memory": _cmd_memory,
 }
 
 

@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import numpy as np
 from ..core.config import BuildConfig
 from ..core.durable import fsync_dir, write_json_atomic
 from ..core.errors import CorpusError, DatastoreError, IncompatibleError, KnnmtError, UsageError
+from ..hf.registry import check_model
 from ..hf.teacher_forcing import TooLongError, encode_pairs, sequence_limit
 from ..search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, omp_threads
 from ..search.retriever import IndexRetriever, WholeMemoryRetriever, nearest_kept, search_excluding
@@ -257,16 +258,7 @@ class LiveMemory:
                 logger.warning("removing %s: an unfinished shard from an interrupted append", orphan)
                 shutil.rmtree(orphan)
         _ = store.removed  # read the tombstones now: a corrupt file fails the start, not a search
-        self._keys: dict[str, tuple[str, list[int]]] = {}
-        for shard in store.manifest["shards"]:
-            memo = shard.get("memory")
-            if memo and memo.get("idempotency_key"):
-                ids = list(
-                    range(
-                        int(shard["first_sentence"]), int(shard["first_sentence"]) + int(shard["sentences"])
-                    )
-                )
-                self._keys[memo["idempotency_key"]] = (memo["request_sha256"], ids)
+        self._keys = idempotency_keys(store.manifest)
         side = faiss.IndexFlatL2(store.dim)
         if main_count < store.count:
             side.add(store.get_keys(np.arange(main_count, store.count)))
@@ -316,75 +308,22 @@ class LiveMemory:
         with other pairs it raises :class:`ConflictError`.
         """
         self._check_writable()
-        if not pairs:
-            raise UsageError("no pairs to add")
-        if idempotency_key is not None and not idempotency_key.strip():
-            # an empty key would not be found again after a restart (see __init__): refuse it
-            raise UsageError("the idempotency key is empty: give a non-empty key or none")
-        digest = request_digest(pairs)
+        digest = check_add_request(pairs, idempotency_key)
         with self._lock:
-            if idempotency_key is not None and idempotency_key in self._keys:
-                seen_digest, ids = self._keys[idempotency_key]
-                if seen_digest != digest:
-                    raise ConflictError(
-                        f"Idempotency-Key {idempotency_key!r} was already used for different pairs "
-                        f"(ids {ids[0]}..{ids[-1]}); use a new key for a new request"
-                    )
-                return AddResult(ids, 0, replayed=True)
+            replay = replayed(self._keys, idempotency_key, digest)
+            if replay is not None:
+                return replay
             state = self.retriever.state
             manifest = json.loads(json.dumps(state.store.manifest))  # a private copy to commit
             first = int(manifest["sentences"])
-            rows = [(first + i, i + 1, src, tgt) for i, (src, tgt) in enumerate(pairs)]
-            try:  # a memory keeps whole pairs: an over-long one is refused, not cut
-                encoded, _ = encode_pairs(
-                    self.tokenizer,
-                    rows,
-                    max_length=sequence_limit(self.model, self.tokenizer),
-                    truncate=False,
-                    paths="request pair",
-                    source_prefix=manifest.get("tokenization", {}).get("source_prefix", "") or "",
-                )
-            except TooLongError as exc:  # pairs counted from 0, as in the API's other messages
-                raise UsageError(
-                    f"pair {(exc.line or 1) - 1}'s {exc.side} has {exc.tokens} tokens, more than the "
-                    f"maximum of {exc.limit} the model takes; split it into shorter pairs"
-                ) from None
-            except CorpusError as exc:
-                raise UsageError(str(exc)) from None
-            name = f"{len(manifest['shards']):05d}"
-            key_layer = str(manifest["key"]["layer"])
-            count = write_shard(
-                self.path,
-                name,
-                encoded,
-                self.model,
-                self.tokenizer,
-                state.store.dim,
-                vector_dim(manifest),
-                BuildConfig(key_layer=key_layer),
-                -1,
-                codec=state.store.codec,
+            count, name = append_shard(
+                self.path, manifest, pairs, self.model, self.tokenizer, state.store, idempotency_key, digest
             )
-            manifest["shards"].append(
-                {
-                    "name": name,
-                    "count": count,
-                    "sentences": len(encoded),
-                    "first_sentence": first,
-                    "corpus": -1,
-                    "skipped_empty": 0,
-                    "truncated": 0,
-                    "memory": {"idempotency_key": idempotency_key, "request_sha256": digest, "added": _now()},
-                }
-            )
-            manifest["count"] += count
-            manifest["sentences"] += len(encoded)
-            write_json_atomic(self.path / MANIFEST, manifest)  # the commit point
-            ids = list(range(first, first + len(encoded)))
+            ids = list(range(first, first + len(pairs)))
             if idempotency_key is not None:
                 self._keys[idempotency_key] = (digest, ids)
             self._publish(state, manifest, count)
-        logger.info("memory: added %d pair(s) (%d entries) as shard %s", len(encoded), count, name)
+        logger.info("memory: added %d pair(s) (%d entries) as shard %s", len(pairs), count, name)
         self._maybe_compact()
         return AddResult(ids, count)
 
@@ -477,7 +416,6 @@ class LiveMemory:
         shutil.rmtree(old, ignore_errors=True)
 
 
-
 # ---- what the service and `knnmt memory` share -----------------------------------------------
 
 
@@ -538,3 +476,184 @@ def delete_sentences(path: str | Path, sentence_ids: Sequence[int]) -> dict[str,
             "entries": entries,
             "removed_total": len(store.removed.sentences),
         }
+
+
+def idempotency_keys(manifest: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``{idempotency key: (request sha256, sentence ids)}`` of the appends a manifest records."""
+    keys: dict[str, tuple[str, list[int]]] = {}
+    for shard in manifest["shards"]:
+        memo = shard.get("memory")
+        if memo and memo.get("idempotency_key"):
+            first = int(shard["first_sentence"])
+            keys[memo["idempotency_key"]] = (
+                memo["request_sha256"],
+                list(range(first, first + shard["sentences"])),
+            )
+    return keys
+
+
+def check_add_request(pairs: Sequence[tuple[str, str]], idempotency_key: str | None) -> str:
+    """The request digest of ``pairs``, after checking there are some and the key is not blank."""
+    if not pairs:
+        raise UsageError("no pairs to add")
+    if idempotency_key is not None and not idempotency_key.strip():
+        # an empty key would not be found again after a restart (idempotency_keys): refuse it
+        raise UsageError("the idempotency key is empty: give a non-empty key or none")
+    return request_digest(pairs)
+
+
+def replayed(
+    keys: dict[str, tuple[str, list[int]]], idempotency_key: str | None, digest: str
+) -> AddResult | None:
+    """The first call's result when ``idempotency_key`` was used before for the same pairs, ``None``
+    when it is new; :class:`ConflictError` when it was used for other pairs."""
+    if idempotency_key is None or idempotency_key not in keys:
+        return None
+    seen_digest, ids = keys[idempotency_key]
+    if seen_digest != digest:
+        raise ConflictError(
+            f"Idempotency-Key {idempotency_key!r} was already used for different pairs "
+            f"(ids {ids[0]}..{ids[-1]}); use a new key for a new request"
+        )
+    return AddResult(ids, 0, replayed=True)
+
+
+def append_shard(
+    path: Path,
+    manifest: dict[str, Any],
+    pairs: Sequence[tuple[str, str]],
+    model: Any,
+    tokenizer: Any,
+    store: Datastore,
+    idempotency_key: str | None,
+    digest: str,
+) -> tuple[int, str]:
+    """Teacher-force ``pairs`` into one new shard of the datastore at ``path`` and commit it: the shard
+    is written and fsynced under a temporary name, renamed, and listed by the atomic replacement of
+    the manifest (``manifest``, the caller's private copy, is updated to what was committed). The caller
+    holds the write lock. Returns ``(entries, shard name)``.
+
+    Raises:
+        UsageError: a pair is longer than the model takes (pairs are kept whole, never cut), or empty.
+    """
+    first = int(manifest["sentences"])
+    rows = [(first + i, i + 1, src, tgt) for i, (src, tgt) in enumerate(pairs)]
+    try:  # a memory keeps whole pairs: an over-long one is refused, not cut
+        encoded, _ = encode_pairs(
+            tokenizer,
+            rows,
+            max_length=sequence_limit(model, tokenizer),
+            truncate=False,
+            paths="request pair",
+            source_prefix=manifest.get("tokenization", {}).get("source_prefix", "") or "",
+        )
+    except TooLongError as exc:  # pairs counted from 0, as in the API's other messages
+        raise UsageError(
+            f"pair {(exc.line or 1) - 1}'s {exc.side} has {exc.tokens} tokens, more than the "
+            f"maximum of {exc.limit} the model takes; split it into shorter pairs"
+        ) from None
+    except CorpusError as exc:
+        raise UsageError(str(exc)) from None
+    name = f"{len(manifest['shards']):05d}"
+    count = write_shard(
+        path,
+        name,
+        encoded,
+        model,
+        tokenizer,
+        store.dim,
+        vector_dim(manifest),
+        BuildConfig(key_layer=str(manifest["key"]["layer"])),
+        -1,
+        codec=store.codec,
+    )
+    manifest["shards"].append(
+        {
+            "name": name,
+            "count": count,
+            "sentences": len(encoded),
+            "first_sentence": first,
+            "corpus": -1,
+            "skipped_empty": 0,
+            "truncated": 0,
+            "memory": {"idempotency_key": idempotency_key, "request_sha256": digest, "added": _now()},
+        }
+    )
+    manifest["count"] += count
+    manifest["sentences"] += len(encoded)
+    write_json_atomic(path / MANIFEST, manifest)  # the commit point
+    return count, name
+
+
+def add_pairs(
+    path: str | Path,
+    pairs: Sequence[tuple[str, str]],
+    model: Any,
+    tokenizer: Any,
+    idempotency_key: str | None = None,
+) -> AddResult:
+    """``knnmt memory add``: append ``pairs`` to the datastore at ``path`` as one shard, under its write
+    lock, as ``POST /memory`` does (same shard, same idempotency); a running ``knnmt serve`` holds the
+    lock, so add through its API then. Searches opened afterwards find the pairs: the saved index covers
+    the shards before them, the rest is searched exactly beside it until the index is rebuilt or
+    compacted (``knnmt memory compact``).
+
+    Raises:
+        IncompatibleError: ``model``/``tokenizer`` are not the ones the datastore was built with.
+    """
+    digest = check_add_request(pairs, idempotency_key)
+    with WriteLock(path, "memory add"):
+        store = Datastore.open(path, verify=False)
+        check_model(store, model, tokenizer)
+        replay = replayed(idempotency_keys(store.manifest), idempotency_key, digest)
+        if replay is not None:
+            return replay
+        manifest = json.loads(json.dumps(store.manifest))
+        first = int(manifest["sentences"])
+        count, name = append_shard(
+            Path(path), manifest, pairs, model, tokenizer, store, idempotency_key, digest
+        )
+    logger.info("memory: added %d pair(s) (%d entries) as shard %s", len(pairs), count, name)
+    return AddResult(list(range(first, first + len(pairs))), count)
+
+
+def memory_records(store: Datastore, added: bool = True, removed: bool = True) -> Iterator[dict[str, Any]]:
+    """``knnmt memory list``: the records (:func:`sentence_record`) of the sentences added to the memory
+    and/or removed from retrieval, in id order."""
+    wanted: set[int] = set(store.removed.sentences.tolist()) if removed else set()
+    if added:
+        for shard in store.manifest["shards"]:
+            if "memory" in shard:
+                first = int(shard["first_sentence"])
+                wanted.update(range(first, first + int(shard["sentences"])))
+    for sentence_id in sorted(wanted):
+        yield sentence_record(store, sentence_id)
+
+
+def compact_memory(path: str | Path) -> dict[str, Any]:
+    """``knnmt memory compact``: add the entries appended since the saved index was built to (a copy of)
+    that index and save it, as the service's compaction does, under the datastore's write lock.
+
+    Returns ``{"compacted": entries added to the index, "index": its directory}``.
+
+    Raises:
+        DatastoreError: there is no saved index, or its lists are on disk (rebuild it instead:
+            ``knnmt index --force``).
+    """
+    store = Datastore.open(path, verify=False)
+    main, covered, index_dir = load_main_index(store, "auto")
+    if index_dir is None:
+        raise DatastoreError(f"datastore {store.path} has no saved index to compact into; run `knnmt index`")
+    if main.storage == "disk":
+        raise DatastoreError(
+            f"the index at {index_dir} keeps its lists on disk, which compaction cannot merge into yet; "
+            f"rebuild it: `knnmt index {store.path} --force`"
+        )
+    memory = LiveMemory(store, main, covered, index_dir, None, None, compact_every=0)
+    try:
+        if memory.compact(wait=True) and not memory.compactions:
+            raise KnnmtError("the compaction failed (the error is logged above); the index is unchanged")
+        merged = memory.retriever.state.main_count - covered
+    finally:
+        memory.close()
+    return {"compacted": merged, "index": str(index_dir)}
