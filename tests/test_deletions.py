@@ -148,3 +148,34 @@ def test_memory_command_adds_lists_deletes_and_compacts(toy_dir, datastore, tmp_
     with WriteLock(store.path, "serve"):  # another writer (a running service) holds the datastore
         assert main(["-q", "memory", "delete", ds, "401"]) == 1
     assert 401 not in Datastore.open(ds).removed.sentences
+
+
+def test_a_memory_without_keys_still_learns(marian, datastore, tmp_path: Path) -> None:
+    """Key storage none and the live memory: appended pairs keep their keys (side index, compaction),
+    the main index searches without re-rank instead of failing on the dropped keys."""
+    from knnmt.core.config import IndexConfig
+    from knnmt.pipeline.memory import LiveMemory, add_pairs, load_main_index
+    from knnmt.search.index import build_index
+
+    model, tokenizer = marian
+    path = shutil.copytree(datastore.path, tmp_path / "ds")
+    config = IndexConfig(factory="IVF4,SQ8", nprobe=4, train_size=1000, drop_keys=True)
+    build_index(Datastore.open(path), config, progress=False, force=True)
+    assert Datastore.open(path).key_storage == "none"
+    add_pairs(path, [("the new sentence", "der neue satz")], model, tokenizer)
+    store = Datastore.open(path)
+    assert store.key_storage == "none+fp16"
+    main, covered, index_dir = load_main_index(store, "auto")
+    assert main.rerank == 0 and covered == datastore.count
+    memory = LiveMemory(store, main, covered, index_dir, model, tokenizer, compact_every=0)
+    try:
+        lo, hi = store.sentence_entries(400)
+        queries = store.get_keys(np.arange(lo, hi))
+        _, ids = memory.retriever.search(queries, 4, np.zeros(hi - lo, dtype=np.int64))
+        assert (ids[:, 0] == np.arange(lo, hi)).all()  # the added pair's keys find themselves
+        old = datastore.get_keys(np.arange(0, 5))  # and the main index still answers, by its own codes
+        _, ids = memory.retriever.search(old, 4, np.zeros(5, dtype=np.int64))
+        assert (ids[:, 0] == np.arange(5)).mean() >= 0.6
+        assert memory.compact(wait=True) and memory.compactions == 1
+    finally:
+        memory.close()

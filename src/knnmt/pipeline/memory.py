@@ -193,7 +193,8 @@ def load_main_index(store: Datastore, index: str | Path | None) -> tuple[SearchI
             f"{store.path} or "
             f"any of its first shards ({store.count} entries now); rebuild it with `knnmt index --force`"
         )
-    loaded = SearchIndex.load(directory)
+    loaded = SearchIndex.load(directory)  # may cover a prefix only: checked against it below
+    loaded.fit_key_storage(store)
     covered = int(sum(int(s["count"]) for s in store.manifest["shards"][:shards]))
     if loaded.ntotal != covered:
         raise IncompatibleError(

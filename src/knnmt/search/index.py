@@ -362,16 +362,22 @@ class SearchIndex:
             )
         result = cls(index, settings, path)
         result.set_params(nprobe, ef_search, rerank)
-        if datastore is not None and result.rerank > 0 and not datastore.has_keys:
+        if datastore is not None:
+            result.fit_key_storage(datastore)
+        return result
+
+    def fit_key_storage(self, datastore: Datastore) -> None:
+        """Turn the exact re-rank off (with a warning) when ``datastore`` no longer stores every key
+        (key storage ``none``, :func:`drop_keys`): the index's own distances are all there is."""
+        if self.rerank > 0 and not datastore.has_keys:
             logger.warning(
                 "datastore %s stores no keys (key storage %s): searching by PQ distances, without the exact "
                 "re-rank of %d x k candidates",
                 datastore.path,
                 datastore.key_storage,
-                result.rerank,
+                self.rerank,
             )
-            result.settings["rerank"] = 0
-        return result
+            self.settings["rerank"] = 0
 
 
 def exact_index(datastore: Datastore) -> SearchIndex:
