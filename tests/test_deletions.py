@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +160,16 @@ def test_a_memory_without_keys_still_learns(marian, datastore, tmp_path: Path) -
 
     model, tokenizer = marian
     path = shutil.copytree(datastore.path, tmp_path / "ds")
-    config = IndexConfig(factory="IVF4,SQ8", nprobe=4, train_size=1000, drop_keys=True)
-    build_index(Datastore.open(path), config, progress=False, force=True)
+    config = IndexConfig(factory="IVF4,SQ8", nprobe=4, train_size=1000)
+    other = path / "index-other"  # a second index over the same entries, built while keys were there
+    build_index(Datastore.open(path), config, other, progress=False)
+    build_index(Datastore.open(path), replace(config, drop_keys=True), progress=False, force=True)
     assert Datastore.open(path).key_storage == "none"
     add_pairs(path, [("the new sentence", "der neue satz")], model, tokenizer)
     store = Datastore.open(path)
     assert store.key_storage == "none+fp16"
-    main, covered, index_dir = load_main_index(store, "auto")
+    assert json.loads((other / "index.json").read_text())["rerank"] == 8  # saved before the drop
+    main, covered, index_dir = load_main_index(store, other)
     assert main.rerank == 0 and covered == datastore.count
     memory = LiveMemory(store, main, covered, index_dir, model, tokenizer, compact_every=0)
     try:
