@@ -342,3 +342,39 @@ def test_cli_drops_the_keys_of_the_index_already_there(synthetic, tmp_path: Path
     assert Datastore.open(store.path).key_storage == "none"
     assert main([*common, "--force"]) == 1  # a rebuild needs the keys: a clear error, not a traceback
     assert "were dropped after indexing" in caplog.text
+
+
+def test_values_of_appended_shards_extend_the_packed_file_without_copying_it() -> None:
+    from knnmt.store.datastore import Values
+
+    prefix = np.arange(10, dtype=np.int32)
+    first = Values.extend(prefix, np.array([100, 101], dtype=np.int32))
+    second = Values.extend(first, np.array([102], dtype=np.int32))
+    assert len(first) == 12 and len(second) == 13 and first.prefix is prefix
+    np.testing.assert_array_equal(second[np.array([[0, 12], [11, 9]])], [[0, 102], [101, 9]])
+    np.testing.assert_array_equal(np.asarray(first), [*range(10), 100, 101])  # a view keeps its length
+    fork = Values.extend(first, np.array([200], dtype=np.int32))  # from an older view: its own buffer
+    assert fork[np.array([12])][0] == 200 and second[np.array([12])][0] == 102
+    with pytest.raises(IndexError, match="out of range"):
+        second[np.array([13])]
+
+
+def test_a_datastore_appended_to_maps_its_packed_values_and_reads_only_the_new_ones(
+    datastore: Datastore, tmp_path: Path
+) -> None:
+    from knnmt.store.datastore import Values
+
+    store = Datastore.open(shutil.copytree(datastore.path, tmp_path / "ds"))
+    manifest = json.loads(json.dumps(store.manifest))
+    last = manifest["shards"][-1]  # the last shard listed again as an appended one (same files)
+    shutil.copytree(store.path / "shards" / last["name"], store.path / "shards" / "00099")
+    first = manifest["sentences"]
+    manifest["shards"].append({**last, "name": "00099", "first_sentence": first})
+    manifest["count"] += last["count"]
+    manifest["sentences"] += last["sentences"]
+    grown = Datastore(store.path, manifest)
+    values = grown.values
+    assert isinstance(values, Values) and isinstance(values.prefix, np.memmap)
+    expected = np.concatenate([np.asarray(s.load("values.npy")) for s in grown.shards])
+    ids = np.random.default_rng(0).integers(0, grown.count, 500)
+    np.testing.assert_array_equal(values[ids], expected[ids])

@@ -26,6 +26,7 @@ from ..core.config import KNNConfig
 from ..core.errors import KnnmtError
 from ..knn.distribution import interpolate, knn_log_probs, retrieval_weights
 from ..search.retriever import Retriever
+from ..store.datastore import Values
 from .beam_tracking import BeamSettings, BeamTracker
 from .capture import ActivationCapture
 from .registry import key_module
@@ -86,7 +87,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self,
         capture: ActivationCapture,
         retriever: Retriever,
-        values: np.ndarray,
+        values: np.ndarray | Values,
         config: KNNConfig,
         batch_size: int,
         finished_ids: Sequence[int],
@@ -99,7 +100,8 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise ValueError(f"sentence_on must have shape ({batch_size},), got {tuple(sentence_on.shape)}")
         self.capture = capture
         self.retriever = retriever
-        self.values = np.asarray(values)  # [N] int32; gathered per step, never copied whole
+        # [N] int32 (an array or a store.datastore.Values view); gathered per step, never copied whole
+        self.values = values if isinstance(values, Values) else np.asarray(values)
         self.config = config
         self.batch_size = batch_size
         self.finished_ids = torch.tensor(sorted(set(finished_ids)), dtype=torch.long)
@@ -224,7 +226,7 @@ class KNNLogitsProcessor(LogitsProcessor):
 def knn_generation(
     model: torch.nn.Module,
     retriever: Retriever,
-    values: np.ndarray,
+    values: np.ndarray | Values,
     config: KNNConfig,
     *,
     batch_size: int,

@@ -49,6 +49,7 @@ from ..search.retriever import IndexRetriever, WholeMemoryRetriever, nearest_kep
 from ..store.datastore import (
     MANIFEST,
     Datastore,
+    Values,
     manifest_fingerprint,
     read_manifest,
     unlisted_shards,
@@ -333,7 +334,8 @@ class LiveMemory:
         store = Datastore(self.path, manifest)
         new_ids = np.arange(state.store.count, store.count)
         new_values = np.asarray(store.shards[-1].load("values.npy"))
-        store.__dict__["values"] = np.concatenate([state.store.values, new_values])  # cached_property
+        # the new shard's values only, after the packed ones: O(added), not O(datastore) (cached_property)
+        store.__dict__["values"] = Values.extend(state.store.values, new_values)
         side = faiss.clone_index(state.side)
         side.add(store.get_keys(new_ids))
         store.share_removals(state.store)  # appended pairs are not removed: the same set, kept shared

@@ -433,22 +433,44 @@ class Datastore:
 
     # ---- arrays ---------------------------------------------------------------------------
     @cached_property
-    def values(self) -> np.ndarray:
-        """All values, ``[count]`` int32: the packed ``values.npy`` memory-mapped (page cache, not
-        private memory) when it is current, else the shards' values concatenated in memory (4 bytes per
-        entry; datastores from before the packed file, or appended to since it was written)."""
+    def values(self) -> np.ndarray | Values:
+        """All values, ``[count]`` int32, to gather by entry ids (``values[ids]``): the packed
+        ``values.npy`` memory-mapped (page cache, not private memory) when it covers every entry; when
+        shards were appended since it was written (the service, ``knnmt memory add``) a :class:`Values`
+        view of it plus the appended shards' values in memory; without a packed file (datastores from
+        before it) the shards' values concatenated in memory (4 bytes per entry)."""
         if not self.shards:
             return np.zeros(0, dtype=VALUE_DTYPE)
+        covered = self._packed_prefix()
+        if not covered:
+            return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
+        values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
+        if covered == len(self.shards):
+            return values
+        tail = np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards[covered:]])
+        return Values(values, tail)
+
+    def _packed_prefix(self) -> int:
+        """How many leading shards the packed ``values.npy`` holds (0: none, or no usable file)."""
         packed = self.manifest.get("packed_values")
-        if isinstance(packed, dict) and packed.get("fingerprint") == self.fingerprint:
-            values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
-            if values.shape == (self.count,) and values.dtype == VALUE_DTYPE:
-                return values
-            logger.warning(
-                "%s does not match the manifest: reading the shards' values instead",
-                self.path / PACKED_VALUES,
-            )
-        return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
+        if not isinstance(packed, dict):
+            return 0
+        total = 0
+        for n, shard in enumerate(self.shards, start=1):
+            total += shard.count
+            if total == packed.get("count"):
+                prefix = {**self.manifest, "count": total, "shards": self.manifest["shards"][:n]}
+                if manifest_fingerprint(prefix) != packed.get("fingerprint"):
+                    break
+                try:
+                    values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
+                except (OSError, ValueError):
+                    break
+                if values.shape == (total,) and values.dtype == VALUE_DTYPE:
+                    return n
+                break
+        logger.warning("%s does not match the manifest: reading the shards' values instead", PACKED_VALUES)
+        return 0
 
     def _gather(self, name: str, ids: np.ndarray, width: int | None, dtype: Any) -> np.ndarray:
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -670,3 +692,59 @@ def drop_shard_keys(store: Datastore, upto: int) -> tuple[int, int]:
             fsync_dir(shard.path)
     logger.info("dropped the keys of %d shard(s) of %s: %.2f GB freed", len(fresh), store.path, freed / 1e9)
     return len(fresh), freed
+
+
+class Values:
+    """Values ``[len]`` int32 as a packed prefix (``values.npy``, memory-mapped) plus the values of
+    shards appended since (in memory, in a buffer that grows by doubling), gathered by entry ids like an
+    array. :meth:`extend` makes a longer view without copying the prefix, so an append costs the new
+    values, not the datastore's size; a view never sees what was appended after it was made.
+    """
+
+    dtype = np.dtype(VALUE_DTYPE)
+
+    def __init__(self, prefix: np.ndarray, tail: np.ndarray) -> None:
+        self.prefix = prefix
+        self._buffer = np.array(tail, dtype=VALUE_DTYPE)
+        self._tail = len(tail)
+        self._filled = [self._tail]  # shared by the views of one buffer: how far it is written
+
+    def __len__(self) -> int:
+        return len(self.prefix) + self._tail
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        """Values of entry ids (an int array of any shape, every id in ``[0, len)``)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
+            raise IndexError(f"entry id out of range [0, {len(self)})")
+        cut = len(self.prefix)
+        out = np.empty(ids.shape, dtype=VALUE_DTYPE)
+        head = ids < cut
+        out[head] = self.prefix[ids[head]]
+        out[~head] = self._buffer[ids[~head] - cut]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate([np.asarray(self.prefix), self._buffer[: self._tail]])
+        return whole.astype(dtype) if dtype is not None else whole
+
+    @classmethod
+    def extend(cls, values: np.ndarray | Values, new: np.ndarray) -> Values:
+        """``values`` followed by ``new``. The prefix is never copied; the tail buffer is shared while
+        it has room and ``values`` is the longest view of it (amortised O(len(new)) per call)."""
+        if not isinstance(values, Values):
+            return cls(values, new)
+        used, buffer, filled = values._tail, values._buffer, values._filled
+        if used + len(new) > len(buffer) or filled[0] != used:  # no room, or a longer view exists
+            grown = np.empty(max(2 * len(buffer), used + len(new), 1024), dtype=VALUE_DTYPE)
+            grown[:used] = buffer[:used]
+            buffer, filled = grown, [used]
+        buffer[used : used + len(new)] = new
+        filled[0] = used + len(new)
+        view = cls.__new__(cls)
+        view.prefix, view._buffer, view._tail, view._filled = values.prefix, buffer, used + len(new), filled
+        return view
