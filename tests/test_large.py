@@ -222,8 +222,8 @@ def test_unknown_manifest_version_is_refused(datastore: Datastore, tmp_path: Pat
     manifest = dict(read_manifest(datastore.path))
     copy = tmp_path / "ds"
     copy.mkdir()
-    (copy / MANIFEST).write_text(json.dumps({**manifest, "version": 4}))
-    with pytest.raises(DatastoreError, match="version 4 is not supported by this knnmt"):
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "version": 5}))
+    with pytest.raises(DatastoreError, match="version 5 is not supported by this knnmt"):
         read_manifest(copy)
     codec = {**manifest, "key": {**manifest["key"], "dtype": "uint8", "codec": {"name": "sq8"}}}
     (copy / MANIFEST).write_text(json.dumps(codec))  # a codec in a version-1 manifest

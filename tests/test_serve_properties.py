@@ -178,6 +178,7 @@ def served(
         max_beam=2,
         max_k=16,
         compact_every=0,
+        merge_fanout=0,  # the stored bytes must only ever grow here; merges have their own tests
         batch=BatchConfig(max_batch=8, max_wait_ms=1),
     )
     service = Service.open(marian, path, config, index=None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -407,6 +406,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-chars", type=int, default=1000, help="characters per sentence")
     v.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
     v.add_argument("--compact-every", type=int, default=4096, help="side-index entries before compaction")
+    v.add_argument(
+        "--merge-fanout",
+        type=int,
+        default=8,
+        help="appended shards merged into one in the background (0 = never): the shard count stays "
+        "logarithmic in the number of additions",
+    )
 
     d = sub.add_parser("demo", help="build, index, translate and score the bundled example end to end")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its datastore and report")
@@ -1029,6 +1035,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_sentences=args.max_sentences,
         max_chars=args.max_chars,
         compact_every=args.compact_every,
+        merge_fanout=args.merge_fanout,
         batch=batch,
     )
     sock = bind_socket(args.host, args.port)  # a port in use fails now, before the model loads
@@ -1079,7 +1086,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     elif action == "compact":
         print(json.dumps(memory.compact_memory(args.datastore)))
     else:
-        print(json.dumps(dataclasses.asdict(_memory_add(args))))
+        print(json.dumps(_memory_add(args).report()))
     return EXIT_OK
 
 

@@ -57,6 +57,7 @@ from ..store.datastore import (
     Datastore,
     ShardWriter,
     manifest_version,
+    next_shard_name,
     pack_values,
     read_manifest,
     unlisted_shards,
@@ -532,7 +533,7 @@ def _forget_unstarted(out: Path, manifest: dict[str, Any], corpus_index: int, fr
         manifest["corpora"].pop()
         manifest["state"] = "complete"
         write_json_atomic(out / MANIFEST, manifest)
-    shutil.rmtree(out / "shards" / f"{len(manifest['shards']):05d}.tmp", ignore_errors=True)
+    shutil.rmtree(out / "shards" / f"{next_shard_name(manifest)}.tmp", ignore_errors=True)
 
 
 def _fill(
@@ -592,7 +593,8 @@ def _fill(
             first += len(encoded)
             number += 1
 
-    written = runner(plan(next_sentence, len(manifest["shards"])), bar, rate, dict(manifest["key"]))
+    first_number = int(next_shard_name(manifest))  # never a name used before (merges remove shards)
+    written = runner(plan(next_sentence, first_number), bar, rate, dict(manifest["key"]))
     with contextlib.closing(written):  # a failure here stops the runner's work in flight
         for job, count, key in written:
             manifest["key"].update(key)  # an sq8 codec learns its ranges from shard 0

@@ -270,21 +270,13 @@ def _load_stored(datastore: Datastore) -> DenseSentenceSearch:
 
 
 def _prefix_fingerprint(datastore: Datastore, sentences: int) -> str | None:
-    """The fingerprint the datastore had when it held its first ``sentences`` sentences (whole shards)."""
-    from ..store.datastore import manifest_fingerprint
+    """The fingerprint the datastore had when it held its first ``sentences`` sentences (whole shards as
+    written, merged ones counted by their parts)."""
+    from ..store.datastore import manifest_fingerprint, prefixes
 
-    manifest = datastore.manifest
-    total = 0
-    for n, shard in enumerate(manifest["shards"], start=1):
-        total += int(shard["sentences"])
-        if total == sentences:
-            shards = manifest["shards"][:n]
-            corpora = 1 + max((int(s["corpus"]) for s in shards), default=-1)  # corpora appended since go
-            prefix = {
-                **manifest,
-                "count": sum(int(s["count"]) for s in shards),
-                "shards": shards,
-                "corpora": manifest["corpora"][:corpora],
-            }
-            return manifest_fingerprint(prefix)
+    for prefix in prefixes(datastore.manifest):
+        if prefix["sentences"] == sentences:
+            corpora = 1 + max((int(s["corpus"]) for s in prefix["shards"]), default=-1)  # appended since go
+            return manifest_fingerprint({**prefix, "corpora": prefix["corpora"][:corpora]})
     return None
+

@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,17 @@ from ..search.index import INDEX_FILE, SETTINGS_FILE, SearchIndex, exact_index, 
 from ..search.retriever import IndexRetriever, WholeMemoryRetriever, nearest_kept, search_excluding
 from ..store.datastore import (
     MANIFEST,
+    VECTORS_FILE,
     Datastore,
     Values,
+    logical_shards,
     manifest_fingerprint,
+    next_shard_name,
+    prefixes,
     read_manifest,
     unlisted_shards,
 )
+from ..store.merge import FANOUT, merged_away, merged_manifest, plan_merge, write_merged_shard
 from ..store.removals import write_tombstones
 from ..store.writelock import WriteLock
 from .build import vector_dim, write_shard
@@ -81,6 +86,13 @@ class AddResult:
     ids: list[int]
     entries: int
     replayed: bool = False
+    #: ``[len(ids), d_model]`` the stored sentence vectors of the added pairs (``None``: replayed, or a
+    #: datastore without sentence vectors), for a domain gate to count them at once
+    vectors: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def report(self) -> dict[str, Any]:
+        """``{"ids", "entries", "replayed"}`` for JSON output."""
+        return {"ids": self.ids, "entries": self.entries, "replayed": self.replayed}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +150,14 @@ class LiveRetriever(WholeMemoryRetriever):
         return nearest_kept(np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1), fetch)
 
 
-def _prefix_shards(manifest: dict[str, Any], settings: dict[str, Any]) -> int | None:
-    """How many leading shards a saved index covers: the prefix whose fingerprint it records."""
-    total = 0
-    for n in range(len(manifest["shards"]) + 1):
-        if n:
-            total += int(manifest["shards"][n - 1]["count"])
-        if total == settings.get("ntotal"):
-            prefix = {**manifest, "count": total, "shards": manifest["shards"][:n]}
-            if manifest_fingerprint(prefix) == settings.get("datastore_fingerprint"):
-                return n
+def _prefix_entries(manifest: dict[str, Any], settings: dict[str, Any]) -> int | None:
+    """How many leading entries a saved index covers: those of the prefix whose fingerprint it records
+    (whole shards as written; a later merge of shards does not change it)."""
+    for prefix in prefixes(manifest):
+        if prefix["count"] == settings.get("ntotal") and manifest_fingerprint(prefix) == settings.get(
+            "datastore_fingerprint"
+        ):
+            return int(prefix["count"])
     return None
 
 
@@ -186,8 +196,8 @@ def load_main_index(store: Datastore, index: str | Path | None) -> tuple[SearchI
             f"no index settings at {settings_file}; run `knnmt index` or serve without --index"
         )
     settings = json.loads(settings_file.read_text(encoding="utf-8"))
-    shards = _prefix_shards(store.manifest, settings)
-    if shards is None:
+    covered = _prefix_entries(store.manifest, settings)
+    if covered is None:
         raise IncompatibleError(
             f"index {directory} was built for another datastore (fingerprint "
             f"{settings.get('datastore_fingerprint')}, {settings.get('ntotal')} entries) than "
@@ -196,7 +206,6 @@ def load_main_index(store: Datastore, index: str | Path | None) -> tuple[SearchI
         )
     loaded = SearchIndex.load(directory)  # may cover a prefix only: checked against it below
     loaded.fit_key_storage(store)
-    covered = int(sum(int(s["count"]) for s in store.manifest["shards"][:shards]))
     if loaded.ntotal != covered:
         raise IncompatibleError(
             f"index {directory} holds {loaded.ntotal} vectors, its settings say {covered}"
@@ -214,6 +223,8 @@ class LiveMemory:
         model, tokenizer: the translator's, for teacher forcing added pairs.
         compact_every: side-index entries that start a background compaction (0 = never by itself).
         writable: take the datastore's write lock and clean unfinished shards.
+        merge_fanout: appended shards merged at once in the background (:mod:`knnmt.store.merge`;
+            0 = never by itself), so the number of shards stays logarithmic in the number of appends.
     """
 
     def __init__(
@@ -227,9 +238,18 @@ class LiveMemory:
         *,
         compact_every: int = 4096,
         writable: bool = True,
+        merge_fanout: int = FANOUT,
     ) -> None:
         if compact_every < 0:
             raise UsageError(f"compact_every must be >= 0, got {compact_every}")
+        if merge_fanout != 0 and merge_fanout < 2:
+            raise UsageError(f"merge_fanout must be 0 (never) or >= 2, got {merge_fanout}")
+        self.merge_fanout = merge_fanout
+        self._merging: threading.Thread | None = None
+        self.merges = 0
+        #: called with the new datastore view after every append or merge (under the memory's lock)
+        self.on_publish: list[Callable[[Datastore], None]] = []
+        self._name_floor = 0
         self.path = store.path
         self.model = model
         self.tokenizer = tokenizer
@@ -268,10 +288,10 @@ class LiveMemory:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        """Wait for a running compaction and release the write lock."""
-        thread = self._compacting
-        if thread is not None:
-            thread.join()
+        """Wait for a running merge and compaction and release the write lock."""
+        for thread in (self._merging, self._compacting):
+            if thread is not None:
+                thread.join()
         self._write_lock.release()
 
     # ---- reading --------------------------------------------------------------------------
@@ -319,15 +339,27 @@ class LiveMemory:
             manifest = json.loads(json.dumps(state.store.manifest))  # a private copy to commit
             first = int(manifest["sentences"])
             count, name = append_shard(
-                self.path, manifest, pairs, self.model, self.tokenizer, state.store, idempotency_key, digest
+                self.path,
+                manifest,
+                pairs,
+                self.model,
+                self.tokenizer,
+                state.store,
+                idempotency_key,
+                digest,
+                name=self._take_name(),
             )
             ids = list(range(first, first + len(pairs)))
             if idempotency_key is not None:
                 self._keys[idempotency_key] = (digest, ids)
             self._publish(state, manifest, count)
+            added = self.store.shards[-1]  # no merge has run since: it is the new shard
+            vectors = np.asarray(added.load(VECTORS_FILE)) if self.store.vector_dim else None
         logger.info("memory: added %d pair(s) (%d entries) as shard %s", len(pairs), count, name)
+        if self.merge_fanout:
+            self.merge(wait=False)
         self._maybe_compact()
-        return AddResult(ids, count)
+        return AddResult(ids, count, vectors=vectors)
 
     def _publish(self, state: _State, manifest: dict[str, Any], added: int) -> None:
         """Swap in a state that includes the last ``added`` entries of the committed ``manifest``."""
@@ -339,7 +371,13 @@ class LiveMemory:
         side = faiss.clone_index(state.side)
         side.add(store.get_keys(new_ids))
         store.share_removals(state.store)  # appended pairs are not removed: the same set, kept shared
-        self.retriever.state = dataclasses.replace(state, store=store, side=side)
+        self._swap(dataclasses.replace(state, store=store, side=side))
+
+    def _swap(self, state: _State) -> None:
+        """Make ``state`` the one searches read, and tell :attr:`on_publish` (caller holds the lock)."""
+        self.retriever.state = state
+        for callback in self.on_publish:
+            callback(state.store)
 
     def delete(self, sentence_id: int) -> int:
         """Remove a sentence's entries from retrieval, durably; returns how many entries it had.
@@ -351,6 +389,54 @@ class LiveMemory:
             entries = remove_sentences(self.retriever.state.store, [sentence_id])
         logger.info("memory: removed sentence %d (%d entries) from retrieval", sentence_id, entries)
         return entries
+
+    def _take_name(self) -> str:
+        """A shard name no shard, merged shard or part has, nor one taken and not yet committed (an
+        append and a merge in flight); caller holds the lock."""
+        number = max(int(next_shard_name(self.store.manifest)), self._name_floor)
+        self._name_floor = number + 1
+        return f"{number:05d}"
+
+    # ---- merging shards ---------------------------------------------------------------------
+    def merge(self, wait: bool = True, fanout: int | None = None) -> bool:
+        """Merge appended shards (:func:`knnmt.store.merge.plan_merge`, until none is due) in a
+        background thread. Returns ``False`` when nothing is due or a merge is already running."""
+        self._check_writable()
+        fanout = fanout or self.merge_fanout or FANOUT
+        with self._lock:
+            running = self._merging is not None and self._merging.is_alive()
+            if running or plan_merge(self.store.manifest, fanout) is None:
+                return False
+            thread = threading.Thread(target=self._merge, args=(fanout,), name="knnmt-merge", daemon=True)
+            self._merging = thread
+            thread.start()
+        if wait:
+            thread.join()
+        return True
+
+    def _merge(self, fanout: int) -> None:
+        try:
+            for directory in merged_away(self.path, self.store.manifest):  # from earlier merges: unused now
+                shutil.rmtree(directory, ignore_errors=True)
+            while (planned := plan_merge(self.store.manifest, fanout)) is not None:
+                first, last = planned
+                with self._lock:
+                    name = self._take_name()
+                entry = write_merged_shard(self.store, first, last, name)  # the slow part, unlocked
+                with self._lock:
+                    state = self.retriever.state
+                    manifest = merged_manifest(state.store.manifest, first, last, entry)
+                    write_json_atomic(self.path / MANIFEST, manifest)  # the commit point
+                    store = Datastore(self.path, manifest)
+                    store.__dict__["values"] = state.store.values  # the same entries in the same order
+                    store.share_removals(state.store)
+                    self._swap(dataclasses.replace(state, store=store))
+                    self.merges += 1
+                logger.info(
+                    "memory: merged shards %d..%d into %s (%d entries)", first, last - 1, name, entry["count"]
+                )
+        except Exception:  # a failed merge leaves the shards as they were: nothing is lost
+            logger.exception("memory: merging shards failed; the shards stay as they are")
 
     # ---- compaction -----------------------------------------------------------------------
     def _maybe_compact(self) -> None:
@@ -427,7 +513,7 @@ def is_memory_sentence(store: Datastore, sentence_id: int) -> bool:
     corpus."""
     return any(
         "memory" in s and s["first_sentence"] <= sentence_id < s["first_sentence"] + s["sentences"]
-        for s in store.manifest["shards"]
+        for s in logical_shards(store.manifest)
     )
 
 
@@ -484,7 +570,7 @@ def delete_sentences(path: str | Path, sentence_ids: Sequence[int]) -> dict[str,
 def idempotency_keys(manifest: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
     """``{idempotency key: (request sha256, sentence ids)}`` of the appends a manifest records."""
     keys: dict[str, tuple[str, list[int]]] = {}
-    for shard in manifest["shards"]:
+    for shard in logical_shards(manifest):  # a merged shard keeps its appends' records in its parts
         memo = shard.get("memory")
         if memo and memo.get("idempotency_key"):
             first = int(shard["first_sentence"])
@@ -530,6 +616,7 @@ def append_shard(
     store: Datastore,
     idempotency_key: str | None,
     digest: str,
+    name: str | None = None,
 ) -> tuple[int, str]:
     """Teacher-force ``pairs`` into one new shard of the datastore at ``path`` and commit it: the shard
     is written and fsynced under a temporary name, renamed, and listed by the atomic replacement of
@@ -557,7 +644,7 @@ def append_shard(
         ) from None
     except CorpusError as exc:
         raise UsageError(str(exc)) from None
-    name = f"{len(manifest['shards']):05d}"
+    name = name or next_shard_name(manifest)
     count = write_shard(
         path,
         name,
@@ -625,7 +712,7 @@ def memory_records(store: Datastore, added: bool = True, removed: bool = True) -
     and/or removed from retrieval, in id order."""
     wanted: set[int] = set(store.removed.sentences.tolist()) if removed else set()
     if added:
-        for shard in store.manifest["shards"]:
+        for shard in logical_shards(store.manifest):
             if "memory" in shard:
                 first = int(shard["first_sentence"])
                 wanted.update(range(first, first + int(shard["sentences"])))
@@ -633,30 +720,36 @@ def memory_records(store: Datastore, added: bool = True, removed: bool = True) -
         yield sentence_record(store, sentence_id)
 
 
-def compact_memory(path: str | Path) -> dict[str, Any]:
-    """``knnmt memory compact``: add the entries appended since the saved index was built to (a copy of)
-    that index and save it, as the service's compaction does, under the datastore's write lock.
+def compact_memory(path: str | Path, fanout: int = FANOUT) -> dict[str, Any]:
+    """``knnmt memory compact``, under the datastore's write lock: merge the shards appended to the
+    memory (:mod:`knnmt.store.merge`), then add the entries appended since the saved index was built
+    to (a copy of) that index and save it, as the service does in the background.
 
-    Returns ``{"compacted": entries added to the index, "index": its directory}``.
+    Returns ``{"merges", "shards", "compacted": entries added to the index, "index": its directory}``.
 
     Raises:
-        DatastoreError: there is no saved index, or its lists are on disk (rebuild it instead:
-            ``knnmt index --force``).
+        DatastoreError: the saved index keeps its lists on disk (rebuild it: ``knnmt index --force``).
     """
     store = Datastore.open(path, verify=False)
     main, covered, index_dir = load_main_index(store, "auto")
-    if index_dir is None:
-        raise DatastoreError(f"datastore {store.path} has no saved index to compact into; run `knnmt index`")
-    if main.storage == "disk":
+    if index_dir is not None and main.storage == "disk" and covered < store.count:
         raise DatastoreError(
             f"the index at {index_dir} keeps its lists on disk, which compaction cannot merge into yet; "
             f"rebuild it: `knnmt index {store.path} --force`"
         )
-    memory = LiveMemory(store, main, covered, index_dir, None, None, compact_every=0)
+    memory = LiveMemory(store, main, covered, index_dir, None, None, compact_every=0, merge_fanout=fanout)
     try:
-        if memory.compact(wait=True) and not memory.compactions:
-            raise KnnmtError("the compaction failed (the error is logged above); the index is unchanged")
-        merged = memory.retriever.state.main_count - covered
+        memory.merge(wait=True)
+        merged = 0
+        if index_dir is not None:
+            if memory.compact(wait=True) and not memory.compactions:
+                raise KnnmtError("the compaction failed (the error is logged above); the index is unchanged")
+            merged = memory.retriever.state.main_count - covered
+        return {
+            "merges": memory.merges,
+            "shards": len(memory.store.shards),
+            "compacted": merged,
+            "index": str(index_dir) if index_dir is not None else None,
+        }
     finally:
         memory.close()
-    return {"compacted": merged, "index": str(index_dir)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 FORMAT = "knnmt-datastore"
 VERSION = 1
 #: Manifest versions this code reads (2: keys stored with a codec, see :mod:`knnmt.store.keycodec`;
-#: 3: shards whose keys were dropped, see :func:`drop_shard_keys`).
-VERSIONS = (1, 2, 3)
+#: 3: shards whose keys were dropped, see :func:`drop_shard_keys`; 4: merged shards, see
+#: :mod:`knnmt.store.merge`).
+VERSIONS = (1, 2, 3, 4)
 #: The manifest version of a datastore with at least one shard without keys.
 KEYLESS_VERSION = 3
 KEYS_FILE = "keys.npy"
@@ -154,6 +155,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest["key"].get("codec") is not None and manifest["version"] < 2:
         raise DatastoreError(f"{file}: a key codec needs manifest version 2, found {manifest['version']}")
     for i, shard in enumerate(manifest["shards"]):
+        problem = _check_parts(shard, manifest["version"])
+        if problem:
+            raise DatastoreError(f"{file}: field 'shards[{i}].parts' {problem}; {damaged}")
         keys = shard.get("keys", True)
         if not isinstance(keys, bool):
             raise DatastoreError(f"{file}: field 'shards[{i}].keys' must be true or false; {damaged}")
@@ -171,6 +175,33 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_parts(shard: dict[str, Any], version: int) -> str | None:
+    """What is wrong with a merged shard's ``parts`` (``None``: fine, or not a merged shard)."""
+    parts = shard.get("parts")
+    if parts is None:
+        return None
+    if version < 4:
+        return f"needs manifest version 4, found {version}"
+    fields = ("count", "sentences", "first_sentence")
+    if (
+        not isinstance(parts, list)
+        or not parts
+        or not all(
+            isinstance(p, dict)
+            and isinstance(p.get("name"), str)
+            and all(_valid("count", p.get(f)) for f in fields)
+            for p in parts
+        )
+    ):
+        return "must be a list of shard entries (name, count, sentences, first_sentence)"
+    if (
+        sum(p["count"] for p in parts) != shard["count"]
+        or sum(p["sentences"] for p in parts) != shard["sentences"]
+    ):
+        return "must add up to the shard's count and sentences"
+    return None
+
+
 def manifest_version(key_codec: str) -> int:
     """The manifest version a datastore with keys stored as ``key_codec`` is written with."""
     return VERSION if key_codec == "fp16" else 2
@@ -181,9 +212,36 @@ def manifest_fingerprint(manifest: dict[str, Any]) -> str:
     import hashlib
 
     parts = [manifest["model"]["fingerprint"], str(manifest["key"]["layer"]), str(manifest["count"])]
-    parts += [f"{s['name']}:{s['count']}" for s in manifest["shards"]]
+    parts += [f"{s['name']}:{s['count']}" for s in logical_shards(manifest)]  # the same after a merge
     parts += [str(c.get("sha256")) for c in manifest["corpora"]]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def logical_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards as they were written: a merged shard (``parts``, :mod:`knnmt.store.merge`) stands for
+    the shards it was merged from, in order. What fingerprints and idempotency keys are made of."""
+    return [part for shard in manifest["shards"] for part in (shard.get("parts") or [shard])]
+
+
+def prefixes(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The manifest as it was after each of its logical shards was written (0, 1, ... of them): ``count``,
+    ``sentences`` and ``shards`` (logical) of that prefix, the rest as now; its fingerprint is what an
+    index or sentence index built then recorded."""
+    shards = logical_shards(manifest)
+    count = sentences = 0
+    for n in range(len(shards) + 1):
+        if n:
+            count += int(shards[n - 1]["count"])
+            sentences += int(shards[n - 1]["sentences"])
+        yield {**manifest, "count": count, "sentences": sentences, "shards": shards[:n]}
+
+
+def next_shard_name(manifest: dict[str, Any]) -> str:
+    """The name of the next shard written: one more than every shard name used so far (merged ones
+    and their parts included), so a name is never reused."""
+    numbers = [int(s["name"]) for s in manifest["shards"] if str(s["name"]).isdigit()]
+    numbers += [int(p["name"]) for p in logical_shards(manifest) if str(p["name"]).isdigit()]
+    return f"{max(numbers, default=-1) + 1:05d}"
 
 
 def unlisted_shards(path: Path, manifest: dict[str, Any]) -> list[Path]:
@@ -345,8 +403,12 @@ class Datastore:
                 )
             )
         store = cls(p, manifest)
+        merged = {part["name"] for part in logical_shards(manifest)}
         for orphan in unlisted_shards(p, manifest):  # a crash between writing a shard and the manifest
-            logger.warning("ignoring %s: a shard directory the manifest does not list (unfinished)", orphan)
+            if orphan.name not in merged:  # (merged shards' parts are removed by the next writer)
+                logger.warning(
+                    "ignoring %s: a shard directory the manifest does not list (unfinished)", orphan
+                )
         if verify:
             store.verify()
         return store
@@ -445,29 +507,27 @@ class Datastore:
         if not covered:
             return np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards])
         values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
-        if covered == len(self.shards):
+        if covered == self.count:
             return values
-        tail = np.concatenate([np.asarray(s.load("values.npy")) for s in self.shards[covered:]])
+        later = [s for s in self.shards if s.start + s.count > covered]  # from the one holding `covered`
+        tail = np.concatenate([np.asarray(s.load("values.npy")) for s in later])[covered - later[0].start :]
         return Values(values, tail)
 
     def _packed_prefix(self) -> int:
-        """How many leading shards the packed ``values.npy`` holds (0: none, or no usable file)."""
+        """How many leading entries the packed ``values.npy`` holds (0: none, or no usable file)."""
         packed = self.manifest.get("packed_values")
         if not isinstance(packed, dict):
             return 0
-        total = 0
-        for n, shard in enumerate(self.shards, start=1):
-            total += shard.count
-            if total == packed.get("count"):
-                prefix = {**self.manifest, "count": total, "shards": self.manifest["shards"][:n]}
-                if manifest_fingerprint(prefix) != packed.get("fingerprint"):
-                    break
+        for prefix in prefixes(self.manifest):
+            if prefix["count"] == packed.get("count") and manifest_fingerprint(prefix) == packed.get(
+                "fingerprint"
+            ):
                 try:
                     values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
                 except (OSError, ValueError):
                     break
-                if values.shape == (total,) and values.dtype == VALUE_DTYPE:
-                    return n
+                if values.shape == (prefix["count"],) and values.dtype == VALUE_DTYPE:
+                    return int(prefix["count"])
                 break
         logger.warning("%s does not match the manifest: reading the shards' values instead", PACKED_VALUES)
         return 0

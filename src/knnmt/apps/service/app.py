@@ -39,7 +39,7 @@ from ...core.errors import KnnmtError, UsageError
 from ...core.version import __version__
 from ...pipeline.memory import AddResult, ConflictError, LiveMemory, load_main_index
 from ...pipeline.translator import KNNMT, Translation, load_model, saved_knn_config
-from ...store.datastore import VECTORS_FILE, Datastore
+from ...store.datastore import Datastore
 from .batching import BatchConfig, BatchWorker, GenerationOptions, Overloaded
 from .metrics import Metrics
 
@@ -83,6 +83,8 @@ class ServeConfig:
     max_k: int = 256
     #: Side-index entries that start a background compaction into the main index (0 = never).
     compact_every: int = 4096
+    #: Appended shards merged at once in the background (``knnmt.store.merge``; 0 = never).
+    merge_fanout: int = 8
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
@@ -104,6 +106,10 @@ class ServeConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         require(self.compact_every >= 0, f"compact_every must be >= 0, got {self.compact_every}")
+        require(
+            self.merge_fanout == 0 or self.merge_fanout >= 2,
+            f"merge_fanout must be 0 (never) or >= 2, got {self.merge_fanout}",
+        )
 
 
 def read_token(token_file: str | Path | None, environ: MutableMapping[str, str]) -> str | None:
@@ -171,6 +177,7 @@ class Service:
             model_obj,
             tokenizer,
             compact_every=config.compact_every,
+            merge_fanout=config.merge_fanout,
             writable=config.writes,
         )
         if knn_config is None:
@@ -186,6 +193,7 @@ class Service:
         except BaseException:
             memory.close()
             raise
+        memory.on_publish.append(lambda store: setattr(translator, "datastore", store))  # appends, merges
         return cls(translator, memory, config)
 
     def close(self, compact: bool = True) -> None:
@@ -202,12 +210,10 @@ class Service:
     def add_pairs(self, pairs: list[tuple[str, str]], key: str | None) -> AddResult:
         """Runs on the model thread: add to the memory, then point the translator at the new datastore and
         let the domain gate (when loaded) count the new sources as memory at once."""
-        result = self.memory.add(pairs, key)
-        store = self.memory.store
-        self.translator.datastore = store
+        result = self.memory.add(pairs, key)  # the translator follows the memory (on_publish)
         gate = self.translator.loaded_domain_gate
-        if gate is not None and result.entries and store.vector_dim:
-            gate.add(store.shards[-1].load(VECTORS_FILE))
+        if gate is not None and result.vectors is not None:
+            gate.add(result.vectors)
         return result
 
 
