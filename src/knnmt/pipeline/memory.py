@@ -14,9 +14,10 @@ A served datastore is the on-disk datastore (see :mod:`knnmt.store.datastore`) p
 Durability: an added batch of pairs becomes one new shard, written to ``shards/NNNNN.tmp``, fsynced,
 renamed, and committed by the atomic rename of ``manifest.json``; only then is it acknowledged. The
 shard's manifest entry records the request's idempotency key, so key and data commit together and a
-retried request adds nothing twice. Appended shards are merged in the background (:mod:`knnmt.store.merge`,
-:meth:`LiveMemory.merge`), so their number stays logarithmic in the number of appends. Shard directories the manifest does not list (a crash mid-append)
-are removed when the memory is opened.
+retried request adds nothing twice. Shard directories the manifest does not list (a crash mid-append,
+or shards merged away) are removed when the memory is opened for writing. Appended shards are merged
+in the background (:mod:`knnmt.store.merge`, :meth:`LiveMemory.merge`), so their number stays
+logarithmic in the number of appends.
 
 Threads: :meth:`LiveMemory.add` runs the model (teacher forcing), so it must run on the thread that
 owns the model; :meth:`delete`, :meth:`get` and compaction may run anywhere. Searches read an
