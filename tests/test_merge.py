@@ -24,6 +24,7 @@ from knnmt.core.errors import DatastoreError
 from knnmt.pipeline.memory import LiveMemory, compact_memory, load_main_index
 from knnmt.search.index import SearchIndex, build_index, exact_index
 from knnmt.store import datastore as datastore_module
+from knnmt.store import merge as merge_module
 from knnmt.store.datastore import MANIFEST, Datastore, read_manifest
 from knnmt.store.merge import plan_merge
 from knnmt.store.writelock import DatastoreLocked, WriteLock
@@ -101,8 +102,13 @@ def test_appends_are_merged_and_nothing_moves(marian, datastore, tmp_path: Path,
     assert SearchIndex.load(reference / "index", Datastore.open(reference)).ntotal == plain.count
     reopened = Datastore.open(path)  # verify(): every merged shard's files match the manifest
     assert read_manifest(path)["version"] == 4
-    assert compact_memory(path)["shards"] == len(reopened.shards)  # a new writer removes merged-away dirs
-    assert sorted(d.name for d in (path / "shards").iterdir()) == sorted(s.path.name for s in reopened.shards)
+    listed = sorted(s.path.name for s in reopened.shards)
+    assert compact_memory(path)["shards"] == len(reopened.shards)
+    kept = sorted(d.name for d in (path / "shards").iterdir())
+    assert len(kept) > len(listed)  # merged away minutes ago: kept for readers that opened before
+    monkeypatch.setattr(merge_module, "MERGE_GRACE_SECONDS", 0.0)
+    compact_memory(path)  # past the grace period, the next writer removes them
+    assert sorted(d.name for d in (path / "shards").iterdir()) == listed
     monkeypatch.setattr(datastore_module, "VERSIONS", (1, 2, 3))  # a knnmt from before merged shards
     with pytest.raises(DatastoreError, match="version 4 is not supported by this knnmt"):
         read_manifest(path)
@@ -144,7 +150,9 @@ live.merge(wait=True)
 
 
 @pytest.mark.parametrize("stage", ["before-commit", "after-commit"])
-def test_a_merge_killed_midway_loses_nothing(marian, datastore, tmp_path: Path, stage: str) -> None:
+def test_a_merge_killed_midway_loses_nothing(
+    marian, datastore, tmp_path: Path, stage: str, monkeypatch
+) -> None:
     path = shutil.copytree(datastore.path, tmp_path / "ds")
     _append(path, marian, PAIRS[:4], fanout=0).close()
     before = Datastore.open(path)
@@ -173,6 +181,7 @@ def test_a_merge_killed_midway_loses_nothing(marian, datastore, tmp_path: Path, 
     for name, array in all_entries(after).items():
         np.testing.assert_array_equal(array, expected[0][name], err_msg=name)
     assert all_sentences(after) == expected[1]
+    monkeypatch.setattr(merge_module, "MERGE_GRACE_SECONDS", 0.0)  # as if opened some minutes later
     memory = _open(after)  # the next writer takes the lock and clears what the crash left
     try:
         names = sorted(d.name for d in (path / "shards").iterdir())

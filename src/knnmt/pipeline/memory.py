@@ -278,8 +278,13 @@ class LiveMemory:
                     f"datastore {self.path} changed after it was opened (another writer finished in "
                     "between); open it again"
                 )
+            _, recent = merged_away(self.path, store.manifest)
+            merged = {p["name"] for p in logical_shards(store.manifest)}
             for orphan in unlisted_shards(self.path, store.manifest):
-                logger.warning("removing %s: an unfinished shard from an interrupted append", orphan)
+                if orphan.name in recent:  # merged away lately: a reader elsewhere may still map it
+                    continue
+                if orphan.name not in merged:
+                    logger.warning("removing %s: an unfinished shard from an interrupted append", orphan)
                 shutil.rmtree(orphan)
         _ = store.removed  # read the tombstones now: a corrupt file fails the start, not a search
         self._keys = idempotency_keys(store.manifest)
@@ -418,7 +423,7 @@ class LiveMemory:
 
     def _merge(self, fanout: int) -> None:
         try:
-            for directory in merged_away(self.path, self.store.manifest):  # from earlier merges: unused now
+            for directory in merged_away(self.path, self.store.manifest)[0]:  # earlier merges' parts
                 shutil.rmtree(directory, ignore_errors=True)
             while (planned := plan_merge(self.store.manifest, fanout)) is not None:
                 first, last = planned

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ MERGE_VERSION = 4
 FANOUT = 8
 #: A merge never makes a shard larger than this (a build's shard is about 20,000 sentences).
 MAX_MERGED_ENTRIES = 1_000_000
+#: A merged shard's old parts are removed only this long after the merge committed: a reader in another
+#: process (``knnmt translate`` beside ``knnmt serve``) that opened the datastore before the merge maps
+#: their files lazily and must still find them.
+MERGE_GRACE_SECONDS = 600.0
 #: Row-wise files of a shard, concatenated in order (the sentence files are rebased separately).
 _ROW_FILES = (KEYS_FILE, "values.npy", "sentence_ids.npy", "positions.npy")
 _CHUNK = 1 << 16
@@ -116,6 +121,7 @@ def write_merged_shard(store: Datastore, first: int, last: int, name: str) -> di
         "skipped_empty": 0,
         "truncated": 0,
         "parts": [part for entry in entries for part in (entry.get("parts") or [entry])],
+        "merged_at": round(time.time(), 3),
     }
     if not keys:
         merged["keys"] = False
@@ -133,9 +139,18 @@ def merged_manifest(manifest: dict[str, Any], first: int, last: int, entry: dict
     return out
 
 
-def merged_away(path: Path, manifest: dict[str, Any]) -> list[Path]:
-    """Shard directories that only merged shards' ``parts`` still name (to remove once no reader can
-    be using them)."""
+def merged_away(
+    path: Path, manifest: dict[str, Any], grace: float | None = None
+) -> tuple[list[Path], set[str]]:
+    """``(to remove, to keep)``: the shard directories that only merged shards' ``parts`` still name,
+    those merged more than ``grace`` seconds ago (default :data:`MERGE_GRACE_SECONDS`) to remove, the
+    names of the more recent ones to keep for readers that may still use them."""
+    grace = MERGE_GRACE_SECONDS if grace is None else grace
     listed = {s["name"] for s in manifest["shards"]}
-    names = {p["name"] for p in logical_shards(manifest)} - listed
-    return [path / "shards" / n for n in sorted(names) if (path / "shards" / n).is_dir()]
+    old: set[str] = set()
+    recent: set[str] = set()
+    for shard in manifest["shards"]:
+        names = {p["name"] for p in shard.get("parts") or []} - listed
+        young = time.time() - float(shard.get("merged_at", 0)) < grace
+        (recent if young else old).update(names)
+    return [path / "shards" / n for n in sorted(old) if (path / "shards" / n).is_dir()], recent
