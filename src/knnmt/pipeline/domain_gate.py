@@ -274,9 +274,7 @@ def _prefix_fingerprint(datastore: Datastore, sentences: int) -> str | None:
     written, merged ones counted by their parts)."""
     from ..store.datastore import manifest_fingerprint, prefixes
 
-    for prefix in prefixes(datastore.manifest):
-        if prefix["sentences"] == sentences:
-            corpora = 1 + max((int(s["corpus"]) for s in prefix["shards"]), default=-1)  # appended since go
-            return manifest_fingerprint({**prefix, "corpora": prefix["corpora"][:corpora]})
+    for prefix in prefixes(datastore.manifest, sentences=sentences):
+        corpora = 1 + max((int(s["corpus"]) for s in prefix["shards"]), default=-1)  # appended since go
+        return manifest_fingerprint({**prefix, "corpora": prefix["corpora"][:corpora]})
     return None
-

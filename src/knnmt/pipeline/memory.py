@@ -127,13 +127,13 @@ class LiveRetriever(WholeMemoryRetriever):
         total = s.main_count + int(s.side.ntotal)
 
         def merged(q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-            return self._search(s, q, fetch, groups)
+            return self._search(s, q, fetch)
 
         q = np.ascontiguousarray(queries, dtype=np.float32)
         return search_excluding(merged, q, k, s.store.removed, total)
 
     @staticmethod
-    def _search(s: _State, q: np.ndarray, fetch: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _search(s: _State, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``fetch`` nearest of main and side together, removed ones included, sorted."""
         n = len(q)
         parts_d: list[np.ndarray] = []
@@ -155,10 +155,10 @@ class LiveRetriever(WholeMemoryRetriever):
 def _prefix_entries(manifest: dict[str, Any], settings: dict[str, Any]) -> int | None:
     """How many leading entries a saved index covers: those of the prefix whose fingerprint it records
     (whole shards as written; a later merge of shards does not change it)."""
-    for prefix in prefixes(manifest):
-        if prefix["count"] == settings.get("ntotal") and manifest_fingerprint(prefix) == settings.get(
-            "datastore_fingerprint"
-        ):
+    if not isinstance(settings.get("ntotal"), int):
+        return None
+    for prefix in prefixes(manifest, count=settings["ntotal"]):
+        if manifest_fingerprint(prefix) == settings.get("datastore_fingerprint"):
             return int(prefix["count"])
     return None
 
@@ -315,7 +315,7 @@ class LiveMemory:
         return len(self.store.removed.sentences)
 
     def is_removed(self, sentence_id: int) -> bool:
-        return bool(self.store.removed.sentence_mask(np.array([sentence_id]))[0])
+        return self.store.removed.has_sentence(sentence_id)
 
     def is_memory(self, sentence_id: int) -> bool:
         """Whether a sentence was added through :meth:`add` (rather than built from a corpus)."""
@@ -527,13 +527,18 @@ def is_memory_sentence(store: Datastore, sentence_id: int) -> bool:
 def sentence_record(store: Datastore, sentence_id: int) -> dict[str, Any]:
     """The stored pair ``{"id", "src", "tgt", "corpus", "line", "entries", "removed", "memory"}``;
     :class:`KeyError` when there is no such sentence."""
-    if not 0 <= sentence_id < int(store.manifest["sentences"]):
-        raise KeyError(f"no sentence {sentence_id} (the datastore has {store.manifest['sentences']})")
+    _require_sentence(store, sentence_id)
     record = dict(store.sentence(sentence_id))
     lo, hi = store.sentence_entries(sentence_id)
-    removed = bool(store.removed.sentence_mask(np.array([sentence_id]))[0])
+    removed = store.removed.has_sentence(sentence_id)
     record.update(entries=hi - lo, removed=removed, memory=is_memory_sentence(store, sentence_id))
     return record
+
+
+def _require_sentence(store: Datastore, sentence_id: int) -> None:
+    """:class:`KeyError` (the message the API and the command show) unless the datastore has the id."""
+    if not 0 <= sentence_id < int(store.manifest["sentences"]):
+        raise KeyError(f"no sentence {sentence_id} (the datastore has {store.manifest['sentences']})")
 
 
 def remove_sentences(store: Datastore, sentence_ids: Sequence[int]) -> int:
@@ -546,8 +551,7 @@ def remove_sentences(store: Datastore, sentence_ids: Sequence[int]) -> int:
     """
     entries = 0
     for sid in sentence_ids:
-        if not 0 <= sid < int(store.manifest["sentences"]):
-            raise KeyError(f"no sentence {sid} (the datastore has {store.manifest['sentences']})")
+        _require_sentence(store, sid)
         lo, hi = store.sentence_entries(sid)
         entries += hi - lo
     before = set(store.removed.sentences.tolist())

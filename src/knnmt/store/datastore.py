@@ -223,17 +223,21 @@ def logical_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [part for shard in manifest["shards"] for part in (shard.get("parts") or [shard])]
 
 
-def prefixes(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The manifest as it was after each of its logical shards was written (0, 1, ... of them): ``count``,
-    ``sentences`` and ``shards`` (logical) of that prefix, the rest as now; its fingerprint is what an
-    index or sentence index built then recorded."""
+def prefixes(
+    manifest: dict[str, Any], *, count: int | None = None, sentences: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The manifest as it was after its first logical shards were written, for each prefix of ``count``
+    entries and/or ``sentences`` sentences (``None``: any): ``count``, ``sentences`` and ``shards``
+    (logical) of that prefix, the rest as now; its fingerprint is what an index or sentence index built
+    then recorded. Only the prefixes asked for are built (a memory can have thousands of shards)."""
     shards = logical_shards(manifest)
-    count = sentences = 0
+    entries = total = 0
     for n in range(len(shards) + 1):
         if n:
-            count += int(shards[n - 1]["count"])
-            sentences += int(shards[n - 1]["sentences"])
-        yield {**manifest, "count": count, "sentences": sentences, "shards": shards[:n]}
+            entries += int(shards[n - 1]["count"])
+            total += int(shards[n - 1]["sentences"])
+        if count in (None, entries) and sentences in (None, total):
+            yield {**manifest, "count": entries, "sentences": total, "shards": shards[:n]}
 
 
 def next_shard_name(manifest: dict[str, Any]) -> str:
@@ -349,14 +353,19 @@ class Datastore:
                 parts.append(shard.start + flat)
         return Removed(ids, np.sort(np.concatenate(parts)))
 
-    def sentence_entries(self, sentence_id: int) -> tuple[int, int]:
-        """Global entry ids ``[lo, hi)`` of a sentence; :class:`KeyError` when there is none."""
+    def _shard_of_sentence(self, sentence_id: int) -> Shard:
+        """The shard holding a global sentence id; :class:`KeyError` when there is none."""
         for shard in self.shards:
             if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
-                offsets = shard.load("offsets.npy")
-                local = sentence_id - shard.first_sentence
-                return shard.start + int(offsets[local]), shard.start + int(offsets[local + 1])
+                return shard
         raise KeyError(f"sentence {sentence_id} is not in datastore {self.path}")
+
+    def sentence_entries(self, sentence_id: int) -> tuple[int, int]:
+        """Global entry ids ``[lo, hi)`` of a sentence; :class:`KeyError` when there is none."""
+        shard = self._shard_of_sentence(sentence_id)
+        offsets = shard.load("offsets.npy")
+        local = sentence_id - shard.first_sentence
+        return shard.start + int(offsets[local]), shard.start + int(offsets[local + 1])
 
     @property
     def has_keys(self) -> bool:
@@ -518,10 +527,11 @@ class Datastore:
         packed = self.manifest.get("packed_values")
         if not isinstance(packed, dict):
             return 0
-        for prefix in prefixes(self.manifest):
-            if prefix["count"] == packed.get("count") and manifest_fingerprint(prefix) == packed.get(
-                "fingerprint"
-            ):
+        matching = (
+            prefixes(self.manifest, count=packed["count"]) if isinstance(packed.get("count"), int) else ()
+        )
+        for prefix in matching:
+            if manifest_fingerprint(prefix) == packed.get("fingerprint"):
                 try:
                     values = np.load(self.path / PACKED_VALUES, mmap_mode="r")
                 except (OSError, ValueError):
@@ -588,15 +598,13 @@ class Datastore:
 
     def sentence(self, sentence_id: int) -> dict[str, Any]:
         """The stored pair ``{"id", "src", "tgt", "corpus", "line"}`` of a global sentence id."""
-        for shard in self.shards:
-            if shard.first_sentence <= sentence_id < shard.first_sentence + shard.sentences:
-                offsets = shard.load("sentences.idx.npy")
-                local = sentence_id - shard.first_sentence
-                with (shard.path / "sentences.jsonl").open("rb") as handle:
-                    handle.seek(int(offsets[local]))
-                    record: dict[str, Any] = json.loads(handle.read(int(offsets[local + 1] - offsets[local])))
-                    return record
-        raise KeyError(f"sentence {sentence_id} is not in datastore {self.path}")
+        shard = self._shard_of_sentence(sentence_id)
+        offsets = shard.load("sentences.idx.npy")
+        local = sentence_id - shard.first_sentence
+        with (shard.path / "sentences.jsonl").open("rb") as handle:
+            handle.seek(int(offsets[local]))
+            record: dict[str, Any] = json.loads(handle.read(int(offsets[local + 1] - offsets[local])))
+        return record
 
     def describe(self) -> dict[str, Any]:
         """A summary for ``knnmt info``."""

@@ -85,6 +85,10 @@ class Removed:
         """bool, shaped like ``ids``: which entry ids are removed (``-1`` never is)."""
         return _member(ids, self.entries)
 
+    def has_sentence(self, sentence_id: int) -> bool:
+        """Whether one sentence id is removed."""
+        return bool(self.sentence_mask(np.array([sentence_id]))[0])
+
     def sentence_mask(self, ids: np.ndarray) -> np.ndarray:
         """bool, shaped like ``ids``: which sentence ids are removed (``-1`` never is)."""
         return _member(ids, self.sentences)
